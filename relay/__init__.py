@@ -1,0 +1,3 @@
+"""Dual-delivery SMTP relay."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,133 @@
+"""The `relay` command line: parse arguments, call one module, set the exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+import click
+
+from relay import config as config_mod
+from relay.routing import PilotTable, resolve_recipient, route
+
+
+def _load(path: str) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        sys.exit(1)
+
+
+def parse_time(value: str) -> datetime:
+    """RFC 3339 or a plain date (midnight UTC); a time without offset is UTC."""
+    text = value.strip().replace("z", "Z")
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not RFC 3339 or a date") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="relay.yaml",
+)
+
+
+@click.group()
+@click.version_option(package_name="dual-relay")
+def cli() -> None:
+    """Dual-delivery SMTP relay for a mail-provider migration pilot."""
+
+
+@cli.command()
+@config_option
+def check(config_path: str) -> None:
+    """Validate both YAML files and print the routing table."""
+    cfg = _load(config_path)
+    for w in cfg.warnings:
+        click.echo(f"warning: {w}", err=True)
+    table = PilotTable.build(cfg.pilots, cfg.relay)
+    now = datetime.now(UTC)
+    rows = [("address", "group", "mode", "legacy", "new", "cutover")]
+    for e in cfg.pilots.pilots:
+        r = route(e.address, table, now)
+        by = {d.provider: d.delivered_to for d in r.deliveries}
+        mode = r.deliveries[0].mode if r.deliveries else e.mode
+        rows.append(
+            (
+                e.address,
+                e.group or "-",
+                mode or "-",
+                by.get("legacy", "-"),
+                by.get("new", "-"),
+                e.cutover_at.isoformat() if e.cutover_at else "-",
+            )
+        )
+    rows.append(("(anyone else)", "-", "-", "rcpt", "-", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    click.echo(
+        f"ok: {len(cfg.pilots.pilots)} pilot entries, domains {', '.join(cfg.relay.domains)}"
+    )
+
+
+@cli.command("route")
+@config_option
+@click.argument("address")
+@click.option("--forwarded", is_flag=True, help="Route as a copy forwarded by legacy.")
+@click.option("--at", "at", help="Route as of this instant (RFC 3339).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def route_cmd(
+    config_path: str, address: str, forwarded: bool, at: str | None, as_json: bool
+) -> None:
+    """Dry run: where mail to ADDRESS goes."""
+    cfg = _load(config_path)
+    now = parse_time(at) if at else datetime.now(UTC)
+    resolved = resolve_recipient(address, cfg.relay)
+    if resolved is None:
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {"address": address, "accepted": False, "reply": "550 5.7.1 Relaying denied"}
+                )
+            )
+        else:
+            click.echo(f"{address}: refused: 550 5.7.1 Relaying denied")
+        sys.exit(1)
+    rcpt, via_forward = resolved
+    r = route(rcpt, PilotTable.build(cfg.pilots, cfg.relay), now, forwarded or via_forward)
+    if as_json:
+        out = {
+            "address": r.recipient,
+            "accepted": True,
+            "forwarded": r.forwarded,
+            "entry": r.entry,
+            "discarded": r.discarded,
+            "deliveries": [asdict(d) for d in r.deliveries],
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    decided = f"entry {r.entry}" if r.entry else "not a pilot (no entry)"
+    kind = "forwarded copy" if r.forwarded else "recipient"
+    click.echo(f"{kind} {r.recipient}: decided by {decided}")
+    if r.discarded:
+        click.echo("  discarded: legacy already holds the original")
+    for d in r.deliveries:
+        click.echo(
+            f"  {d.provider:<6}  {d.delivered_to}  {d.role}  group={d.group or '-'}"
+            f"  mode={d.mode or '-'}"
+        )
+
+
+def main() -> None:
+    cli()

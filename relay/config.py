@@ -1,0 +1,466 @@
+"""Load `relay.yaml` and the pilot file into frozen, validated settings.
+
+Every error names the file, line and key (`PATH:LINE: KEY: message`) the way an
+operator reads compiler output, and all errors of a file are reported at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+TlsMode = Literal["none", "starttls", "required", "implicit"]
+PilotMode = Literal["dual", "new-only", "legacy-only"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, le=65535)
+    hostname: str = "relay.example.com"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class ProviderSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(25, ge=1, le=65535)
+    tls: TlsMode = "none"
+    ca_file: Path | None = None
+    username: str | None = None
+    password_env: str | None = None
+    auth_mechanism: Literal["plain", "login"] = "plain"
+    max_connections: int = Field(4, ge=1)
+    connect_timeout: float = Field(30, gt=0)
+    command_timeout: float = Field(300, gt=0)
+    data_timeout: float = Field(600, gt=0)
+
+    def password(self) -> str | None:
+        """The secret is read at use time so it never sits in a settings dump."""
+        return os.environ.get(self.password_env) if self.password_env else None
+
+
+class ProvidersSettings(_Strict):
+    legacy: ProviderSettings = ProviderSettings(port=2601)
+    new: ProviderSettings = ProviderSettings(port=2602)
+
+
+class LimitsSettings(_Strict):
+    max_message_size: int = Field(52_428_800, ge=1)
+    max_recipients: int = Field(100, ge=1)
+    max_connections: int = Field(200, ge=1)
+    max_connections_per_ip: int = Field(20, ge=1)
+    idle_timeout: float = Field(300, gt=0)
+    data_timeout: float = Field(600, gt=0)
+    max_hops: int = Field(100, ge=1)
+    max_line_length: int = Field(65_536, ge=1000)
+    min_free_space: int = Field(104_857_600, ge=0)
+
+
+class RetrySettings(_Strict):
+    schedule: tuple[float, ...] = (60, 300, 900, 3600)
+    max_age: float = Field(432_000, gt=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError("must be a non-empty list of positive seconds")
+        return v
+
+
+class MetricsSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(9325, ge=0, le=65535)
+
+
+class RelaySettings(_Strict):
+    listen: ListenSettings = ListenSettings()
+    node: str | None = None
+    domains: tuple[str, ...] = ("example.com", "dev.example.com")
+    forward_domains: dict[str, str] = {}
+    forward_networks: tuple[str, ...] = ()
+    pilots: str = "pilot-users.yaml"
+    recipient_delimiter: str = "+"
+    verify_recipients: bool = False
+    providers: ProvidersSettings = ProvidersSettings()
+    bounce: ProviderSettings | None = None
+    spool: Path = Path("../var/spool")
+    log: Path = Path("../var/deliveries.jsonl")
+    limits: LimitsSettings = LimitsSettings()
+    bare_newline: Literal["normalize", "reject"] = "normalize"
+    retry: RetrySettings = RetrySettings()
+    shutdown_timeout: float = Field(30, ge=0)
+    metrics: MetricsSettings = MetricsSettings()
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one domain is needed")
+        return tuple(d.lower().rstrip(".") for d in v)
+
+    @field_validator("forward_domains")
+    @classmethod
+    def _fwd(cls, v: dict[str, str]) -> dict[str, str]:
+        return {k.lower().rstrip("."): d.lower().rstrip(".") for k, d in v.items()}
+
+    @field_validator("forward_networks")
+    @classmethod
+    def _nets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
+
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+
+class PilotEntry(_Strict):
+    address: str
+    group: str | None = None
+    mode: PilotMode = "dual"
+    new_address: str | None = None
+    cutover_at: datetime | None = None
+
+    @field_validator("address", "new_address")
+    @classmethod
+    def _addr(cls, v: str | None) -> str | None:
+        if v is not None and (v.count("@") != 1 or v.startswith("@") or v.endswith("@")):
+            raise ValueError(f"not an address: {v!r}")
+        return v
+
+
+class PilotFile(_Strict):
+    new_domains: dict[str, str] = {}
+    pilots: tuple[PilotEntry, ...] = ()
+
+    @field_validator("new_domains")
+    @classmethod
+    def _lower(cls, v: dict[str, str]) -> dict[str, str]:
+        return {k.lower(): d.lower() for k, d in v.items()}
+
+
+# --- errors with file:line -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """All problems found in the configuration, one line each."""
+
+    def __init__(self, issues: Iterable[ConfigIssue]):
+        self.issues = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+@dataclass
+class _Doc:
+    """A YAML document plus the line of every key and list item."""
+
+    path: str
+    data: Any
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+    def line_of(self, loc: tuple[Any, ...]) -> int | None:
+        while True:
+            if loc in self.lines:
+                return self.lines[loc]
+            if not loc:
+                return None
+            loc = loc[:-1]
+
+
+def _index(node: yaml.Node, loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = (*loc, key.value)
+            lines[sub] = key.start_mark.line + 1
+            _index(value, sub, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = (*loc, i)
+            lines[sub] = item.start_mark.line + 1
+            _index(item, sub, lines)
+
+
+def _read_yaml(path: Path, shown: str) -> _Doc:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue(shown, None, "", "file not found")]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(shown, None, "", exc.strerror or str(exc))]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError([ConfigIssue(shown, line, "", f"YAML syntax: {exc.problem}")]) from None
+    doc = _Doc(shown, {} if data is None else data)
+    root = (node.start_mark.line + 1) if node is not None else None
+    if root:
+        doc.lines[()] = root
+    if node is not None:
+        _index(node, (), doc.lines)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([ConfigIssue(shown, root, "", "the file must hold a mapping")])
+    return doc
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _pydantic_issues(doc: _Doc, exc: ValidationError) -> list[ConfigIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"unknown value {err['input']!r}; expected {err['ctx']['expected']}"
+        elif msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
+    return issues
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def _resolve_paths(settings: RelaySettings, base: Path) -> RelaySettings:
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None else (base / p).resolve()
+
+    def provider(p: ProviderSettings) -> ProviderSettings:
+        return p.model_copy(update={"ca_file": rel(p.ca_file)})
+
+    return settings.model_copy(
+        update={
+            "listen": settings.listen.model_copy(
+                update={
+                    "tls_cert": rel(settings.listen.tls_cert),
+                    "tls_key": rel(settings.listen.tls_key),
+                }
+            ),
+            "spool": rel(settings.spool),
+            "log": rel(settings.log),
+            "providers": ProvidersSettings(
+                legacy=provider(settings.providers.legacy), new=provider(settings.providers.new)
+            ),
+            "bounce": provider(settings.bounce) if settings.bounce else None,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Both files, validated together, plus where they came from."""
+
+    relay: RelaySettings
+    pilots: PilotFile
+    path: Path
+    pilots_path: Path
+    pilots_shown: str
+    warnings: tuple[str, ...] = ()
+
+
+def _relay_warnings(settings: RelaySettings, shown: str, doc: _Doc) -> list[str]:
+    warnings = []
+    if settings.bounce is None:
+        warnings.append(
+            f"{shown}:{doc.line_of(('bounce',)) or 1}: bounce: not set; bounces go through the "
+            "legacy provider's settings, which works only where that provider lets this host "
+            "relay (Google Workspace SMTP relay, a Microsoft 365 connector)"
+        )
+    return warnings
+
+
+def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
+    issues = []
+    for name in ("legacy", "new"):
+        p: ProviderSettings = getattr(settings.providers, name)
+        issues += _provider_issues(p, ("providers", name), doc)
+    if settings.bounce:
+        issues += _provider_issues(settings.bounce, ("bounce",), doc)
+    if (settings.listen.tls_cert is None) != (settings.listen.tls_key is None):
+        loc = ("listen", "tls_cert" if settings.listen.tls_cert else "tls_key")
+        issues.append(
+            ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), "set both tls_cert and tls_key")
+        )
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(settings.listen, key)
+        if value is not None and not value.is_file():
+            where = ("listen", key)
+            issues.append(
+                ConfigIssue(
+                    doc.path, doc.line_of(where), _dotted(where), f"{value}: file not found"
+                )
+            )
+    overlap = set(settings.forward_domains) & set(settings.domains)
+    if overlap:
+        msg = f"{', '.join(sorted(overlap))} also listed in domains"
+        issues.append(
+            ConfigIssue(doc.path, doc.line_of(("forward_domains",)), "forward_domains", msg)
+        )
+    for fwd, real in settings.forward_domains.items():
+        if real not in settings.domains:
+            loc = ("forward_domains", fwd)
+            msg = f"maps to {real}, which is not in domains"
+            issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
+    return issues
+
+
+def _provider_issues(p: ProviderSettings, loc: tuple[str, ...], doc: _Doc) -> list[ConfigIssue]:
+    issues = []
+    if p.username and not p.password_env:
+        sub = (*loc, "password_env")
+        issues.append(
+            ConfigIssue(
+                doc.path, doc.line_of((*loc, "username")), _dotted(sub), "needed with username"
+            )
+        )
+    if p.password_env and os.environ.get(p.password_env) is None:
+        sub = (*loc, "password_env")
+        issues.append(
+            ConfigIssue(
+                doc.path,
+                doc.line_of(sub),
+                _dotted(sub),
+                f"environment variable {p.password_env} is not set",
+            )
+        )
+    if p.ca_file is not None and not p.ca_file.is_file():
+        sub = (*loc, "ca_file")
+        issues.append(
+            ConfigIssue(doc.path, doc.line_of(sub), _dotted(sub), f"{p.ca_file}: file not found")
+        )
+    return issues
+
+
+def load_relay(path: str | os.PathLike[str]) -> tuple[RelaySettings, _Doc]:
+    shown = os.fspath(path)
+    doc = _read_yaml(Path(path), shown)
+    try:
+        settings = RelaySettings.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_issues(doc, exc)) from None
+    settings = _resolve_paths(settings, Path(path).resolve().parent)
+    issues = _relay_issues(settings, doc)
+    if issues:
+        raise ConfigError(issues)
+    return settings, doc
+
+
+def load_pilots(path: Path, shown: str, relay: RelaySettings) -> PilotFile:
+    """Parse and cross-check the pilot file against `relay`'s domains."""
+    doc = _read_yaml(path, shown)
+    try:
+        pilots = PilotFile.model_validate(doc.data)
+        issues = _pilot_issues(pilots.pilots, range(len(pilots.pilots)), pilots, relay, doc)
+    except ValidationError as exc:
+        # Still cross-check the entries that are valid on their own: all errors at once.
+        issues = _pydantic_issues(doc, exc)
+        raw = doc.data.get("pilots")
+        valid: list[tuple[int, PilotEntry]] = []
+        for i, item in enumerate(raw if isinstance(raw, list) else []):
+            try:
+                valid.append((i, PilotEntry.model_validate(item)))
+            except ValidationError:
+                continue
+        try:
+            base = PilotFile.model_validate({"new_domains": doc.data.get("new_domains") or {}})
+        except ValidationError:
+            base = PilotFile()
+        issues += _pilot_issues([e for _, e in valid], [i for i, _ in valid], base, relay, doc)
+        issues.sort(key=lambda x: x.line or 0)
+    if issues:
+        raise ConfigError(issues)
+    return pilots
+
+
+def _pilot_issues(
+    entries: Sequence[PilotEntry],
+    indexes: Sequence[int],
+    pf: PilotFile,
+    relay: RelaySettings,
+    doc: _Doc,
+) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+
+    def add(i: int, key: str, msg: str) -> None:
+        loc = ("pilots", i, key)
+        issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
+
+    seen: dict[str, int] = {}
+    domains = set(relay.domains)
+    for i, e in zip(indexes, entries, strict=True):
+        local, _, domain = e.address.rpartition("@")
+        domain = domain.lower().rstrip(".")
+        key = e.address.lower()
+        if key in seen:
+            first = doc.line_of(("pilots", seen[key]))
+            add(i, "address", f"duplicate of the entry on line {first}")
+        else:
+            seen[key] = i
+        if domain not in domains:
+            add(i, "address", f"domain {domain} is not in domains ({', '.join(relay.domains)})")
+        wildcard = local == "*"
+        if wildcard and e.new_address:
+            add(i, "new_address", "not allowed on a wildcard entry")
+        needs_new = e.mode != "legacy-only"
+        if needs_new and not e.new_address and domain not in pf.new_domains:
+            add(i, "address", f"no new address: set new_address or new_domains[{domain}]")
+        if e.cutover_at is not None:
+            if e.cutover_at.tzinfo is None or e.cutover_at.utcoffset() is None:
+                add(i, "cutover_at", "needs a UTC offset (e.g. 2031-03-01T18:00:00+01:00)")
+            if e.mode != "dual":
+                add(i, "cutover_at", f"only allowed with mode dual, not {e.mode}")
+    return issues
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Load relay.yaml and its pilot file; raise ConfigError listing every problem."""
+    relay, doc = load_relay(path)
+    pilots_path = (Path(path).resolve().parent / relay.pilots).resolve()
+    shown = os.path.join(os.path.dirname(os.fspath(path)), relay.pilots)
+    pilots = load_pilots(pilots_path, shown, relay)
+    return Config(
+        relay=relay,
+        pilots=pilots,
+        path=Path(path).resolve(),
+        pilots_path=pilots_path,
+        pilots_shown=shown,
+        warnings=tuple(_relay_warnings(relay, os.fspath(path), doc)),
+    )

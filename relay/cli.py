@@ -129,5 +129,17 @@ def route_cmd(
         )
 
 
+@cli.command()
+@config_option
+def serve(config_path: str) -> None:
+    """Run the relay in the foreground."""
+    from relay import app
+
+    cfg = _load(config_path)
+    for w in cfg.warnings:
+        click.echo(f"warning: {w}", err=True)
+    sys.exit(app.run(cfg))
+
+
 def main() -> None:
     cli()

@@ -1,0 +1,121 @@
+"""Composition root for `relay serve`: settings → log → recover → ingress + scheduler.
+
+Signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the pilot list,
+SIGUSR1 reopens the delivery log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import watchfiles
+
+from relay import config
+from relay.ingress import Ingress, IngressHandler
+from relay.log import DeliveryLog, oplog, setup_operational_log
+from relay.routing import PilotTable
+from relay.scheduler import Clock, Scheduler
+from relay.spool import Spool
+
+
+class PilotList:
+    """The pilot table in force; an invalid edit is logged and the last good one stays."""
+
+    def __init__(self, cfg: config.Config):
+        self.cfg = cfg
+        self.table = PilotTable.build(cfg.pilots, cfg.relay)
+
+    def current(self) -> PilotTable:
+        return self.table
+
+    def reload(self) -> bool:
+        try:
+            pilots = config.load_pilots(self.cfg.pilots_path, self.cfg.pilots_shown, self.cfg.relay)
+        except config.ConfigError as exc:
+            for issue in exc.issues:
+                oplog.error("pilot list edit refused; last good list stays", problem=str(issue))
+            return False
+        self.table = PilotTable.build(pilots, self.cfg.relay)
+        oplog.info("pilot list reloaded", entries=len(pilots.pilots))
+        return True
+
+    async def watch(self) -> None:
+        path = self.cfg.pilots_path
+        async for changes in watchfiles.awatch(
+            path.parent, debounce=200, step=50, rust_timeout=1000
+        ):
+            if any(Path(p).name == path.name for _, p in changes):
+                self.reload()
+
+
+class Relay:
+    """One running relay: everything `relay serve` starts, and how it stops."""
+
+    def __init__(self, cfg: config.Config, clock: Clock | None = None):
+        self.cfg = cfg
+        s = cfg.relay
+        self.log = DeliveryLog(s.log, s.node_name)
+        self.spool = Spool(s.spool)
+        self.pilots = PilotList(cfg)
+        self.scheduler = Scheduler(s, self.spool, self.log, clock=clock)
+        now: Callable[[], datetime] = (
+            (lambda: datetime.fromtimestamp(clock.now(), UTC)) if clock else
+            (lambda: datetime.now(UTC))
+        )  # fmt: skip
+        self.handler = IngressHandler(
+            s, self.spool, self.log, self.pilots.current, on_queued=self.scheduler.add, clock=now
+        )
+        self.ingress = Ingress(self.handler)
+        self.stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        stored, bad = await asyncio.to_thread(self.spool.recover)
+        for qid in bad:
+            oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
+        self.scheduler.recover(stored)
+        await self.spool.start()
+        self.scheduler.start()
+        self.port = await self.ingress.start()
+        self._tasks.append(asyncio.create_task(self.pilots.watch(), name="pilot-watch"))
+        oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
+
+    async def stop(self) -> None:
+        timeout = self.cfg.relay.shutdown_timeout
+        await asyncio.gather(self.ingress.shutdown(timeout), self.scheduler.drain(timeout))
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.spool.stop()
+        self.log.close()
+        oplog.info("relay stopped")
+
+
+async def serve(cfg: config.Config) -> int:
+    relay = Relay(cfg)
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, relay.pilots.reload)
+    loop.add_signal_handler(signal.SIGUSR1, relay.log.reopen)
+    await stop.wait()
+    oplog.info("shutting down", timeout=cfg.relay.shutdown_timeout)
+    await relay.stop()
+    return 0
+
+
+def run(cfg: config.Config) -> int:
+    setup_operational_log()
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.run(serve(cfg))
+    return asyncio.run(serve(cfg))

@@ -1,0 +1,345 @@
+"""When to deliver: due deliveries, backoff with jitter, expiry, per-provider caps.
+
+Each provider has its own heap of due messages and its own workers (at most
+`max_connections`), so one provider down, slow or rejecting never delays the
+other. A delivery's state change is made durable in the spool before it is
+logged; a message leaves the spool when every delivery is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.config import ProviderSettings, RelaySettings
+from relay.delivery import Attempt, Reply, send
+from relay.log import DeliveryLog, oplog
+from relay.spool import Spool, Stored
+
+FINAL = frozenset({"delivered", "bounced", "expired", "deleted"})
+PROVIDERS = ("legacy", "new", "bounce")
+
+
+class Clock:
+    """Wall-clock seconds; tests substitute `FakeClock` to skip real backoff."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[], None]] = []
+
+    def now(self) -> float:
+        return time.time()
+
+
+class FakeClock(Clock):
+    def __init__(self, start: float | None = None) -> None:
+        super().__init__()
+        self.t = time.time() if start is None else start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        for wake in self.listeners:
+            wake()
+
+
+@dataclass
+class DeliveryState:
+    index: int
+    plan: dict[str, Any]
+    status: str = "pending"  # pending | deferred | delivered | bounced | expired | deleted
+    attempts: int = 0
+    due: float = 0.0
+    last: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def provider(self) -> str:
+        return str(self.plan["provider"])
+
+
+@dataclass
+class Message:
+    queue_id: str
+    envelope: dict[str, Any]
+    deliveries: list[DeliveryState]
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    @property
+    def received(self) -> float:
+        return float(self.envelope["received_epoch"])
+
+    def open(self, provider: str) -> list[DeliveryState]:
+        return [d for d in self.deliveries if d.provider == provider and not d.final]
+
+    def lock(self, provider: str) -> asyncio.Lock:
+        return self.locks.setdefault(provider, asyncio.Lock())
+
+    @property
+    def done(self) -> bool:
+        return all(d.final for d in self.deliveries)
+
+
+Sender = Callable[[ProviderSettings, str, list[str], bytes, list[str], str], Awaitable[Attempt]]
+FinalFailure = Callable[["Message", list[tuple[DeliveryState, Reply]]], Awaitable[None]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        spool: Spool,
+        log: DeliveryLog,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        sender: Sender = send,
+    ):
+        self.settings = settings
+        self.spool = spool
+        self.log = log
+        self.clock = clock or Clock()
+        self.rng = rng or random.Random()
+        self.sender = sender
+        self.on_final_failure: FinalFailure | None = None
+        self.messages: dict[str, Message] = {}
+        self._heaps: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PROVIDERS}
+        self._wake = {p: asyncio.Event() for p in PROVIDERS}
+        self._seq = 0
+        self._workers: list[asyncio.Task[None]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.clock.listeners.append(self.wake)
+
+    # -- configuration -------------------------------------------------------
+
+    def provider_settings(self, provider: str) -> ProviderSettings:
+        if provider == "bounce":
+            return self.settings.bounce or self.settings.providers.legacy
+        return getattr(self.settings.providers, provider)
+
+    # -- queue contents ----------------------------------------------------------
+
+    def add(
+        self, queue_id: str, envelope: dict[str, Any], states: list[dict[str, Any]] | None = None
+    ) -> None:
+        """A committed message (new, or recovered with its state history)."""
+        deliveries = [DeliveryState(i, p) for i, p in enumerate(envelope["plan"])]
+        for s in states or []:
+            d = deliveries[s["i"]]
+            d.status, d.attempts = s["s"], s.get("n", d.attempts)
+            d.due, d.last = s.get("due", 0.0), s.get("r", d.last)
+        msg = Message(queue_id, envelope, deliveries)
+        if msg.done:
+            self.spool.remove(queue_id)
+            return
+        self.messages[queue_id] = msg
+        for provider in {d.provider for d in deliveries if not d.final}:
+            self._push(msg, provider)
+
+    def recover(self, stored: list[Stored]) -> None:
+        for s in stored:
+            self.add(s.queue_id, s.envelope, s.states)
+
+    def _push(self, msg: Message, provider: str) -> None:
+        open_ = msg.open(provider)
+        if not open_:
+            return
+        due = min(d.due for d in open_)
+        self._seq += 1
+        heapq.heappush(self._heaps[provider], (due, self._seq, msg.queue_id))
+        self._wake[provider].set()
+
+    def wake(self) -> None:
+        for ev in self._wake.values():
+            ev.set()
+
+    def depth(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {p: {"pending": 0, "deferred": 0} for p in PROVIDERS}
+        for m in self.messages.values():
+            for d in m.deliveries:
+                if not d.final:
+                    out[d.provider]["deferred" if d.status == "deferred" else "pending"] += 1
+        return out
+
+    # -- running -------------------------------------------------------------------
+
+    def start(self) -> None:
+        for provider in PROVIDERS:
+            for n in range(self.provider_settings(provider).max_connections):
+                self._workers.append(
+                    asyncio.create_task(self._worker(provider), name=f"deliver-{provider}-{n}")
+                )
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work; let attempts in flight finish up to `timeout`."""
+        self._stopping = True
+        self.wake()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout)
+        for t in self._workers + list(self._in_flight):
+            t.cancel()
+        await asyncio.gather(*self._workers, *self._in_flight, return_exceptions=True)
+        self._workers.clear()
+
+    async def _worker(self, provider: str) -> None:
+        while not self._stopping:
+            msg = await self._take(provider)
+            if msg is None:
+                return
+            task = asyncio.create_task(self.attempt(msg, provider))
+            self._in_flight.add(task)
+            try:
+                await asyncio.shield(task)
+            except Exception as exc:  # one message's bug must not stop the worker
+                oplog.error("delivery attempt failed", queue_id=msg.queue_id, error=repr(exc),
+                            exc_info=exc)  # fmt: skip
+            finally:
+                self._in_flight.discard(task)
+
+    async def _take(self, provider: str) -> Message | None:
+        heap, wake = self._heaps[provider], self._wake[provider]
+        while not self._stopping:
+            now = self.clock.now()
+            while heap:
+                due, _, qid = heap[0]
+                msg = self.messages.get(qid)
+                open_ = msg.open(provider) if msg else []
+                if not open_ or msg is None or msg.lock(provider).locked():
+                    heapq.heappop(heap)  # stale: finished, deleted, or being attempted
+                    continue
+                true_due = min(d.due for d in open_)
+                if true_due > due:  # rescheduled later since this entry was pushed
+                    heapq.heapreplace(heap, (true_due, self._next_seq(), qid))
+                    continue
+                if due > now:
+                    break
+                heapq.heappop(heap)
+                return msg
+            wake.clear()
+            delay = (heap[0][0] - now) if heap else 3600.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=max(0.0, min(delay, 3600.0)))
+        return None
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # -- one attempt -------------------------------------------------------------------
+
+    async def attempt(self, msg: Message, provider: str) -> None:
+        async with msg.lock(provider):
+            batch = msg.open(provider)
+            if not batch:
+                return
+            cfg = self.provider_settings(provider)
+            content = await asyncio.to_thread(self.spool.read_content, msg.queue_id)
+            env = msg.envelope
+            result = await self.sender(
+                cfg, env["mail_from"], [d.plan["delivered_to"] for d in batch], content,
+                list(env.get("options", [])), self.settings.listen.hostname,
+            )  # fmt: skip
+            await self._record(msg, provider, batch, result)
+        if msg.done:
+            self.messages.pop(msg.queue_id, None)
+            await asyncio.to_thread(self.spool.remove, msg.queue_id)
+        else:
+            self._push(msg, provider)
+
+    def _backoff(self, attempts: int) -> float:
+        schedule = self.settings.retry.schedule
+        base = schedule[min(attempts - 1, len(schedule) - 1)]
+        return base * self.rng.uniform(0.9, 1.1)
+
+    async def _record(
+        self, msg: Message, provider: str, batch: list[DeliveryState], result: Attempt
+    ) -> None:
+        now = self.clock.now()
+        expired_age = now - msg.received >= self.settings.retry.max_age
+        states, events, failed = [], [], []
+        for d in batch:
+            reply = result.replies[d.plan["delivered_to"]]
+            d.attempts += 1
+            if reply.ok:
+                d.status = "delivered"
+            elif reply.permanent:
+                d.status = "bounced"
+            elif expired_age:
+                d.status = "expired"
+            else:
+                d.status = "deferred"
+                d.due = now + self._backoff(d.attempts)
+            d.last = _reply_text(reply)
+            states.append({"i": d.index, "s": d.status, "n": d.attempts, "due": d.due, "r": d.last})
+            events.append((d, reply))
+            if d.status in ("bounced", "expired") and d.plan["role"] == "primary":
+                failed.append((d, reply))
+        await self.spool.record(msg.queue_id, states)
+        latency = round((now - msg.received) * 1000)
+        for d, reply in events:
+            self.log.emit(
+                "delivery", queue_id=msg.queue_id, rcpt=d.plan["rcpt"], provider=provider,
+                delivered_to=d.plan["delivered_to"], role=d.plan["role"], group=d.plan["group"],
+                mode=d.plan["mode"], pilot=d.plan["pilot"], outcome=d.status,
+                smtp_code=reply.code, enhanced_code=reply.enhanced,
+                smtp_response=reply.text, attempt=d.attempts, latency_ms=latency,
+                tls=result.tls, remote_id=result.remote_id if reply.ok else None,
+            )  # fmt: skip
+        if failed and self.on_final_failure and not msg.envelope.get("dsn"):
+            await self.on_final_failure(msg, failed)
+
+    # -- administration ------------------------------------------------------------------
+
+    def retry_now(self, queue_id: str | None = None) -> int:
+        """Make open deliveries due now; returns how many."""
+        now, count = self.clock.now(), 0
+        for msg in (
+            [self.messages[queue_id]]
+            if queue_id in self.messages
+            else (list(self.messages.values()) if queue_id is None else [])
+        ):
+            for d in msg.deliveries:
+                if not d.final:
+                    d.due = now
+                    count += 1
+            for provider in {d.provider for d in msg.deliveries if not d.final}:
+                self._push(msg, provider)
+        return count
+
+    async def delete(self, queue_id: str, provider: str | None = None) -> int:
+        """Remove open deliveries without a DSN; waits for an attempt in flight."""
+        msg = self.messages.get(queue_id)
+        if msg is None:
+            return 0
+        providers = [provider] if provider else sorted({d.provider for d in msg.deliveries})
+        count = 0
+        for p in providers:
+            async with msg.lock(p):
+                batch = msg.open(p)
+                for d in batch:
+                    d.status = "deleted"
+                if batch:
+                    await self.spool.record(
+                        queue_id, [{"i": d.index, "s": "deleted", "n": d.attempts} for d in batch]
+                    )
+                for d in batch:
+                    self.log.emit("deleted", queue_id=queue_id, rcpt=d.plan["rcpt"], provider=p)
+                count += len(batch)
+        if msg.done:
+            self.messages.pop(queue_id, None)
+            await asyncio.to_thread(self.spool.remove, queue_id)
+        return count
+
+
+def _reply_text(reply: Reply) -> str:
+    return f"{reply.code} {reply.text}" if reply.code is not None else reply.text

@@ -1,0 +1,341 @@
+"""The queue on disk: the only module that touches the spool directory.
+
+Layout (see docs/spool.md for why):
+
+    queue/<id>.tmp     a message being received (discarded at start-up)
+    queue/<id>.msg     content, then the envelope/plan record, then a footer
+    queue/<id>.state   append-only JSON lines: one per delivery state change
+    corrupt/           torn or unreadable records moved aside, never delivered
+    control/           requests from `relay queue` to the running relay
+
+Durability is by group commit: every message that finished DATA while the
+previous batch was being synced is written, fdatasync'd and renamed in one
+thread call that ends with a single fsync of the queue directory. The 250 is
+sent only after that call returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+FOOTER = struct.Struct(">4sQIII")  # magic, content length, envelope length, crcs
+MAGIC = b"RLY1"
+ENVELOPE_VERSION = 1
+WRITE_THRESHOLD = 1 << 20  # bytes buffered in memory before a threaded write
+
+
+class SpoolError(Exception):
+    """The spool cannot take the message; the client gets a 4xx, never a 250."""
+
+
+def new_queue_id() -> str:
+    """Sortable by time, unique across nodes (48 random bits)."""
+    return f"{int(time.time() * 1000):011X}{secrets.token_hex(6).upper()}"
+
+
+@dataclass
+class Incoming:
+    """A message being received: content streams to `<id>.tmp` as it arrives."""
+
+    queue_id: str
+    path: Path
+    buffer: bytearray = field(default_factory=bytearray)
+    size: int = 0
+    crc: int = 0
+    fh: BinaryIO | None = None
+
+    def _flush(self, data: bytes) -> None:
+        if self.fh is None:
+            self.fh = open(self.path, "wb")  # noqa: SIM115 - closed in commit/abort
+        self.fh.write(data)
+
+
+@dataclass
+class Stored:
+    """A committed message as recovered from disk."""
+
+    queue_id: str
+    envelope: dict[str, Any]
+    content_length: int
+    states: list[dict[str, Any]]
+
+
+@dataclass
+class _Job:
+    kind: str  # "msg" | "state"
+    future: asyncio.Future[None]
+    incoming: Incoming | None = None
+    envelope: bytes = b""
+    queue_id: str = ""
+    lines: bytes = b""
+
+
+class Spool:
+    def __init__(self, root: Path):
+        self.root = root
+        self.queue = root / "queue"
+        self.corrupt = root / "corrupt"
+        self.control = root / "control"
+        self._jobs: list[_Job] = []
+        self._wake: asyncio.Event | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._free: tuple[float, int] = (0.0, 0)
+        # test seam: called with ("sync", path) after each sync returns
+        self.on_sync: Any = None
+
+    # -- setup ---------------------------------------------------------------
+
+    def create(self) -> None:
+        for d in (self.queue, self.corrupt, self.control):
+            d.mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.create)
+        self._wake = asyncio.Event()
+        self._committer = asyncio.create_task(self._commit_loop(), name="spool-commit")
+
+    async def stop(self) -> None:
+        if self._committer:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
+
+    def free_space(self) -> int:
+        st = os.statvfs(self.queue)
+        return st.f_bavail * st.f_frsize
+
+    async def has_room(self, min_free: int) -> bool:
+        """Free-space check cached for 1 s so a busy relay does not statvfs per command."""
+        now = time.monotonic()
+        if now - self._free[0] > 1.0:
+            try:
+                free = await asyncio.to_thread(self.free_space)
+            except OSError:
+                free = 0
+            self._free = (now, free)
+        return self._free[1] >= min_free
+
+    # -- receiving -------------------------------------------------------------
+
+    def begin(self, queue_id: str) -> Incoming:
+        return Incoming(queue_id, self.queue / f"{queue_id}.tmp")
+
+    async def write(self, msg: Incoming, data: bytes) -> None:
+        msg.buffer += data
+        msg.size += len(data)
+        msg.crc = zlib.crc32(data, msg.crc)
+        if len(msg.buffer) >= WRITE_THRESHOLD:
+            chunk = bytes(msg.buffer)
+            msg.buffer.clear()
+            try:
+                await asyncio.to_thread(msg._flush, chunk)
+            except OSError as exc:
+                raise SpoolError(str(exc)) from exc
+
+    async def abort(self, msg: Incoming) -> None:
+        def _abort() -> None:
+            if msg.fh:
+                msg.fh.close()
+            msg.path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(_abort)
+
+    async def commit(self, msg: Incoming, envelope: dict[str, Any]) -> None:
+        """Make message + envelope durable; returns only once they are on disk."""
+        env = json.dumps({"v": ENVELOPE_VERSION, **envelope}, separators=(",", ":")).encode()
+        await self._submit(_Job("msg", self._future(), incoming=msg, envelope=env))
+
+    async def record(self, queue_id: str, states: list[dict[str, Any]]) -> None:
+        """Append delivery state changes durably (batched like commits)."""
+        lines = b"".join(json.dumps(s, separators=(",", ":")).encode() + b"\n" for s in states)
+        await self._submit(_Job("state", self._future(), queue_id=queue_id, lines=lines))
+
+    def _future(self) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, job: _Job) -> None:
+        assert self._wake is not None, "spool not started"
+        self._jobs.append(job)
+        self._wake.set()
+        await job.future
+
+    async def _commit_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            jobs, self._jobs = self._jobs, []
+            if not jobs:
+                continue
+            try:
+                errors = await asyncio.to_thread(self._commit_batch, jobs)
+            except Exception as exc:  # a failed directory sync fails the whole batch
+                errors = [exc] * len(jobs)
+            for job, err in zip(jobs, errors, strict=True):
+                if job.future.done():
+                    continue
+                if err is None:
+                    job.future.set_result(None)
+                else:
+                    job.future.set_exception(SpoolError(str(err)))
+
+    def _synced(self, path: Path) -> None:
+        if self.on_sync:
+            self.on_sync(path)
+
+    def _commit_batch(self, jobs: list[_Job]) -> list[Exception | None]:
+        errors: list[Exception | None] = []
+        for job in jobs:
+            try:
+                if job.kind == "msg":
+                    self._commit_message(job)
+                else:
+                    self._append_state(job)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        if any(e is None for e in errors):
+            fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._synced(self.queue)
+        return errors
+
+    def _commit_message(self, job: _Job) -> None:
+        msg = job.incoming
+        assert msg is not None
+        try:
+            if msg.fh is None:
+                msg.fh = open(msg.path, "wb")  # noqa: SIM115
+            fh = msg.fh
+            footer = FOOTER.pack(
+                MAGIC, msg.size, len(job.envelope), msg.crc, zlib.crc32(job.envelope)
+            )
+            fh.write(bytes(msg.buffer) + job.envelope + footer)
+            msg.buffer.clear()
+            fh.flush()
+            os.fdatasync(fh.fileno())
+            self._synced(msg.path)
+        except OSError:
+            if msg.fh:
+                msg.fh.close()
+            msg.path.unlink(missing_ok=True)
+            raise
+        msg.fh.close()
+        os.rename(msg.path, self.queue / f"{msg.queue_id}.msg")
+
+    def _append_state(self, job: _Job) -> None:
+        path = self.queue / f"{job.queue_id}.state"
+        with open(path, "ab") as fh:
+            fh.write(job.lines)
+            fh.flush()
+            os.fdatasync(fh.fileno())
+        self._synced(path)
+
+    # -- reading back ----------------------------------------------------------
+
+    def msg_path(self, queue_id: str) -> Path:
+        return self.queue / f"{queue_id}.msg"
+
+    def open_content(self, queue_id: str) -> tuple[BinaryIO, int]:
+        """An open file positioned at the content, and the content's length."""
+        fh = open(self.msg_path(queue_id), "rb")  # noqa: SIM115 - caller closes
+        fh.seek(-FOOTER.size, os.SEEK_END)
+        _, length, _, _, _ = FOOTER.unpack(fh.read(FOOTER.size))
+        fh.seek(0)
+        return fh, length
+
+    def read_content(self, queue_id: str) -> bytes:
+        fh, length = self.open_content(queue_id)
+        with fh:
+            return fh.read(length)
+
+    def load(self, queue_id: str) -> Stored:
+        """Read one committed message; raise ValueError when torn or corrupt."""
+        path = self.msg_path(queue_id)
+        with open(path, "rb") as fh:
+            total = os.fstat(fh.fileno()).st_size
+            if total < FOOTER.size:
+                raise ValueError("shorter than its footer")
+            fh.seek(-FOOTER.size, os.SEEK_END)
+            magic, clen, elen, ccrc, ecrc = FOOTER.unpack(fh.read(FOOTER.size))
+            if magic != MAGIC or clen + elen + FOOTER.size != total:
+                raise ValueError("footer does not match the file")
+            crc = 0
+            fh.seek(0)
+            left = clen
+            while left:
+                chunk = fh.read(min(left, 1 << 20))
+                if not chunk:
+                    raise ValueError("content truncated")
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+            env = fh.read(elen)
+            if crc != ccrc or zlib.crc32(env) != ecrc:
+                raise ValueError("checksum mismatch")
+        envelope = json.loads(env)
+        if envelope.get("v") != ENVELOPE_VERSION:
+            raise ValueError(f"unknown envelope version {envelope.get('v')!r}")
+        return Stored(queue_id, envelope, clen, self._read_states(queue_id))
+
+    def _read_states(self, queue_id: str) -> list[dict[str, Any]]:
+        path = self.queue / f"{queue_id}.state"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        states = []
+        for line in raw.split(b"\n"):
+            try:
+                states.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line: that change is simply not recorded
+        return states
+
+    def queue_ids(self) -> Iterator[str]:
+        for p in sorted(self.queue.glob("*.msg")):
+            yield p.stem
+
+    def recover(self) -> tuple[list[Stored], list[str]]:
+        """Scan the spool at start: committed messages, and ids moved to corrupt/."""
+        self.create()
+        for tmp in self.queue.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        good: list[Stored] = []
+        bad: list[str] = []
+        for qid in self.queue_ids():
+            try:
+                good.append(self.load(qid))
+            except (ValueError, OSError):
+                bad.append(qid)
+                self.quarantine(qid)
+        for state in self.queue.glob("*.state"):
+            if not self.msg_path(state.stem).exists():
+                state.unlink(missing_ok=True)
+        return good, bad
+
+    def quarantine(self, queue_id: str) -> None:
+        for suffix in (".msg", ".state"):
+            src = self.queue / f"{queue_id}{suffix}"
+            if src.exists():
+                shutil.move(src, self.corrupt / src.name)
+
+    def remove(self, queue_id: str) -> None:
+        """Every delivery is final: the message leaves the queue."""
+        (self.queue / f"{queue_id}.msg").unlink(missing_ok=True)
+        (self.queue / f"{queue_id}.state").unlink(missing_ok=True)

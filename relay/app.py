@@ -16,10 +16,13 @@ from pathlib import Path
 import watchfiles
 
 from relay import config
+from relay.bounce import Bouncer
+from relay.delivery import Reply
 from relay.ingress import Ingress, IngressHandler
 from relay.log import DeliveryLog, oplog, setup_operational_log
+from relay.queue import serve_control, spool_lock
 from relay.routing import PilotTable
-from relay.scheduler import Clock, Scheduler
+from relay.scheduler import Clock, DeliveryState, Message, Scheduler
 from relay.spool import Spool
 
 
@@ -63,6 +66,12 @@ class Relay:
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
         self.scheduler = Scheduler(s, self.spool, self.log, clock=clock)
+        self.bouncer = Bouncer(
+            self.spool, self.log, s.listen.hostname,
+            lambda p: self.scheduler.provider_settings(p).host,
+        )  # fmt: skip
+        self.bouncer.enqueue = self.scheduler.add
+        self.scheduler.on_final_failure = self._bounce
         now: Callable[[], datetime] = (
             (lambda: datetime.fromtimestamp(clock.now(), UTC)) if clock else
             (lambda: datetime.now(UTC))
@@ -73,9 +82,15 @@ class Relay:
         self.ingress = Ingress(self.handler)
         self.stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stack = contextlib.ExitStack()
         self.port = 0
 
+    async def _bounce(self, msg: Message, failed: list[tuple[DeliveryState, Reply]]) -> None:
+        await self.bouncer.bounce(msg.queue_id, msg.envelope, failed)
+
     async def start(self) -> None:
+        if self._stack.enter_context(spool_lock(self.spool)) is None:
+            raise RuntimeError(f"another relay is running on the spool {self.spool.root}")
         stored, bad = await asyncio.to_thread(self.spool.recover)
         for qid in bad:
             oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
@@ -84,6 +99,9 @@ class Relay:
         self.scheduler.start()
         self.port = await self.ingress.start()
         self._tasks.append(asyncio.create_task(self.pilots.watch(), name="pilot-watch"))
+        self._tasks.append(
+            asyncio.create_task(serve_control(self.spool, self.scheduler), name="queue-control")
+        )
         oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
 
     async def stop(self) -> None:
@@ -94,6 +112,7 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.spool.stop()
         self.log.close()
+        self._stack.close()
         oplog.info("relay stopped")
 
 

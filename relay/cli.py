@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import click
 
 from relay import config as config_mod
+from relay.report import report_command
 from relay.routing import PilotTable, resolve_recipient, route
 
 
@@ -139,6 +140,108 @@ def serve(config_path: str) -> None:
     for w in cfg.warnings:
         click.echo(f"warning: {w}", err=True)
     sys.exit(app.run(cfg))
+
+
+@cli.group()
+def queue() -> None:
+    """Inspect and manage the spool (safe while `relay serve` runs)."""
+
+
+def _queue_settings(config_path: str) -> config_mod.RelaySettings:
+    try:
+        return config_mod.load_relay(config_path)[0]
+    except config_mod.ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        sys.exit(1)
+
+
+@queue.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def queue_list(config_path: str, as_json: bool) -> None:
+    """One line per queued message: id, age, sender, states per provider, next attempt."""
+    from relay import queue as q
+
+    settings = _queue_settings(config_path)
+    views = q.list_messages(settings)
+    if as_json:
+        click.echo(json.dumps(views, indent=2))
+        return
+    click.echo(f"{'queue id':<24} {'age':>8}  {'next':>8}  sender / states")
+    for v in views:
+        states = "  ".join(
+            f"{p}: " + ",".join(f"{n} {s}" for s, n in sorted(c.items()))
+            for p, c in sorted(v["states"].items())
+        )
+        nxt = "-" if v["next_attempt_in_s"] is None else f"{v['next_attempt_in_s']:.0f}s"
+        click.echo(
+            f"{v['queue_id']:<24} {v['age_s']:>7.0f}s  {nxt:>8}  "
+            f"<{v['sender']}>{' (DSN)' if v['dsn'] else ''}  {states}"
+        )
+    click.echo(f"{len(views)} message(s) queued")
+
+
+@queue.command("show")
+@config_option
+@click.argument("queue_id")
+def queue_show(config_path: str, queue_id: str) -> None:
+    """Envelope, plan, each delivery's state and last reply (JSON)."""
+    from relay import queue as q
+
+    view = q.show_message(_queue_settings(config_path), queue_id)
+    if view is None:
+        click.echo(f"{queue_id}: not in the queue", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(view, indent=2))
+
+
+@queue.command("retry")
+@config_option
+@click.argument("queue_id", required=False)
+def queue_retry(config_path: str, queue_id: str | None) -> None:
+    """Make deferred deliveries (of one message, or all) due now."""
+    _queue_manage(config_path, "retry", queue_id, None)
+
+
+@queue.command("delete")
+@config_option
+@click.argument("queue_id")
+@click.option("--provider", type=click.Choice(["legacy", "new", "bounce"]))
+def queue_delete(config_path: str, queue_id: str, provider: str | None) -> None:
+    """Remove a message's open deliveries (all, or one provider's) without a DSN."""
+    _queue_manage(config_path, "delete", queue_id, provider)
+
+
+def _queue_manage(config_path: str, op: str, queue_id: str | None, provider: str | None) -> None:
+    from relay import queue as q
+
+    try:
+        answer = q.manage(_queue_settings(config_path), op, queue_id, provider)
+    except q.QueueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if "error" in answer:
+        click.echo(f"error: {answer['error']}", err=True)
+        sys.exit(1)
+    done = "made due now" if op == "retry" else "deleted"
+    click.echo(f"{answer['count']} deliveries {done}")
+
+
+@cli.command()
+@click.option("--messages", default=60, show_default=True, type=click.IntRange(1, 5000))
+@click.option("--out", default="relay-demo", show_default=True, type=click.Path(file_okay=False))
+def demo(messages: int, out: str) -> None:
+    """Run the relay and two stand-in providers on loopback with sample traffic."""
+    from pathlib import Path
+
+    from relay import demo as demo_mod
+
+    click.echo(demo_mod.main(messages, Path(out)))
+    click.echo(f"wrote {out}/deliveries.jsonl, {out}/report.json")
+
+
+cli.add_command(report_command)
 
 
 def main() -> None:

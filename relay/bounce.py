@@ -1,0 +1,151 @@
+"""Delivery status notifications (RFC 3464) for a primary delivery's final failure.
+
+A DSN is queued in the spool like any message and sent through the `bounce`
+smarthost (or the legacy provider's settings). Never for a null sender, never
+for a DSN, never for a shadow delivery: the sender never hears of the pilot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import Message as EmailMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.mime.text import MIMEText
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+from typing import Any
+
+from relay.log import DeliveryLog, utc_ts
+from relay.spool import Spool, new_queue_id
+
+HEADER_LIMIT = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Failure:
+    rcpt: str  # the original recipient, as the sender wrote it
+    status: str  # RFC 3463, e.g. 5.7.1; 4.4.7 when expired
+    remote_mta: str
+    diagnostic: str  # the provider's reply, or why there was none
+
+
+def original_headers(content: bytes) -> bytes:
+    end = content.find(b"\r\n\r\n", 0, HEADER_LIMIT)
+    return content[: end + 2] if end >= 0 else content[:HEADER_LIMIT]
+
+
+def build_dsn(
+    *,
+    hostname: str,
+    sender: str,
+    queue_id: str,
+    arrival: datetime,
+    failures: list[Failure],
+    headers: bytes,
+) -> bytes:
+    """The multipart/report message, CRLF line endings."""
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    report["To"] = sender
+    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Date"] = format_datetime(datetime.now(UTC))
+    report["Message-ID"] = make_msgid(domain=hostname)
+    report["Auto-Submitted"] = "auto-replied"
+    lines = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        "Your message could not be delivered to one or more recipients.",
+        "",
+    ]
+    lines += [f"<{f.rcpt}>: {f.diagnostic}" for f in failures]
+    report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
+
+    status = MIMENonMultipart("message", "delivery-status")
+    blocks = [
+        f"Reporting-MTA: dns; {hostname}\nX-Relay-Queue-ID: {queue_id}\n"
+        f"Arrival-Date: {format_datetime(arrival)}\n"
+    ]
+    for f in failures:
+        blocks.append(
+            f"Final-Recipient: rfc822; {f.rcpt}\nAction: failed\nStatus: {f.status}\n"
+            f"Remote-MTA: dns; {f.remote_mta}\nDiagnostic-Code: smtp; {f.diagnostic}\n"
+        )
+    status.set_payload("\n".join(blocks))
+    report.attach(status)
+
+    rfc822 = MIMENonMultipart("text", "rfc822-headers")
+    rfc822.set_payload(headers.decode("utf-8", "surrogateescape").replace("\r\n", "\n"))
+    report.attach(rfc822)
+    return EmailMessage.as_bytes(report, policy=SMTP)
+
+
+def failure_status(outcome: str, code: int | None, enhanced: str | None) -> str:
+    if enhanced and enhanced[0] in "45":
+        # an expired delivery's last reply was transient; the DSN reports failure
+        return "5" + enhanced[1:] if outcome == "expired" else enhanced
+    if outcome == "expired":
+        return "4.4.7"
+    return f"{code // 100}.0.0" if code else "5.0.0"
+
+
+class Bouncer:
+    """Turns final failures of primary deliveries into queued DSNs."""
+
+    def __init__(self, spool: Spool, log: DeliveryLog, hostname: str, remote_mta: Any):
+        self.spool = spool
+        self.log = log
+        self.hostname = hostname
+        self.remote_mta = remote_mta  # provider name → host, for Remote-MTA
+        self.enqueue: Any = None  # set by the app: scheduler.add
+
+    async def bounce(
+        self, queue_id: str, envelope: dict[str, Any], failed: list[Any]
+    ) -> str | None:
+        """Queue one DSN for these failures; returns its queue id (None: no DSN due)."""
+        sender = envelope.get("mail_from", "")
+        if not sender or envelope.get("dsn"):
+            return None
+        failures = [
+            Failure(
+                d.plan["rcpt"],
+                failure_status(d.status, reply.code, reply.enhanced),
+                self.remote_mta(d.plan["provider"]),
+                f"{reply.code} {reply.text}" if reply.code else reply.text,
+            )
+            for d, reply in failed
+            if d.plan["role"] == "primary"
+        ]
+        if not failures:
+            return None
+        content = await asyncio.to_thread(self.spool.read_content, queue_id)
+        dsn = build_dsn(
+            hostname=self.hostname,
+            sender=sender,
+            queue_id=queue_id,
+            arrival=datetime.fromtimestamp(envelope["received_epoch"], UTC),
+            failures=failures,
+            headers=original_headers(content),
+        )
+        dsn_id = new_queue_id()
+        now = datetime.now(UTC)
+        plan = [
+            {"rcpt": sender, "provider": "bounce", "delivered_to": sender, "role": "primary",
+             "group": None, "mode": None, "pilot": False}
+        ]  # fmt: skip
+        record = {
+            "queue_id": dsn_id, "received": utc_ts(now), "received_epoch": now.timestamp(),
+            "mail_from": "", "rcpts": [sender], "options": [], "client_ip": None,
+            "message_id": None, "size": len(dsn), "forwarded": False, "plan": plan, "dsn": True,
+            "dsn_for": queue_id,
+        }  # fmt: skip
+        incoming = self.spool.begin(dsn_id)
+        await self.spool.write(incoming, dsn)
+        await self.spool.commit(incoming, record)
+        for f in failures:
+            self.log.emit("bounce_sent", queue_id=queue_id, rcpt=f.rcpt, dsn_queue_id=dsn_id)
+        if self.enqueue:
+            self.enqueue(dsn_id, record)
+        return dsn_id

@@ -105,6 +105,9 @@ class Relay:
         oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
 
     async def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
         timeout = self.cfg.relay.shutdown_timeout
         await asyncio.gather(self.ingress.shutdown(timeout), self.scheduler.drain(timeout))
         for t in self._tasks:

@@ -65,21 +65,36 @@ def build_dsn(
 
     status = MIMENonMultipart("message", "delivery-status")
     blocks = [
-        f"Reporting-MTA: dns; {hostname}\nX-Relay-Queue-ID: {queue_id}\n"
-        f"Arrival-Date: {format_datetime(arrival)}\n"
-    ]
-    for f in failures:
-        blocks.append(
-            f"Final-Recipient: rfc822; {f.rcpt}\nAction: failed\nStatus: {f.status}\n"
-            f"Remote-MTA: dns; {f.remote_mta}\nDiagnostic-Code: smtp; {f.diagnostic}\n"
+        _fields(
+            ("Reporting-MTA", f"dns; {hostname}"),
+            ("X-Relay-Queue-ID", queue_id),
+            ("Arrival-Date", format_datetime(arrival)),
         )
-    status.set_payload("\n".join(blocks))
+    ]
+    blocks += [
+        _fields(
+            ("Final-Recipient", f"rfc822; {f.rcpt}"),
+            ("Action", "failed"),
+            ("Status", f.status),
+            ("Remote-MTA", f"dns; {f.remote_mta}"),
+            ("Diagnostic-Code", f"smtp; {f.diagnostic}"),
+        )
+        for f in failures
+    ]
+    status.set_payload(blocks)  # type: ignore[arg-type]
     report.attach(status)
 
     rfc822 = MIMENonMultipart("text", "rfc822-headers")
     rfc822.set_payload(headers.decode("utf-8", "surrogateescape").replace("\r\n", "\n"))
     report.attach(rfc822)
     return EmailMessage.as_bytes(report, policy=SMTP)
+
+
+def _fields(*pairs: tuple[str, str]) -> EmailMessage:
+    block = EmailMessage()
+    for name, value in pairs:
+        block[name] = value
+    return block
 
 
 def failure_status(outcome: str, code: int | None, enhanced: str | None) -> str:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import aiosmtplib
 import pytest
+
+from relay import config
+from relay.app import Relay
+from relay.testing import Provider
 
 PILOTS = """\
 new_domains:
@@ -41,3 +50,84 @@ def write_config(folder: Path, relay: str = "", pilots: str = PILOTS) -> Path:
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
     return tmp_path / "config"
+
+
+class RelayEnv:
+    """A relay in this process between two loopback providers, plus helpers to drive it."""
+
+    def __init__(self, folder: Path, legacy: Provider, new: Provider, extra: str, pilots: str):
+        self.folder = folder
+        self.legacy = legacy
+        self.new = new
+        relay_yaml = (
+            f"listen: {{port: 0}}\nnode: test-node\ndomains: [example.com, dev.example.com]\n"
+            f"providers:\n  legacy: {{port: {legacy.port}}}\n  new: {{port: {new.port}}}\n"
+            "spool: ../var/spool\nlog: ../var/deliveries.jsonl\nshutdown_timeout: 5\n"
+            "limits: {min_free_space: 0}\n" + extra
+        )
+        self.config_path = write_config(folder / "config", relay_yaml, pilots)
+        self.cfg = config.load(self.config_path)
+        self.relay = Relay(self.cfg)
+
+    @property
+    def port(self) -> int:
+        return self.relay.port
+
+    async def send(
+        self,
+        rcpts: list[str],
+        data: bytes = b"Subject: t\r\n\r\nhello\r\n",
+        sender: str = "sender@example.org",
+    ) -> str:
+        """Send one message; return the queue id from the 250 reply."""
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.port, start_tls=False, timeout=10)
+        await smtp.connect()
+        try:
+            errors, reply = await smtp.sendmail(sender, rcpts, data)
+        finally:
+            await smtp.quit()
+        assert not errors, errors
+        return reply.rsplit(" ", 1)[1]
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        path = self.cfg.relay.log
+        if not path.exists():
+            return []
+        out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [e for e in out if kind is None or e["event"] == kind]
+
+    async def wait_for(
+        self, predicate: Callable[[], bool], timeout: float = 10, what: str = "condition"
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            if loop.time() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.02)
+
+    async def wait_idle(self, timeout: float = 10) -> None:
+        await self.wait_for(lambda: not self.relay.scheduler.messages, timeout, "empty queue")
+
+
+@pytest.fixture
+async def relay_env(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RelayEnv]]]:
+    """Factory: `env = await relay_env(extra_yaml, pilots=...)` starts providers and relay."""
+    envs: list[RelayEnv] = []
+    providers: list[Provider] = []
+
+    async def make(extra: str = "", pilots: str = PILOTS) -> RelayEnv:
+        legacy, new = Provider("legacy"), Provider("new")
+        for p in (legacy, new):
+            await p.start()
+            providers.append(p)
+        env = RelayEnv(tmp_path / f"env{len(envs)}", legacy, new, extra, pilots)
+        await env.relay.start()
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        await env.relay.stop()
+    for p in providers:
+        await p.stop()

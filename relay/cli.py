@@ -229,7 +229,7 @@ def _queue_manage(config_path: str, op: str, queue_id: str | None, provider: str
 
 
 @cli.command()
-@click.option("--messages", default=60, show_default=True, type=click.IntRange(1, 5000))
+@click.option("--messages", default=200, show_default=True, type=click.IntRange(1, 5000))
 @click.option("--out", default="relay-demo", show_default=True, type=click.Path(file_okay=False))
 def demo(messages: int, out: str) -> None:
     """Run the relay and two stand-in providers on loopback with sample traffic."""

@@ -30,14 +30,15 @@ pilots:
   - {address: sam@example.com, group: sales}
   - {address: bob@example.com, group: support, mode: new-only, new_address: robert@example-new.com}
   - {address: sue@example.com, group: support}
+  - {address: sven@example.com, group: support}
   - {address: carol@example.com, group: marketing}
   - {address: mark@example.com, group: marketing}
   - {address: "*@dev.example.com", group: dev}
 """
 RECIPIENTS = [
     "alice@example.com", "sam@example.com", "bob@example.com", "sue@example.com",
-    "carol@example.com", "mark@example.com", "dina@dev.example.com", "ivan@dev.example.com",
-    "zoe@example.com", "yann@example.com", "xavier@example.com",
+    "sven@example.com", "carol@example.com", "mark@example.com", "dina@dev.example.com",
+    "ivan@dev.example.com", "zoe@example.com", "yann@example.com", "xavier@example.com",
 ]  # fmt: skip
 SPAM_MARK = b"X-Demo-Spam: yes"
 

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import watchfiles
 
@@ -20,6 +21,7 @@ from relay.bounce import Bouncer
 from relay.delivery import Reply
 from relay.ingress import Ingress, IngressHandler
 from relay.log import DeliveryLog, oplog, setup_operational_log
+from relay.metrics import Metrics, oldest_age
 from relay.queue import serve_control, spool_lock
 from relay.routing import PilotTable
 from relay.scheduler import Clock, DeliveryState, Message, Scheduler
@@ -80,10 +82,23 @@ class Relay:
             s, self.spool, self.log, self.pilots.current, on_queued=self.scheduler.add, clock=now
         )
         self.ingress = Ingress(self.handler)
+        self.metrics = Metrics()
+        self.log.observers.append(self.metrics.observe)
+        self.metrics.live(self._snapshot)
+        self.metrics.ready = lambda: self.port != 0 and not self.handler.shutting_down
+        self.metrics_port = 0
         self.stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.ExitStack()
         self.port = 0
+
+    def _snapshot(self) -> dict[str, Any]:
+        messages = self.scheduler.messages.values()
+        return {
+            "depth": self.scheduler.depth(),
+            "connections": self.handler.conns.total,
+            "oldest_age": oldest_age(m.received for m in messages),
+        }
 
     async def _bounce(self, msg: Message, failed: list[tuple[DeliveryState, Reply]]) -> None:
         await self.bouncer.bounce(msg.queue_id, msg.envelope, failed)
@@ -98,6 +113,9 @@ class Relay:
         await self.spool.start()
         self.scheduler.start()
         self.port = await self.ingress.start()
+        m = self.cfg.relay.metrics
+        self._metrics_server = await self.metrics.serve(m.host, m.port)
+        self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.pilots.watch(), name="pilot-watch"))
         self._tasks.append(
             asyncio.create_task(serve_control(self.spool, self.scheduler), name="queue-control")
@@ -110,6 +128,7 @@ class Relay:
         self.stopped.set()
         timeout = self.cfg.relay.shutdown_timeout
         await asyncio.gather(self.ingress.shutdown(timeout), self.scheduler.drain(timeout))
+        self._metrics_server.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

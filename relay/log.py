@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -64,6 +64,7 @@ class DeliveryLog:
 
     def __init__(self, path: Path, node: str):
         self.node = node
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # e.g. metrics
         self.file = _ReopenableFile(path)
         self._log = structlog.wrap_logger(
             structlog.WriteLogger(self.file),  # type: ignore[arg-type]
@@ -72,6 +73,8 @@ class DeliveryLog:
 
     def emit(self, event: str, **fields: Any) -> None:
         self._log.msg(event, node=self.node, **fields)
+        for observe in self.observers:
+            observe(event, fields)
 
     def reopen(self) -> None:
         self.file.reopen()

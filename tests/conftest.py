@@ -63,7 +63,7 @@ class RelayEnv:
             f"listen: {{port: 0}}\nnode: test-node\ndomains: [example.com, dev.example.com]\n"
             f"providers:\n  legacy: {{port: {legacy.port}}}\n  new: {{port: {new.port}}}\n"
             "spool: ../var/spool\nlog: ../var/deliveries.jsonl\nshutdown_timeout: 5\n"
-            "limits: {min_free_space: 0}\n" + extra
+            "limits: {min_free_space: 0}\nmetrics: {port: 0}\n" + extra
         )
         self.config_path = write_config(folder / "config", relay_yaml, pilots)
         self.cfg = config.load(self.config_path)

@@ -329,6 +329,7 @@ class InputStats:
     duplicate_received: int = 0
     unmatched_events: int = 0
     unknown_events: int = 0
+    other_provider_events: int = 0
     open_messages: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -421,6 +422,10 @@ class _Slot:
 
 class _Pair:
     __slots__ = ("bounce_seen", "discarded", "group", "included", "pilot", "rcpt", "slots")
+
+    def forwarded(self, msg: _Message) -> bool:
+        """A forwarded copy: the message came via forward_domains and legacy is not planned."""
+        return msg.forwarded and self.slots[0] is None
 
     def __init__(self, rcpt: str) -> None:
         self.rcpt = rcpt
@@ -693,17 +698,18 @@ class _Builder:
             self.stats.events += 1
             self._received(key, ev)
             return True
-        if kind == "delivery":
-            if (
-                type(ev.get("rcpt")) is not str
-                or not _is_one_of(ev.get("provider"), _PIDX)
-                or not _is_one_of(ev.get("outcome"), _DELIVERY_OUTCOMES)
-            ):
-                return False
-        elif kind == "deleted":  # provider null: every provider of that recipient
+        if kind == "delivery" or kind == "deleted":
             prov = ev.get("provider")
-            if type(ev.get("rcpt")) is not str or not (prov is None or _is_one_of(prov, _PIDX)):
+            if type(ev.get("rcpt")) is not str or not (type(prov) is str or kind == "deleted"):
                 return False
+            if kind == "delivery" and not _is_one_of(ev.get("outcome"), _DELIVERY_OUTCOMES):
+                return False
+            if prov is not None and prov not in _PIDX:  # e.g. the DSNs' "bounce" route
+                if type(prov) is not str:
+                    return False
+                self.stats.events += 1
+                self.stats.other_provider_events += 1
+                return True
         elif kind in ("bounce_sent", "discarded"):
             if type(ev.get("rcpt")) is not str:
                 return False
@@ -728,7 +734,7 @@ class _Builder:
         for e in plan:
             if type(e) is not dict or type(e.get("rcpt")) is not str:
                 return False
-            if not _is_one_of(e.get("provider"), _PIDX):
+            if type(e.get("provider")) is not str:
                 return False
         rcpts = ev.get("rcpts", [])
         return type(rcpts) is list
@@ -759,6 +765,8 @@ class _Builder:
         )
         msg.in_window = self._ts_in_window(msg.ts)
         for e in ev["plan"]:
+            if e["provider"] not in _PIDX:
+                continue  # another route (the DSNs' "bounce"): not compared
             lr = e["rcpt"].lower()
             pair = msg.pairs.get(lr)
             if pair is None:
@@ -885,7 +893,7 @@ class _Builder:
                 continue
             any_included = True
             totals.pairs += 1
-            if msg.forwarded:
+            if pair.forwarded(msg):
                 totals.forwarded_pairs += 1
             if pair.discarded and pair.slots == [None, None]:
                 totals.discarded_pairs += 1
@@ -944,12 +952,12 @@ class _Builder:
         legacy, new = cats
         if new is None:
             return ""
-        if msg.forwarded:
-            if legacy is not None:
-                return ""
+        forwarded = legacy is None
+        if forwarded:
+            new_slot = pair.slots[1]
+            if not msg.forwarded or new_slot is None or new_slot.primary:
+                return ""  # new-only (cut over): nothing to compare with
             legacy = _O_DELIVERED  # the legacy provider has it: it forwarded the copy
-        elif legacy is None:
-            return ""
         group.b_pairs += 1
         if legacy == _O_PENDING or new == _O_PENDING:
             group.b_pending += 1
@@ -959,7 +967,7 @@ class _Builder:
             group.b_legacy_delivered += 1
         if new == _O_DELIVERED:
             group.b_new_delivered += 1
-        if msg.forwarded:
+        if forwarded:
             return ""
         refused = (_O_BOUNCED, _O_EXPIRED)
         if legacy == _O_DELIVERED and new in refused:
@@ -995,7 +1003,7 @@ class _Builder:
             rcpt=pair.rcpt,
             group=pair.group if pair.slots != [None, None] else "",
             pilot=pair.pilot,
-            forwarded=msg.forwarded,
+            forwarded=pair.forwarded(msg),
             discarded=discarded,
             legacy=_outcome(pair.slots[0]),
             new=_outcome(pair.slots[1]),

@@ -605,6 +605,42 @@ def test_late_bounce_and_dsn_keep_message_open_until_logged(tmp_path: Path) -> N
     rep = build_report([log.write(tmp_path / "d.jsonl")])
     assert rep.inputs.open_messages == 1
     assert rep.providers["legacy"].bounced == 2 and rep.totals.bounces_sent == 0
+    # the DSN itself is a message of its own (no `received` logged), delivered through the
+    # "bounce" route: neither corrupt nor orphan, and not compared
+    log.bounce_sent("Q2", 2, zoe.addr)
+    dsn = {"event": "delivery", "ts": ts(3), "node": "mx1", "queue_id": "Q2B", "rcpt": "s@x.org"}
+    log.lines.append(json.dumps({**dsn, "provider": "bounce", "outcome": "delivered"}))
+    rep = build_report([log.write(tmp_path / "d.jsonl")])
+    assert (rep.inputs.open_messages, rep.totals.bounces_sent) == (0, 1)
+    assert rep.inputs.other_provider_events == 1
+    assert rep.inputs.corrupt_lines == rep.inputs.orphan_events == 0
+
+
+def test_message_mixing_forwarded_and_direct_recipients(tmp_path: Path) -> None:
+    """forwarded is per message: a dual pair in it is still compared, the copy is not."""
+    log = Log("mx1")
+    alice, sue = USERS[0], USERS[3]
+    log.received("M1", 0, [alice], forwarded=True)
+    entry = log.plans["M1"]
+    log.plans["M1"] = entry + sue.plan(False)
+    ev = json.loads(log.lines[-1])
+    ev["rcpts"].append(sue.addr)
+    ev["plan"] = log.plans["M1"]
+    log.lines[-1] = json.dumps(ev)
+    log.delivery("M1", 1, alice.addr, "new", "bounced")
+    log.delivery("M1", 1, sue.addr, "legacy", "delivered")
+    log.delivery("M1", 1, sue.addr, "new", "bounced")
+    rep = build_report([log.write(tmp_path / "m.jsonl")])
+    assert [(d.rcpt, d.refused_by) for d in rep.divergences] == [(sue.addr, "new")]
+    assert rep.totals.forwarded_pairs == 1
+    rows = list(csv.DictReader(io.StringIO(_csv(tmp_path / "m.jsonl"))))
+    assert {r["rcpt"]: r["forwarded"] for r in rows} == {alice.addr: "true", sue.addr: "false"}
+
+
+def _csv(path: Path) -> str:
+    out = io.StringIO()
+    write_csv([path], out)
+    return out.getvalue()
 
 
 def test_deleted_counts_as_final(tmp_path: Path) -> None:
@@ -742,6 +778,7 @@ def test_json_keys_are_stable(day: tuple[Path, Truth]) -> None:
         "duplicate_received",
         "unmatched_events",
         "unknown_events",
+        "other_provider_events",
         "open_messages",
         "errors",
     }

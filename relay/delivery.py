@@ -8,6 +8,7 @@ here, at one boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from relay.config import ProviderSettings
 
 Stage = Literal["connect", "tls", "auth", "mail", "rcpt", "data", "after_data"]
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b\s*")
+_AUTH_CODES = frozenset({530, 534, 535, 538})
 _QUEUED_AS = re.compile(r"queued as\s+<?([^\s>]+)", re.I)
 
 
@@ -43,8 +45,16 @@ class Reply:
 
     @property
     def permanent(self) -> bool:
-        """5xx is final, except at AUTH: a configuration fault, deferred (SPEC)."""
-        return self.code is not None and self.code >= 500 and self.stage != "auth"
+        """5xx is final (bounced), except configuration faults, which are deferred.
+
+        SPEC: any failure at the AUTH stage (530, 534, 535, 538 or AUTH not
+        offered) is deferred and logged, never bounced; the same codes at MAIL or
+        later ("530 5.7.0 Authentication required", "must issue STARTTLS first")
+        say the same thing. TLS failures are retried too.
+        """
+        if self.code is None or self.code < 500:
+            return False
+        return self.stage not in ("auth", "tls") and self.code not in _AUTH_CODES
 
 
 @dataclass
@@ -87,21 +97,31 @@ async def send(
     options: list[str],
     helo: str,
 ) -> Attempt:
-    """One transaction carrying `rcpts`; a reply for every one of them."""
+    """One transaction carrying `rcpts`; a reply for every one of them.
+
+    Never raises for anything the provider or the network does: every failure
+    becomes a `Reply` (code None when no reply came). Duplicate recipients are
+    sent once and share the reply.
+    """
+    rcpts = list(dict.fromkeys(rcpts))
     smtp = aiosmtplib.SMTP(
         hostname=cfg.host,
         port=cfg.port,
         local_hostname=helo,
         timeout=cfg.command_timeout,
         use_tls=cfg.tls == "implicit",
-        start_tls=False,
+        start_tls=False,  # never aiosmtplib's opportunistic default (DESIGN trap 9)
         tls_context=tls_context(cfg) if cfg.tls != "none" else None,
     )
     attempt = Attempt({})
     stage: Stage = "connect"
+    quitting = False
     try:
         await smtp.connect(timeout=cfg.connect_timeout)
-        await _secure(smtp, cfg)
+        await _hello(smtp)  # aiosmtplib does not EHLO on connect: no extensions known before
+        stage = "tls"
+        if await _secure(smtp, cfg):
+            await _hello(smtp)  # RFC 3207: forget what was learnt before TLS
         stage = "auth"
         await _authenticate(smtp, cfg)
         attempt.tls = _tls_version(smtp)
@@ -117,28 +137,62 @@ async def send(
             except aiosmtplib.SMTPRecipientRefused as exc:
                 attempt.replies[rcpt] = Reply.from_smtp(exc.code, exc.message, "rcpt")
         if not accepted:
-            await _quit(smtp)
+            quitting = _quit_later(smtp, cfg)
             return attempt
         stage = "data"
-        resp = await smtp.data(content, timeout=cfg.data_timeout)
+        start = await smtp.execute_command(b"DATA")
+        if start.code != 354:
+            raise SMTPResponseException(start.code, start.message)
+        # After the final ".": a break or timeout from here on is a deferral, and
+        # the provider may already have the message.
+        stage = "after_data"
+        resp = await _send_content(smtp, content, cfg.data_timeout)
         done = Reply.from_smtp(resp.code, resp.message, "after_data")
-        m = _QUEUED_AS.search(resp.message)
-        attempt.remote_id = m.group(1) if m else None
+        if done.ok:
+            m = _QUEUED_AS.search(resp.message)
+            attempt.remote_id = m.group(1) if m else None
         for rcpt in accepted:
             attempt.replies[rcpt] = done
-        await _quit(smtp)
+        # QUIT after returning: the caller records the outcome a round trip sooner,
+        # which narrows the window in which a crash makes a duplicate.
+        quitting = _quit_later(smtp, cfg)
     except _Failed as failed:
         _fill(attempt, rcpts, failed.reply)
-        smtp.close()
-    except (TimeoutError, SMTPException, OSError, ssl.SSLError, ValueError) as exc:
-        if isinstance(exc, aiosmtplib.SMTPDataError) and stage == "data":
-            stage = "after_data" if exc.code != 354 else "data"
-        elif stage == "data":
-            # a break after DATA was sent: the provider may have the message
-            stage = "after_data"
+    except Exception as exc:  # every failure becomes a reply
         _fill(attempt, rcpts, _error_reply(exc, stage))
-        smtp.close()
+    finally:
+        if not quitting:
+            smtp.close()
     return attempt
+
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+async def _send_content(
+    smtp: aiosmtplib.SMTP, content: bytes, timeout: float
+) -> aiosmtplib.SMTPResponse:
+    """Dot-stuff and send the content and the final ".", then read the reply.
+
+    The spool holds CRLF-only content (ingress normalises or refuses bare
+    newlines), so unlike `SMTP.data()` nothing is rewritten but the stuffing.
+    """
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    protocol.write(_LEADING_DOT.sub(b"..", content) + b".\r\n")
+    return await protocol.read_response(timeout=timeout)
+
+
+async def _hello(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError as exc:
+        if not smtp.is_connected or exc.code == 421:
+            raise
+        await smtp.helo()
 
 
 def _fill(attempt: Attempt, rcpts: list[str], reply: Reply) -> None:
@@ -146,10 +200,23 @@ def _fill(attempt: Attempt, rcpts: list[str], reply: Reply) -> None:
         attempt.replies.setdefault(rcpt, reply)
 
 
-async def _quit(smtp: aiosmtplib.SMTP) -> None:
+_quitting: set[asyncio.Task[None]] = set()
+
+
+def _quit_later(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> bool:
+    """QUIT in the background (the task closes `smtp` in the end); returns True."""
+    task = asyncio.create_task(_quit(smtp, cfg))
+    _quitting.add(task)
+    task.add_done_callback(_quitting.discard)
+    return True
+
+
+async def _quit(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:
+    """QUIT politely; the outcome is already known, so any failure here is ignored."""
     try:
-        await smtp.quit(timeout=5)
-    except (TimeoutError, SMTPException, OSError):
+        with contextlib.suppress(Exception):
+            await smtp.quit(timeout=min(5.0, cfg.command_timeout))
+    finally:
         smtp.close()
 
 
@@ -159,17 +226,24 @@ def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:
     return ssl_obj.version() if ssl_obj else None
 
 
-async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:
+async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> bool:
+    """STARTTLS as `cfg.tls` says; True when the session was upgraded."""
     if cfg.tls not in ("starttls", "required"):
-        return
+        return False  # none: never STARTTLS, even when offered; implicit: already TLS
     if not smtp.supports_extension("starttls"):
         if cfg.tls == "required":
             raise _Failed(Reply(None, "STARTTLS not offered (tls: required)", "tls"))
-        return
+        return False
     try:
         await smtp.starttls(tls_context=tls_context(cfg), server_hostname=cfg.host)
+    except SMTPResponseException as exc:
+        if exc.code < 0:
+            raise _Failed(Reply(None, f"TLS failed: {exc.message}", "tls")) from exc
+        # a refused STARTTLS is a TLS failure: retried, never a bounce
+        raise _Failed(Reply.from_smtp(exc.code, exc.message, "tls")) from exc
     except (ssl.SSLError, SMTPException, OSError) as exc:
         raise _Failed(Reply(None, f"TLS failed: {exc}", "tls")) from exc
+    return True
 
 
 async def _authenticate(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from relay.config import ProviderSettings, RelaySettings
 from relay.delivery import Attempt, Reply, send
 from relay.log import DeliveryLog, oplog
-from relay.spool import Spool, Stored
+from relay.spool import Spool, SpoolError, Stored
 
 FINAL = frozenset({"delivered", "bounced", "expired", "deleted"})
 PROVIDERS = ("legacy", "new", "bounce")
@@ -117,6 +117,9 @@ class Scheduler:
         self._seq = 0
         self._workers: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        # (queue id, provider) taken by a worker and not yet finished: at most one
+        # attempt per message and provider, whatever stray heap entries exist.
+        self._claimed: set[tuple[str, str]] = set()
         self._stopping = False
         self.clock.listeners.append(self.wake)
 
@@ -181,11 +184,18 @@ class Scheduler:
                 )
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking work; let attempts in flight finish up to `timeout`."""
+        """Stop taking work; let attempts in flight finish, then cancel the rest.
+
+        The wait ends a little before `timeout` (10 %, at most 1 s) so that the
+        whole shutdown, state records and process exit included, fits in
+        `shutdown_timeout`. A cancelled attempt stays queued: its deliveries are
+        retried after the restart (the provider may already have the message).
+        """
         self._stopping = True
         self.wake()
+        budget = max(0.0, timeout - min(1.0, timeout * 0.1))
         if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=timeout)
+            await asyncio.wait(set(self._in_flight), timeout=budget)
         for t in self._workers + list(self._in_flight):
             t.cancel()
         await asyncio.gather(*self._workers, *self._in_flight, return_exceptions=True)
@@ -196,17 +206,22 @@ class Scheduler:
             msg = await self._take(provider)
             if msg is None:
                 return
-            task = asyncio.create_task(self.attempt(msg, provider))
+            task = asyncio.create_task(
+                self.attempt(msg, provider), name=f"attempt-{provider}-{msg.queue_id}"
+            )
             self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
             try:
+                # shielded: a worker cancelled by drain() leaves the attempt to finish
                 await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # one message's bug must not stop the worker
                 oplog.error("delivery attempt failed", queue_id=msg.queue_id, error=repr(exc),
                             exc_info=exc)  # fmt: skip
-            finally:
-                self._in_flight.discard(task)
 
     async def _take(self, provider: str) -> Message | None:
+        """The next due message for `provider`, claimed; None when stopping."""
         heap, wake = self._heaps[provider], self._wake[provider]
         while not self._stopping:
             now = self.clock.now()
@@ -214,7 +229,7 @@ class Scheduler:
                 due, _, qid = heap[0]
                 msg = self.messages.get(qid)
                 open_ = msg.open(provider) if msg else []
-                if not open_ or msg is None or msg.lock(provider).locked():
+                if msg is None or not open_ or (qid, provider) in self._claimed:
                     heapq.heappop(heap)  # stale: finished, deleted, or being attempted
                     continue
                 true_due = min(d.due for d in open_)
@@ -224,6 +239,7 @@ class Scheduler:
                 if due > now:
                     break
                 heapq.heappop(heap)
+                self._claimed.add((qid, provider))
                 return msg
             wake.clear()
             delay = (heap[0][0] - now) if heap else 3600.0
@@ -238,37 +254,62 @@ class Scheduler:
     # -- one attempt -------------------------------------------------------------------
 
     async def attempt(self, msg: Message, provider: str) -> None:
-        async with msg.lock(provider):
-            batch = msg.open(provider)
-            if not batch:
-                return
-            cfg = self.provider_settings(provider)
+        """One transaction at `provider` for the message's open deliveries there.
+
+        Whatever happens (an exception included), the message is afterwards
+        either removed (every delivery final) or back in the provider's heap.
+        """
+        key = (msg.queue_id, provider)
+        self._claimed.add(key)
+        try:
+            async with msg.lock(provider):
+                batch = msg.open(provider)
+                if not batch:
+                    return
+                result = await self._send(msg, provider, batch)
+                await self._record(msg, provider, batch, result)
+        finally:
+            self._claimed.discard(key)
+            if msg.done:
+                if self.messages.pop(msg.queue_id, None) is not None:
+                    await asyncio.to_thread(self.spool.remove, msg.queue_id)
+            elif msg.queue_id in self.messages:
+                self._push(msg, provider)
+
+    async def _send(self, msg: Message, provider: str, batch: list[DeliveryState]) -> Attempt:
+        rcpts = [d.plan["delivered_to"] for d in batch]
+        env = msg.envelope
+        try:
             content = await asyncio.to_thread(self.spool.read_content, msg.queue_id)
-            env = msg.envelope
-            result = await self.sender(
-                cfg, env["mail_from"], [d.plan["delivered_to"] for d in batch], content,
+            return await self.sender(
+                self.provider_settings(provider), env["mail_from"], rcpts, content,
                 list(env.get("options", [])), self.settings.listen.hostname,
             )  # fmt: skip
-            await self._record(msg, provider, batch, result)
-        if msg.done:
-            self.messages.pop(msg.queue_id, None)
-            await asyncio.to_thread(self.spool.remove, msg.queue_id)
-        else:
-            self._push(msg, provider)
+        except Exception as exc:  # our fault, not the provider's: retried, never bounced
+            oplog.error("delivery attempt failed", queue_id=msg.queue_id, provider=provider,
+                        error=repr(exc), exc_info=exc)  # fmt: skip
+            reply = Reply(None, f"internal error: {type(exc).__name__}: {exc}", "connect")
+            return Attempt({r: reply for r in rcpts})
 
-    def _backoff(self, attempts: int) -> float:
+    def backoff(self, attempts: int, factor: float | None = None) -> float:
+        """Seconds before attempt `attempts + 1`: `retry.schedule`'s entry (the last
+        one repeats) times a jitter factor in [0.9, 1.1]."""
         schedule = self.settings.retry.schedule
         base = schedule[min(attempts - 1, len(schedule) - 1)]
-        return base * self.rng.uniform(0.9, 1.1)
+        return base * (self.rng.uniform(0.9, 1.1) if factor is None else factor)
 
     async def _record(
         self, msg: Message, provider: str, batch: list[DeliveryState], result: Attempt
     ) -> None:
+        """Apply an attempt's replies: durable in the spool first, then logged."""
         now = self.clock.now()
         expired_age = now - msg.received >= self.settings.retry.max_age
+        factor = self.rng.uniform(0.9, 1.1)  # one per attempt: its deferrals stay together
         states, events, failed = [], [], []
         for d in batch:
-            reply = result.replies[d.plan["delivered_to"]]
+            reply = result.replies.get(d.plan["delivered_to"]) or Reply(
+                None, "no reply recorded for this recipient", "connect"
+            )
             d.attempts += 1
             if reply.ok:
                 d.status = "delivered"
@@ -278,13 +319,18 @@ class Scheduler:
                 d.status = "expired"
             else:
                 d.status = "deferred"
-                d.due = now + self._backoff(d.attempts)
+                d.due = now + self.backoff(d.attempts, factor)
             d.last = _reply_text(reply)
             states.append({"i": d.index, "s": d.status, "n": d.attempts, "due": d.due, "r": d.last})
             events.append((d, reply))
             if d.status in ("bounced", "expired") and d.plan["role"] == "primary":
                 failed.append((d, reply))
-        await self.spool.record(msg.queue_id, states)
+        try:
+            await self.spool.record(msg.queue_id, states)
+        except SpoolError as exc:
+            # The provider's answer is a fact whether or not it is on disk: log it.
+            # After a crash the delivery is simply tried again (a duplicate at worst).
+            oplog.error("delivery state not recorded", queue_id=msg.queue_id, error=str(exc))
         latency = round((now - msg.received) * 1000)
         for d, reply in events:
             self.log.emit(
@@ -292,11 +338,15 @@ class Scheduler:
                 delivered_to=d.plan["delivered_to"], role=d.plan["role"], group=d.plan["group"],
                 mode=d.plan["mode"], pilot=d.plan["pilot"], outcome=d.status,
                 smtp_code=reply.code, enhanced_code=reply.enhanced,
-                smtp_response=reply.text, attempt=d.attempts, latency_ms=latency,
+                smtp_response=reply.text, attempt=d.attempts, latency_ms=max(0, latency),
                 tls=result.tls, remote_id=result.remote_id if reply.ok else None,
             )  # fmt: skip
         if failed and self.on_final_failure and not msg.envelope.get("dsn"):
-            await self.on_final_failure(msg, failed)
+            try:
+                await self.on_final_failure(msg, failed)
+            except Exception as exc:  # the delivery outcome stands; say so loudly
+                oplog.error("bounce failed: no DSN sent", queue_id=msg.queue_id,
+                            error=repr(exc), exc_info=exc)  # fmt: skip
 
     # -- administration ------------------------------------------------------------------
 

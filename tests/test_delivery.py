@@ -1,0 +1,816 @@
+"""Delivery engine (issue 4): the relay in-process against scriptable loopback providers.
+
+Every test runs a real `Relay` (ingress, spool, scheduler, delivery) with a
+`FakeClock`, sends mail to it with aiosmtplib and looks at what the providers
+received byte for byte and at the delivery log. Backoff is skipped by
+advancing the fake clock, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import aiosmtplib
+import pytest
+import trustme
+import yaml
+
+from relay import config
+from relay.app import Relay
+from relay.delivery import Attempt, send
+from relay.scheduler import Clock, FakeClock, Scheduler
+from relay.testing import Provider, ReceivedMessage, Rule
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.timeout(20)
+
+SENDER = "sender@example.org"
+DELIVERY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "event": str, "ts": str, "node": str, "queue_id": str, "rcpt": str, "provider": str,
+    "delivered_to": str, "role": str, "group": (str, type(None)), "mode": (str, type(None)),
+    "pilot": bool, "outcome": str, "smtp_code": (int, type(None)),
+    "enhanced_code": (str, type(None)), "smtp_response": str, "attempt": int,
+    "latency_ms": int, "tls": (str, type(None)), "remote_id": (str, type(None)),
+}  # fmt: skip
+
+
+def message(marker: str, body: bytes = b"") -> bytes:
+    """A message whose content exercises fidelity: dot lines, a long line, odd spacing."""
+    return (
+        f"From: Sender <{SENDER}>\r\n"
+        f"To: someone@example.com\r\n"
+        f"Subject: test {marker}\r\n"
+        f"Message-ID: <{marker}@test>\r\n"
+        f"X-Test-Marker: {marker}\r\n"
+        "\r\n"
+    ).encode() + (
+        b"Hello.\r\n"
+        b".a line that starts with a dot\r\n"
+        b"..two dots\r\n"
+        b".\tdot tab\r\n"
+        b"trailing spaces   \r\n"
+        b"\r\n"
+        + b"x" * 5000 + b"\r\n"
+        + body
+        + b"end\r\n"
+    )  # fmt: skip
+
+
+@dataclass
+class Sent:
+    queue_id: str
+    marker: str
+    data: bytes
+
+
+@dataclass
+class Env:
+    """A running relay, its providers and its delivery log."""
+
+    relay: Relay
+    legacy: Provider
+    new: Provider
+    bounce: Provider
+    clock: FakeClock
+    root: Path
+    counter: list[int] = field(default_factory=lambda: [0])
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "var" / "deliveries.jsonl"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.root / "var" / "spool" / "queue"
+
+    def marker(self) -> str:
+        self.counter[0] += 1
+        return f"m{self.counter[0]}-{random.getrandbits(32):08x}"
+
+    async def send(
+        self,
+        rcpts: list[str],
+        *,
+        sender: str = SENDER,
+        options: Iterable[str] = (),
+        body: bytes = b"",
+        data: bytes | None = None,
+    ) -> Sent:
+        marker = self.marker()
+        content = data if data is not None else message(marker, body)
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=self.relay.port, start_tls=False, timeout=10,
+            local_hostname="client.test",
+        )  # fmt: skip
+        async with smtp:
+            errors, reply = await smtp.sendmail(sender, rcpts, content, mail_options=list(options))
+        assert errors == {}, errors
+        m = re.search(r"queued as (\S+)", reply)
+        assert m, reply
+        return Sent(m.group(1), marker, content)
+
+    def events(self, event: str = "delivery", **match: Any) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if not self.log_path.exists():
+            return out
+        for line in self.log_path.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("event") == event and all(e.get(k) == v for k, v in match.items()):
+                out.append(e)
+        return out
+
+    async def wait_events(
+        self, n: int, timeout: float = 5, event: str = "delivery", **match: Any
+    ) -> list[dict[str, Any]]:
+        return await until(
+            lambda: (lambda es: es if len(es) >= n else None)(self.events(event, **match)),
+            timeout, f"{n} {event} events matching {match}",
+        )  # fmt: skip
+
+    async def idle(self, timeout: float = 5) -> None:
+        """Wait until the scheduler has nothing in flight."""
+        await until(lambda: not self.relay.scheduler._in_flight, timeout, "scheduler idle")
+
+    def queue_files(self) -> list[str]:
+        return sorted(p.name for p in self.queue_dir.iterdir())
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 5, what: str = "condition") -> Any:
+    """Poll `predicate` (every 10 ms) until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def copies(p: Provider, marker: str) -> list[ReceivedMessage]:
+    """What `p` accepted that carries `marker` (DSNs quoting it excluded)."""
+    needle = f"X-Test-Marker: {marker}\r\n".encode()
+    return [m for m in p.messages if needle in m.data and b"multipart/report" not in m.data]
+
+
+TRACE = re.compile(
+    rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\tby relay\.test \(relay\) with ESMTP id (?P<id1>\w+)(?:\r\n\tfor <[^>]+>)?;"
+    rb" [^\r\n]+\r\n"
+    rb"X-Relay-Trace: t1 (?P<id2>\w+)\r\n"
+)
+
+
+def assert_faithful(got: ReceivedMessage, sent: Sent) -> None:
+    """Exactly the DATA content, with only the relay's two headers in front."""
+    assert got.data.endswith(sent.data), "content changed on the way"
+    prefix = got.data[: len(got.data) - len(sent.data)]
+    m = TRACE.fullmatch(prefix)
+    assert m, prefix
+    assert m["id1"].decode() == m["id2"].decode() == sent.queue_id
+
+
+def provider_yaml(p: Provider, **overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "host": "127.0.0.1", "port": p.port, "connect_timeout": 2, "command_timeout": 5,
+        "data_timeout": 5, "max_connections": 4,
+    }  # fmt: skip
+    base.update(overrides)
+    return base
+
+
+Factory = Callable[..., Awaitable[Env]]
+
+
+@pytest.fixture
+async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
+    """make_env(legacy=Provider(...), new=..., legacy_cfg={...}, retry={...}) → Env."""
+    stack = contextlib.AsyncExitStack()
+    counter = [0]
+
+    async def make(
+        *,
+        legacy: Provider | None = None,
+        new: Provider | None = None,
+        legacy_cfg: dict[str, Any] | None = None,
+        new_cfg: dict[str, Any] | None = None,
+        retry: dict[str, Any] | None = None,
+        start_legacy: bool = True,
+        clock: Clock | None = None,
+        root: Path | None = None,
+    ) -> Env:
+        legacy = legacy or Provider("legacy")
+        new = new or Provider("new")
+        bounce = Provider("bounce")
+        for p in (legacy, new, bounce):
+            if not p.running:
+                await p.start()
+                stack.push_async_callback(p.stop)
+        if not start_legacy:  # a port with nothing listening; legacy.start() reopens it
+            await legacy.stop()
+        counter[0] += 1
+        root = root or tmp_path / f"relay{counter[0]}"
+        settings = {
+            "listen": {"port": 0, "hostname": "relay.test"},
+            "node": "t1",
+            "domains": ["example.com", "dev.example.com"],
+            "providers": {
+                "legacy": provider_yaml(legacy, **(legacy_cfg or {})),
+                "new": provider_yaml(new, **(new_cfg or {})),
+            },
+            "bounce": provider_yaml(bounce),
+            "spool": "../var/spool",
+            "log": "../var/deliveries.jsonl",
+            "retry": retry or {"schedule": [60, 300], "max_age": 3600},
+            "limits": {"min_free_space": 0},
+            "shutdown_timeout": 2,
+            "metrics": {"port": 0},
+        }
+        cfg = config.load(write_config(root / "config", yaml.safe_dump(settings)))
+        clock = clock or FakeClock()
+        relay = Relay(cfg, clock=clock)
+        await relay.start()
+        stack.push_async_callback(relay.stop)
+        return Env(relay, legacy, new, bounce, cast(FakeClock, clock), root)
+
+    async with stack:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx
+
+
+# ------------------------------------------------------------------ routing and fidelity
+
+
+async def test_pilot_mail_reaches_both_providers_byte_equal(make_env: Factory) -> None:
+    env = await make_env()
+    sent = await env.send(["alice@example.com"])
+    await env.legacy.wait_for_messages(1)
+    await env.new.wait_for_messages(1)
+    [old] = copies(env.legacy, sent.marker)
+    [new] = copies(env.new, sent.marker)
+    assert old.rcpts == ["alice@example.com"]
+    assert new.rcpts == ["alice@example-new.com"]
+    assert old.mail_from == new.mail_from == SENDER
+    assert_faithful(old, sent)
+    assert_faithful(new, sent)
+    assert old.data == new.data
+    await env.wait_events(2, outcome="delivered")
+    await until(lambda: env.queue_files() == [], what="spool emptied")
+
+
+async def test_non_pilot_only_legacy_and_new_only_only_new(make_env: Factory) -> None:
+    env = await make_env()
+    plain = await env.send(["zed@example.com"])
+    moved = await env.send(["bob@example.com"])
+    paused = await env.send(["dave@example.com"])
+    await env.wait_events(3, outcome="delivered")
+    await env.idle()
+    assert [m.rcpts for m in copies(env.legacy, plain.marker)] == [["zed@example.com"]]
+    assert copies(env.new, plain.marker) == []
+    assert copies(env.legacy, moved.marker) == []
+    [m] = copies(env.new, moved.marker)
+    assert m.rcpts == ["robert@example-new.com"]
+    assert_faithful(m, moved)
+    assert [m.rcpts for m in copies(env.legacy, paused.marker)] == [["dave@example.com"]]
+    assert copies(env.new, paused.marker) == []
+
+
+async def test_one_transaction_per_message_and_provider(make_env: Factory) -> None:
+    env = await make_env()
+    rcpts = ["alice@example.com", "zed@example.com", "Ann@Dev.Example.com", "bob@example.com"]
+    sent = await env.send(rcpts)
+    await env.wait_events(6, outcome="delivered")
+    [old] = copies(env.legacy, sent.marker)
+    [new] = copies(env.new, sent.marker)
+    assert old.rcpts == ["alice@example.com", "zed@example.com", "Ann@dev.example.com"]
+    assert new.rcpts == [
+        "alice@example-new.com", "Ann@dev.example-new.com", "robert@example-new.com",
+    ]  # fmt: skip
+    assert_faithful(old, sent)
+    assert_faithful(new, sent)
+    assert env.legacy.connections == env.new.connections == 1
+
+
+async def test_null_sender_reaches_both(make_env: Factory) -> None:
+    env = await make_env()
+    sent = await env.send(["alice@example.com"], sender="")
+    await env.wait_events(2, outcome="delivered")
+    for p in (env.legacy, env.new):
+        [m] = copies(p, sent.marker)
+        assert m.mail_from == ""
+        assert any(c.startswith("MAIL FROM:<>") for c in p.commands), p.commands
+        assert_faithful(m, sent)
+
+
+async def test_delivery_log_has_every_spec_field(make_env: Factory) -> None:
+    env = await make_env()
+    env.new.add(Rule("reject", stage="after_data", text="5.7.1 Spam detected"))
+    sent = await env.send(["alice@example.com", "ann@dev.example.com"])
+    events = await env.wait_events(4)
+    received = env.events("received", queue_id=sent.queue_id)
+    assert len(received) == 1
+    plan = received[0]["plan"]
+    for e in events:
+        for key, kind in DELIVERY_FIELDS.items():
+            assert key in e, key
+            assert isinstance(e[key], kind), (key, e[key])
+        assert e["queue_id"] == sent.queue_id
+        assert e["attempt"] == 1
+        assert e["latency_ms"] >= 0
+        assert e["tls"] is None
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["ts"])
+        step = {k: e[k] for k in ("rcpt", "provider", "delivered_to", "role", "group", "mode")}
+        assert any(all(p[k] == v for k, v in step.items()) and p["pilot"] is e["pilot"]
+                   for p in plan), e  # fmt: skip
+    legacy = [e for e in events if e["provider"] == "legacy"]
+    new = [e for e in events if e["provider"] == "new"]
+    assert {e["outcome"] for e in legacy} == {"delivered"}
+    ids = {m.queue_id for m in env.legacy.messages}
+    assert all(e["remote_id"] in ids and e["smtp_code"] == 250 for e in legacy)
+    assert all(e["enhanced_code"] == "2.0.0" for e in legacy)
+    assert {e["outcome"] for e in new} == {"bounced"}
+    for e in new:
+        assert (e["smtp_code"], e["enhanced_code"]) == (550, "5.7.1")
+        assert "Spam detected" in e["smtp_response"]
+        assert e["remote_id"] is None
+        assert e["role"] == "shadow" and e["pilot"] is True
+    assert {(e["rcpt"], e["group"]) for e in events} == {
+        ("alice@example.com", "sales"), ("ann@dev.example.com", "dev"),
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------ independence
+
+
+async def test_legacy_down_new_at_once_legacy_after_return(make_env: Factory) -> None:
+    env = await make_env(start_legacy=False)
+    sent = [await env.send(["alice@example.com"]) for _ in range(5)]
+    await env.new.wait_for_messages(5, timeout=5)  # not held up by the dead legacy
+    deferred = await env.wait_events(5, provider="legacy", outcome="deferred")
+    assert all(e["smtp_code"] is None and e["attempt"] == 1 for e in deferred)
+    assert all("connect" in e["smtp_response"] for e in deferred), deferred[0]
+    await env.idle()
+    assert len(env.queue_files()) == 10  # .msg + .state each: still owed to legacy
+
+    await env.legacy.start()  # same port
+    env.clock.advance(67)  # past the first retry, 60 s + 10 %
+    await env.legacy.wait_for_messages(5)
+    await env.wait_events(5, provider="legacy", outcome="delivered")
+    await until(lambda: env.queue_files() == [], what="spool emptied")
+    for s in sent:  # nothing lost, nothing twice
+        assert len(copies(env.legacy, s.marker)) == 1
+        assert len(copies(env.new, s.marker)) == 1
+        assert_faithful(copies(env.legacy, s.marker)[0], s)
+    delivered = env.events(provider="legacy", outcome="delivered")
+    assert {e["attempt"] for e in delivered} == {2}
+    assert len(env.events(provider="new")) == 5
+
+
+async def test_legacy_down_real_clock_short_schedule(make_env: Factory) -> None:
+    """The same with the real clock: the workers' own timers bring the retry."""
+    env = await make_env(
+        start_legacy=False, retry={"schedule": [0.2], "max_age": 60},
+        clock=Clock(),
+    )  # fmt: skip
+    sent = await env.send(["alice@example.com"])
+    await env.new.wait_for_messages(1)
+    await env.wait_events(1, provider="legacy", outcome="deferred")
+    await env.legacy.start()
+    await env.legacy.wait_for_messages(1, timeout=5)
+    assert len(copies(env.legacy, sent.marker)) == 1
+    await until(lambda: env.queue_files() == [], what="spool emptied")
+
+
+async def test_legacy_hanging_after_data_does_not_hold_new(make_env: Factory) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("hang", stage="after_data"))
+    env = await make_env(legacy=legacy, legacy_cfg={"data_timeout": 1.5})
+    sent = [await env.send(["alice@example.com"]) for _ in range(3)]
+    await env.new.wait_for_messages(3, timeout=1.4)
+    # legacy is still hanging: nothing has come back from it yet
+    assert env.events(provider="legacy") == []
+    assert env.legacy.messages == []
+    deferred = await env.wait_events(3, timeout=5, provider="legacy", outcome="deferred")
+    assert all(e["smtp_code"] is None and "timeout" in e["smtp_response"] for e in deferred)
+    assert len(env.legacy.dropped_after_data) == 3  # the provider may have them
+
+    env.legacy.clear()
+    env.clock.advance(67)
+    await env.wait_events(3, provider="legacy", outcome="delivered")
+    for s in sent:
+        assert len(copies(env.legacy, s.marker)) == 1
+        assert len(copies(env.new, s.marker)) == 1
+    await until(lambda: env.queue_files() == [], what="spool emptied")
+
+
+@pytest.mark.parametrize("stage", ["connect", "ehlo", "mail", "rcpt", "data", "after_data"])
+async def test_hang_at_any_stage_only_defers(make_env: Factory, stage: str) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("hang", stage=stage, times=1))  # type: ignore[arg-type]
+    quick = {"connect_timeout": 0.3, "command_timeout": 0.3, "data_timeout": 0.3}
+    env = await make_env(legacy=legacy, legacy_cfg=quick)
+    sent = await env.send(["alice@example.com"])
+    await env.wait_events(1, provider="new", outcome="delivered")
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"]) == ("deferred", None)
+    assert "timeout" in e["smtp_response"]
+    env.clock.advance(67)
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    assert len(copies(env.legacy, sent.marker)) == 1
+
+
+async def test_drop_after_data_is_a_deferral(make_env: Factory) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("drop", stage="after_data", times=1))
+    env = await make_env(legacy=legacy)
+    sent = await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"]) == ("deferred", None)
+    env.clock.advance(67)
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    assert len(copies(env.legacy, sent.marker)) == 1
+    assert len(env.legacy.dropped_after_data) == 1
+
+
+# -------------------------------------------------------------------- replies per recipient
+
+
+async def test_partial_acceptance(make_env: Factory) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("defer", rcpt="r2@example.com", code=450, text="4.2.1 Mailbox busy", times=1))
+    legacy.add(Rule("reject", rcpt="r3@example.com", code=550, text="5.1.1 No such user"))
+    env = await make_env(legacy=legacy)
+    sent = await env.send(["r1@example.com", "r2@example.com", "r3@example.com"])
+    first = await env.wait_events(3, provider="legacy")
+    by = {e["rcpt"]: e for e in first}
+    assert (by["r1@example.com"]["outcome"], by["r1@example.com"]["smtp_code"]) == (
+        "delivered", 250,
+    )  # fmt: skip
+    r2 = by["r2@example.com"]
+    assert (r2["outcome"], r2["smtp_code"], r2["enhanced_code"]) == ("deferred", 450, "4.2.1")
+    r3 = by["r3@example.com"]
+    assert (r3["outcome"], r3["smtp_code"], r3["enhanced_code"]) == ("bounced", 550, "5.1.1")
+    assert by["r1@example.com"]["remote_id"] == env.legacy.messages[0].queue_id
+    await env.idle()
+
+    env.clock.advance(67)
+    await env.wait_events(1, provider="legacy", rcpt="r2@example.com", outcome="delivered")
+    await until(lambda: env.queue_files() == [], what="spool emptied")
+    got = copies(env.legacy, sent.marker)
+    assert [m.rcpts for m in got] == [["r1@example.com"], ["r2@example.com"]]
+    for m in got:
+        assert_faithful(m, sent)
+    assert len(env.events(provider="legacy", rcpt="r1@example.com")) == 1
+    assert len(env.events(provider="legacy", rcpt="r3@example.com")) == 1
+    [late] = env.events(provider="legacy", rcpt="r2@example.com", outcome="delivered")
+    assert late["attempt"] == 2
+
+
+async def test_every_recipient_refused_and_5xx_at_mail(make_env: Factory) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("defer", stage="rcpt", code=451, times=2))
+    new = Provider("new")
+    new.add(Rule("reject", stage="mail", code=553, text="5.7.1 Sender rejected"))
+    env = await make_env(legacy=legacy, new=new)
+    sent = await env.send(["alice@example.com", "zed@example.com"])
+    events = await env.wait_events(3)
+    assert {(e["provider"], e["outcome"], e["smtp_code"]) for e in events} == {
+        ("legacy", "deferred", 451), ("new", "bounced", 553),
+    }  # fmt: skip
+    env.clock.advance(67)
+    await env.wait_events(2, provider="legacy", outcome="delivered")
+    [m] = copies(env.legacy, sent.marker)
+    assert m.rcpts == ["alice@example.com", "zed@example.com"]
+
+
+# ------------------------------------------------------------------ retry schedule, expiry
+
+
+def test_backoff_jitter_is_ten_percent() -> None:
+    cfg = config.RelaySettings(retry=config.RetrySettings(schedule=(60, 300, 900), max_age=10))
+    s = Scheduler.__new__(Scheduler)
+    s.settings, s.rng = cfg, random.Random(7)
+    for attempts, base in [(1, 60), (2, 300), (3, 900), (4, 900), (9, 900)]:
+        samples = [s.backoff(attempts) for _ in range(500)]
+        assert min(samples) >= base * 0.9 and max(samples) <= base * 1.1
+        assert max(samples) - min(samples) > base * 0.15  # really spread, not constant
+
+
+async def test_retry_schedule_then_expiry(make_env: Factory) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("defer", stage="mail", code=451, text="4.7.1 Greylisted"))
+    schedule, max_age = [60, 300], 1000
+    env = await make_env(legacy=legacy, retry={"schedule": schedule, "max_age": max_age})
+    t0 = env.clock.now()
+    sent = await env.send(["zed@example.com"])
+    msg = env.relay.scheduler.messages[sent.queue_id]
+    [d] = msg.deliveries
+    when: list[float] = []  # fake time of each attempt
+    for n in range(1, 20):
+        e = (await env.wait_events(n, provider="legacy"))[-1]
+        when.append(env.clock.now() - t0)
+        assert e["attempt"] == n
+        assert (e["smtp_code"], e["enhanced_code"]) == (451, "4.7.1")
+        if e["outcome"] == "expired":
+            break
+        assert e["outcome"] == "deferred"
+        assert when[-1] < max_age
+        await env.idle()
+        base = schedule[min(n - 1, len(schedule) - 1)]
+        gap = d.due - env.clock.now()
+        assert base * 0.9 <= gap <= base * 1.1, (n, gap)
+        env.clock.advance(gap - 1)  # not yet due: no attempt
+        await asyncio.sleep(0.05)
+        assert len(env.events(provider="legacy")) == n
+        env.clock.advance(1.001)
+    else:
+        pytest.fail("never expired")
+    assert when[-1] >= max_age  # the first attempt after max_age, not before
+    assert when[-2] < max_age
+    assert len(when) >= 4
+    await until(lambda: env.queue_files() == [], what="expired message removed")
+    assert sent.queue_id not in env.relay.scheduler.messages
+
+
+async def test_connection_failures_expire_too(make_env: Factory) -> None:
+    env = await make_env(start_legacy=False, retry={"schedule": [60], "max_age": 100})
+    await env.send(["zed@example.com"])
+    await env.wait_events(1, provider="legacy", outcome="deferred")
+    env.clock.advance(67)
+    await env.wait_events(2, provider="legacy")
+    env.clock.advance(67)
+    [e] = await env.wait_events(1, provider="legacy", outcome="expired")
+    assert e["smtp_code"] is None and e["attempt"] == 3
+    await until(lambda: env.queue_files() == [], what="expired message removed")
+
+
+# --------------------------------------------------------------- extensions, TLS, AUTH
+
+
+async def test_8bitmime_and_smtputf8_passed_on(make_env: Factory) -> None:
+    env = await make_env()
+    body = "Grüße, ça va? 日本語\r\n".encode()
+    eight = await env.send(["alice@example.com"], options=["BODY=8BITMIME"], body=body)
+    utf8 = await env.send(
+        ["alice@example.com"], sender="jörg@example.org", options=["SMTPUTF8", "BODY=8BITMIME"],
+        body=body,
+    )  # fmt: skip
+    plain = await env.send(["alice@example.com"])
+    await env.wait_events(6, outcome="delivered")
+    for p in (env.legacy, env.new):
+        [m] = copies(p, eight.marker)
+        assert "BODY=8BITMIME" in m.mail_options and "SMTPUTF8" not in m.mail_options
+        assert_faithful(m, eight)
+        [m] = copies(p, utf8.marker)
+        assert {"BODY=8BITMIME", "SMTPUTF8"} <= set(m.mail_options)
+        assert m.mail_from == "jörg@example.org"
+        assert_faithful(m, utf8)
+        [m] = copies(p, plain.marker)
+        assert not {"BODY=8BITMIME", "SMTPUTF8"} & set(m.mail_options)
+        assert any(o.startswith("SIZE=") for o in m.mail_options)  # SIZE is offered
+
+
+@pytest.mark.parametrize(
+    ("lacking", "options", "enhanced"),
+    [
+        ({"eight_bit_mime": False}, ["BODY=8BITMIME"], "5.6.3"),
+        ({"smtputf8": False}, ["SMTPUTF8"], "5.6.7"),
+    ],
+)
+async def test_provider_lacking_extension_is_final_never_downgraded(
+    make_env: Factory, lacking: dict[str, bool], options: list[str], enhanced: str
+) -> None:
+    env = await make_env(new=Provider("new", **lacking))  # type: ignore[arg-type]
+    sent = await env.send(["alice@example.com"], options=options, body="é\r\n".encode())
+    [e] = await env.wait_events(1, provider="new")
+    assert e["outcome"] == "bounced" and e["enhanced_code"] == enhanced
+    assert e["smtp_code"] is not None and e["smtp_code"] >= 500
+    assert env.new.messages == []
+    assert not any(c.startswith("MAIL") for c in env.new.commands)  # not even tried
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    assert len(copies(env.legacy, sent.marker)) == 1
+
+
+async def test_tls_none_never_sends_starttls(make_env: Factory, server_tls: ssl.SSLContext) -> None:
+    legacy = Provider("legacy", starttls=True, tls_context=server_tls)
+    env = await make_env(legacy=legacy, legacy_cfg={"tls": "none"})
+    sent = await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy", outcome="delivered")
+    assert e["tls"] is None
+    [m] = copies(env.legacy, sent.marker)
+    assert m.tls is False
+    assert not any(c.upper().startswith("STARTTLS") for c in env.legacy.commands)
+
+
+async def test_tls_starttls_opportunistic_and_required(
+    make_env: Factory, server_tls: ssl.SSLContext, ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    legacy = Provider("legacy", starttls=True, tls_context=server_tls)
+    new = Provider("new", starttls=True, tls_context=server_tls)
+    env = await make_env(
+        legacy=legacy, new=new, legacy_cfg={"tls": "starttls"},
+        new_cfg={"tls": "required", "ca_file": str(ca_file)},
+    )  # fmt: skip
+    sent = await env.send(["alice@example.com"])
+    events = await env.wait_events(2, outcome="delivered")
+    assert all(e["tls"] and e["tls"].startswith("TLS") for e in events), events
+    for p in (env.legacy, env.new):
+        [m] = copies(p, sent.marker)
+        assert m.tls is True
+        assert_faithful(m, sent)
+        assert "STARTTLS" in [c.upper() for c in p.commands]
+
+
+async def test_tls_required_without_starttls_defers(make_env: Factory) -> None:
+    env = await make_env(legacy_cfg={"tls": "required"})
+    await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"]) == ("deferred", None)
+    assert "STARTTLS" in e["smtp_response"]
+    assert env.legacy.messages == []
+
+
+async def test_tls_implicit_verified(
+    make_env: Factory, server_tls: ssl.SSLContext, ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    legacy = Provider("legacy", implicit_tls=True, tls_context=server_tls)
+    env = await make_env(legacy=legacy, legacy_cfg={"tls": "implicit", "ca_file": str(ca_file)})
+    await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy", outcome="delivered")
+    assert e["tls"] and e["tls"].startswith("TLS")
+
+
+async def test_tls_unverifiable_certificate_defers(
+    make_env: Factory, server_tls: ssl.SSLContext
+) -> None:
+    legacy = Provider("legacy", starttls=True, tls_context=server_tls)
+    env = await make_env(legacy=legacy, legacy_cfg={"tls": "required"})  # CA not trusted
+    await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"]) == ("deferred", None)
+    assert env.legacy.messages == []
+
+
+@pytest.mark.parametrize("mechanism", ["plain", "login"])
+async def test_auth_one_mechanism(
+    make_env: Factory, monkeypatch: pytest.MonkeyPatch, mechanism: str
+) -> None:
+    monkeypatch.setenv("RELAY_TEST_PW", "s3cret")
+    legacy = Provider("legacy", auth={"relayuser": "s3cret"})
+    env = await make_env(
+        legacy=legacy,
+        legacy_cfg={"username": "relayuser", "password_env": "RELAY_TEST_PW",
+                    "auth_mechanism": mechanism},
+    )  # fmt: skip
+    sent = await env.send(["zed@example.com"])
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    [m] = copies(env.legacy, sent.marker)
+    assert m.auth_user == "relayuser"
+    assert env.legacy.auth_attempts == [(mechanism.upper(), "relayuser")]
+    assert "s3cret" not in env.log_path.read_text()
+
+
+async def test_auth_failure_is_deferred_never_bounced(
+    make_env: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_TEST_PW", "wrong")
+    legacy = Provider("legacy", auth={"relayuser": "s3cret"})
+    env = await make_env(
+        legacy=legacy, legacy_cfg={"username": "relayuser", "password_env": "RELAY_TEST_PW"}
+    )
+    await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"]) == ("deferred", 535)
+    env.clock.advance(67)
+    [_, e2] = await env.wait_events(2, provider="legacy")
+    assert e2["outcome"] == "deferred"
+    assert len(env.legacy.auth_attempts) == 2  # one mechanism per attempt
+    assert env.bounce.messages == []
+
+
+async def test_auth_not_offered_is_deferred(
+    make_env: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_TEST_PW", "s3cret")
+    env = await make_env(legacy_cfg={"username": "relayuser", "password_env": "RELAY_TEST_PW"})
+    await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert e["outcome"] == "deferred"
+    assert "AUTH" in e["smtp_response"]
+
+
+# ------------------------------------------------------------- robustness of the engine
+
+
+async def test_internal_error_in_an_attempt_defers_and_retries(make_env: Factory) -> None:
+    env = await make_env()
+    calls = []
+
+    async def flaky(*args: Any) -> Attempt:
+        calls.append(args[2])
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return await send(*args)
+
+    env.relay.scheduler.sender = flaky
+    sent = await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"]) == ("deferred", None)
+    env.clock.advance(67)
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    assert len(copies(env.legacy, sent.marker)) == 1
+
+
+async def test_one_attempt_per_message_and_provider_at_a_time(make_env: Factory) -> None:
+    """Two heap entries due at once for one message (e.g. `relay queue retry` twice)
+    make one attempt, not a second one right after that ignores the backoff."""
+    legacy = Provider("legacy")
+    legacy.add(Rule("defer", stage="rcpt", code=451))
+    env = await make_env(legacy=legacy)
+    sent = await env.send(["zed@example.com"])
+    await env.wait_events(1, provider="legacy")
+    await env.idle()
+    env.relay.scheduler.retry_now(sent.queue_id)
+    env.relay.scheduler.retry_now(sent.queue_id)
+    await env.wait_events(2, provider="legacy")
+    await env.idle()
+    await asyncio.sleep(0.1)
+    assert len(env.events(provider="legacy")) == 2
+    assert env.legacy.connections == 2
+
+
+async def test_concurrent_attempts_of_one_message_are_serialised(make_env: Factory) -> None:
+    """retry_now while an attempt is in flight must not send the message twice."""
+    legacy = Provider("legacy")
+    legacy.add(Rule("hang", stage="after_data", times=1))
+    env = await make_env(legacy=legacy, legacy_cfg={"data_timeout": 0.5})
+    sent = await env.send(["zed@example.com"])
+    await env.legacy.wait_until(lambda: bool(env.legacy.dropped_after_data), what="hang")
+    env.relay.scheduler.retry_now(sent.queue_id)
+    await env.wait_events(1, provider="legacy")
+    env.clock.advance(67)
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    await env.idle()
+    assert len(copies(env.legacy, sent.marker)) == 1
+
+
+async def test_restart_resumes_unfinished_and_never_resends_done(
+    make_env: Factory, tmp_path: Path
+) -> None:
+    root = tmp_path / "shared"
+    clock = FakeClock()
+    env = await make_env(start_legacy=False, root=root, clock=clock)
+    sent = await env.send(["alice@example.com", "zed@example.com"])
+    await env.wait_events(1, provider="new", outcome="delivered")
+    await env.wait_events(2, provider="legacy", outcome="deferred")
+    await env.idle()
+    await env.relay.stop()
+
+    await env.legacy.start()
+    later = FakeClock(clock.now() + 67)
+    env2 = await make_env(legacy=env.legacy, new=env.new, root=root, clock=later)
+    delivered = await env2.wait_events(2, provider="legacy", outcome="delivered")
+    assert {e["attempt"] for e in delivered} == {2}
+    await until(lambda: env2.queue_files() == [], what="spool emptied")
+    assert len(copies(env.new, sent.marker)) == 1  # done before the restart: not again
+    [m] = copies(env.legacy, sent.marker)
+    assert m.rcpts == ["alice@example.com", "zed@example.com"]
+
+
+async def test_message_with_partial_reply_record_durable_before_log(make_env: Factory) -> None:
+    """Each delivery event's state is in the spool's state file before it is logged."""
+    env = await make_env(start_legacy=False)
+    sent = await env.send(["alice@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    state = env.queue_dir / f"{sent.queue_id}.state"
+    lines = [json.loads(x) for x in state.read_text().splitlines()]
+    assert any(s["s"] == "deferred" and s["n"] == 1 for s in lines)
+    assert e["outcome"] == "deferred"

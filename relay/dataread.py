@@ -5,9 +5,15 @@ whole message in memory (DESIGN traps 5 and 11). This one is fed chunks as
 they arrive and returns content to stream into the spool.
 
 Only `<CRLF>.<CRLF>` ends DATA: a "." line after a bare LF does not (SMTP
-smuggling). Under `normalize` a bare LF or CR becomes CRLF, as Postfix 3.9's
-`smtpd_forbid_bare_newline = normalize`; under `reject` the message is refused
-after the end of data.
+smuggling), nor does a "." that ends an over-long line. Under `normalize` a
+bare LF or CR becomes CRLF, as Postfix 3.9's `smtpd_forbid_bare_newline =
+normalize`; under `reject` the message is refused after the end of data.
+A line is a run of octets ending in LF (bare or not): a leading "." on it is
+transparency and removed; a bare CR inside a line only breaks it.
+
+Errors never stop the reading: the client's data is consumed up to the
+terminator so that none of it can be taken for a command, and the caller
+answers once `done`. Once an error is set nothing more is returned to store.
 """
 
 from __future__ import annotations
@@ -24,14 +30,15 @@ class DataError(enum.Enum):
 class DataParser:
     def __init__(self, *, max_size: int, max_line_length: int, reject_bare: bool):
         self.max_size = max_size
-        self.max_line = max_line_length
+        self.max_line = max_line_length  # octets, the line ending included
         self.reject_bare = reject_bare
-        self.size = 0  # octets received, as sent (before unstuffing)
+        self.size = 0  # content octets as received (dot-stuffed, without the final ".")
         self.done = False
         self.error: DataError | None = None
         self.rest = b""  # bytes after the terminator: pipelined commands
-        self._pending = b""
-        self._prev_crlf = True  # the 354 reply counts as a line start
+        self._pending = b""  # the current line so far (never holds an LF)
+        self._prev_crlf = True  # the current line follows a CRLF (the 354 counts as one)
+        self._truncated = False  # the current line overflowed; only its last octet is kept
 
     def _fail(self, err: DataError) -> None:
         if self.error is None:
@@ -39,28 +46,56 @@ class DataParser:
 
     def feed(self, chunk: bytes) -> bytes:
         """Consume a chunk; return content to store (empty once an error is set)."""
-        buf = self._pending + chunk
+        if self.done:
+            raise RuntimeError("DataParser.feed after the end of data")
+        buf = self._pending + chunk if self._pending else chunk
         last = buf.rfind(b"\n")
         if last < 0:
             self._pending = buf
             if len(buf) > self.max_line:
                 self._fail(DataError.LINE_TOO_LONG)
+                self._truncated = True
                 self._pending = buf[-1:]  # only a trailing CR could still matter
             self._count(len(chunk))
             return b""
         block, self._pending = buf[: last + 1], buf[last + 1 :]
+        out = self._fast(block)
+        if out is None:
+            out = self._lines(block)
+        received = len(chunk) - (len(self.rest) + 3 if self.done else 0)
+        self._count(received)
+        return b"" if self.error is not None else out
+
+    def _fast(self, block: bytes) -> bytes | None:
+        """The common case: CRLF lines, no leading dots, no long lines → the block as is."""
+        if self._truncated or not self._prev_crlf or block.startswith(b"."):
+            return None
+        if b"\n." in block:
+            return None
+        n = block.count(b"\n")
+        if block.count(b"\r\n") != n or block.count(b"\r") != n:
+            return None
+        if len(block) > self.max_line and max(map(len, block.split(b"\n"))) + 1 > self.max_line:
+            return None
+        return block
+
+    def _lines(self, block: bytes) -> bytes:
         out: list[bytes] = []
         consumed = 0
         for line in block.split(b"\n")[:-1]:
             consumed += len(line) + 1
             crlf = line.endswith(b"\r")
-            body = line[:-1] if crlf else line
-            if crlf and self._prev_crlf and body == b".":
+            at_start = self._prev_crlf and not self._truncated
+            if crlf and at_start and line == b".\r":
                 self.done = True
                 self.rest = block[consumed:] + self._pending
                 self._pending = b""
                 break
             self._prev_crlf = crlf
+            if self._truncated:  # the tail of an over-long line: already refused
+                self._truncated = False
+                continue
+            body = line[:-1] if crlf else line
             if not crlf or b"\r" in body:
                 if self.reject_bare:
                     self._fail(DataError.BARE_NEWLINE)
@@ -68,20 +103,17 @@ class DataParser:
                 parts = body.split(b"\r")
             else:
                 parts = [body]
-            for part in parts:
-                if part.startswith(b"."):
-                    part = part[1:]
-                if len(part) + 2 > self.max_line:
-                    self._fail(DataError.LINE_TOO_LONG)
-                out.append(part)
-        # the size as received: content octets, without the final ".\r\n"
-        received = len(chunk) - (len(self.rest) + 3 if self.done else 0)
-        self._count(received)
-        if self.error is not None or not out:
+            if parts[0].startswith(b"."):
+                parts[0] = parts[0][1:]
+            if len(line) + (1 if crlf else 2) > self.max_line + (1 if line[:1] == b"." else 0):
+                self._fail(DataError.LINE_TOO_LONG)
+            out.extend(parts)
+        if not out:
             return b""
         return b"\r\n".join(out) + b"\r\n"
 
     def _count(self, n: int) -> None:
         self.size += n
-        if self.size > self.max_size:
+        # While reading, up to ".\r" of the terminator may be counted already.
+        if self.size - (0 if self.done else 2) > self.max_size:
             self._fail(DataError.TOO_BIG)

@@ -17,7 +17,6 @@ sent only after that call returned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -25,7 +24,7 @@ import shutil
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -92,8 +91,9 @@ class Spool:
         self._wake: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
         self._free: tuple[float, int] = (0.0, 0)
-        # test seam: called with ("sync", path) after each sync returns
-        self.on_sync: Any = None
+        self._stopping = False
+        # test seam: called with the path after each fdatasync/fsync returns
+        self.on_sync: Callable[[Path], None] | None = None
 
     # -- setup ---------------------------------------------------------------
 
@@ -103,15 +103,20 @@ class Spool:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.create)
+        self._stopping = False
         self._wake = asyncio.Event()
         self._committer = asyncio.create_task(self._commit_loop(), name="spool-commit")
 
     async def stop(self) -> None:
+        """Commit what was submitted (its waiters get their answer), then stop."""
+        self._stopping = True
         if self._committer:
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            assert self._wake is not None
+            self._wake.set()
+            try:
                 await self._committer
-            self._committer = None
+            finally:
+                self._committer = None
 
     def free_space(self) -> int:
         st = os.statvfs(self.queue)
@@ -143,6 +148,7 @@ class Spool:
             try:
                 await asyncio.to_thread(msg._flush, chunk)
             except OSError as exc:
+                self._free = (0.0, 0)  # look at the disk again before the next MAIL
                 raise SpoolError(str(exc)) from exc
 
     async def abort(self, msg: Incoming) -> None:
@@ -168,14 +174,18 @@ class Spool:
 
     async def _submit(self, job: _Job) -> None:
         assert self._wake is not None, "spool not started"
+        if self._stopping:
+            raise SpoolError("spool stopped")
         self._jobs.append(job)
         self._wake.set()
         await job.future
 
     async def _commit_loop(self) -> None:
+        """One batch at a time: all that was submitted while the last one synced."""
         assert self._wake is not None
-        while True:
-            await self._wake.wait()
+        while not (self._stopping and not self._jobs):
+            if not self._jobs:
+                await self._wake.wait()
             self._wake.clear()
             jobs, self._jobs = self._jobs, []
             if not jobs:
@@ -184,6 +194,8 @@ class Spool:
                 errors = await asyncio.to_thread(self._commit_batch, jobs)
             except Exception as exc:  # a failed directory sync fails the whole batch
                 errors = [exc] * len(jobs)
+            if any(errors):
+                self._free = (0.0, 0)  # look at the disk again before the next MAIL
             for job, err in zip(jobs, errors, strict=True):
                 if job.future.done():
                     continue
@@ -294,17 +306,20 @@ class Spool:
         return Stored(queue_id, envelope, clen, self._read_states(queue_id))
 
     def _read_states(self, queue_id: str) -> list[dict[str, Any]]:
+        """The recorded state changes; a torn or garbled line is simply not recorded."""
         path = self.queue / f"{queue_id}.state"
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return []
         states = []
-        for line in raw.split(b"\n"):
+        for line in raw.split(b"\n")[:-1]:  # the part after the last LF is torn
             try:
-                states.append(json.loads(line))
+                state = json.loads(line)
             except ValueError:
-                continue  # a torn last line: that change is simply not recorded
+                continue
+            if isinstance(state, dict) and isinstance(state.get("i"), int) and "s" in state:
+                states.append(state)
         return states
 
     def queue_ids(self) -> Iterator[str]:
@@ -320,6 +335,7 @@ class Spool:
         bad: list[str] = []
         for qid in self.queue_ids():
             try:
+                self._trim_torn_state(qid)
                 good.append(self.load(qid))
             except (ValueError, OSError):
                 bad.append(qid)
@@ -328,6 +344,18 @@ class Spool:
             if not self.msg_path(state.stem).exists():
                 state.unlink(missing_ok=True)
         return good, bad
+
+    def _trim_torn_state(self, queue_id: str) -> None:
+        """Cut a state file back to its last whole line, so that appends start clean."""
+        path = self.queue / f"{queue_id}.state"
+        try:
+            with open(path, "rb+") as fh:
+                raw = fh.read()
+                if raw and not raw.endswith(b"\n"):
+                    fh.truncate(raw.rfind(b"\n") + 1)
+                    os.fdatasync(fh.fileno())
+        except FileNotFoundError:
+            pass
 
     def quarantine(self, queue_id: str) -> None:
         for suffix in (".msg", ".state"):

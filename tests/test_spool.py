@@ -1,0 +1,214 @@
+"""The spool: durable group commit, torn-record recovery, disk faults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.spool import FOOTER, WRITE_THRESHOLD, Spool, SpoolError, new_queue_id
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def envelope(qid: str, **extra: Any) -> dict[str, Any]:
+    plan = [{"rcpt": "a@example.com", "provider": "legacy", "delivered_to": "a@example.com",
+             "role": "primary", "group": None, "mode": None, "pilot": False}]  # fmt: skip
+    return {"queue_id": qid, "mail_from": "s@origin.test", "rcpts": ["a@example.com"],
+            "plan": plan, **extra}  # fmt: skip
+
+
+async def enqueue(spool: Spool, content: bytes, pieces: int = 3) -> str:
+    qid = new_queue_id()
+    msg = spool.begin(qid)
+    step = max(1, len(content) // pieces)
+    for i in range(0, len(content), step):
+        await spool.write(msg, content[i : i + step])
+    await spool.commit(msg, envelope(qid))
+    return qid
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> Any:
+    s = Spool(tmp_path / "spool")
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def test_commit_then_load_round_trip(spool: Spool) -> None:
+    content = b"Subject: x\r\n\r\n" + os.urandom(5000)
+    qid = await enqueue(spool, content)
+    assert [p.name for p in spool.queue.iterdir()] == [f"{qid}.msg"]  # no .tmp left
+    stored = spool.load(qid)
+    assert stored.envelope["v"] == 1 and stored.envelope["queue_id"] == qid
+    assert stored.content_length == len(content) and stored.states == []
+    assert spool.read_content(qid) == content
+
+
+async def test_large_message_streams_through_the_file(spool: Spool) -> None:
+    chunk = os.urandom(256 * 1024)
+    qid = new_queue_id()
+    msg = spool.begin(qid)
+    for _ in range(12):  # 3 MiB: flushed to disk as it comes
+        await spool.write(msg, chunk)
+        assert len(msg.buffer) < WRITE_THRESHOLD
+    assert msg.path.exists() and msg.path.stat().st_size >= 2 * WRITE_THRESHOLD
+    await spool.commit(msg, envelope(qid))
+    fh, length = spool.open_content(qid)
+    with fh:
+        assert length == 12 * len(chunk)
+        assert fh.read(len(chunk)) == chunk
+
+
+async def test_abort_leaves_nothing(spool: Spool) -> None:
+    msg = spool.begin(new_queue_id())
+    await spool.write(msg, b"x" * (WRITE_THRESHOLD + 10))
+    assert msg.path.exists()
+    await spool.abort(msg)
+    assert list(spool.queue.iterdir()) == []
+
+
+async def test_sync_order_and_group_commit(spool: Spool) -> None:
+    """Each message: data fdatasync'd, then the directory fsync'd, then commit() returns."""
+    events: list[tuple[str, str]] = []
+    spool.on_sync = lambda path: events.append(("sync", Path(path).name))
+
+    async def one(i: int) -> str:
+        qid = await enqueue(spool, b"m%d\r\n" % i)
+        events.append(("done", qid))
+        return qid
+
+    qids = await asyncio.gather(*(one(i) for i in range(20)))
+    dir_syncs = [i for i, e in enumerate(events) if e == ("sync", spool.queue.name)]
+    for qid in qids:
+        data = events.index(("sync", f"{qid}.tmp"))
+        done = events.index(("done", qid))
+        assert any(data < d < done for d in dir_syncs), (qid, events)
+    assert len(dir_syncs) < len(qids), "concurrent commits share a directory sync"
+
+
+async def test_state_records_round_trip(spool: Spool) -> None:
+    qid = await enqueue(spool, b"x\r\n")
+    await spool.record(qid, [{"i": 0, "s": "deferred", "n": 1}])
+    await spool.record(qid, [{"i": 0, "s": "delivered", "n": 2}])
+    assert [s["s"] for s in spool.load(qid).states] == ["deferred", "delivered"]
+
+
+async def test_stop_commits_what_was_submitted_then_refuses(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool")
+    await s.start()
+    msgs = [s.begin(new_queue_id()) for _ in range(5)]
+    for m in msgs:
+        await s.write(m, b"x\r\n")
+    waiting = [asyncio.create_task(s.commit(m, envelope(m.queue_id))) for m in msgs]
+    await asyncio.sleep(0)  # submitted, not yet synced
+    await s.stop()
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)  # each waiter got its answer
+    assert sorted(s.queue_ids()) == sorted(m.queue_id for m in msgs)
+    late = s.begin(new_queue_id())
+    with pytest.raises(SpoolError):
+        await s.commit(late, envelope(late.queue_id))
+
+
+# -- recovery -------------------------------------------------------------------------
+
+
+def committed(tmp_path: Path, content: bytes, states: list[dict[str, Any]]) -> tuple[Path, str]:
+    async def go() -> str:
+        s = Spool(tmp_path / "src")
+        await s.start()
+        qid = await enqueue(s, content)
+        for st in states:
+            await s.record(qid, [st])
+        await s.stop()
+        return qid
+
+    return tmp_path / "src", asyncio.run(go())
+
+
+def copy_spool(src: Path, dst: Path) -> Spool:
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return Spool(dst)
+
+
+def offsets(total: int, rng: random.Random, n: int) -> Iterator[int]:
+    yield from (0, 1, total - 1, total - FOOTER.size, total - FOOTER.size - 1)
+    yield from (rng.randrange(total) for _ in range(n))
+
+
+def test_recover_never_takes_a_torn_message(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    content = b"Received: x\r\n\r\n" + os.urandom(3000)
+    states = [{"i": 0, "s": "deferred", "n": k, "due": 1.5 * k} for k in range(1, 6)]
+    src, qid = committed(tmp_path, content, states)
+    msg_size = (src / "queue" / f"{qid}.msg").stat().st_size
+
+    intact = copy_spool(src, tmp_path / "intact").recover()
+    assert [m.queue_id for m in intact[0]] == [qid] and intact[1] == []
+
+    for i, cut in enumerate(offsets(msg_size, rng, 60)):
+        s = copy_spool(src, tmp_path / f"m{i}")
+        os.truncate(s.queue / f"{qid}.msg", cut)
+        good, bad = s.recover()
+        assert good == [] and bad == [qid], cut  # moved aside, never delivered
+        assert (s.corrupt / f"{qid}.msg").exists() and not (s.queue / f"{qid}.state").exists()
+
+
+def test_recover_keeps_only_whole_state_lines(tmp_path: Path) -> None:
+    states = [{"i": 0, "s": "deferred", "n": k, "due": 10.0 * k, "r": "451 x"} for k in (1, 2)]
+    states += [{"i": 0, "s": "delivered", "n": 3, "r": "250 2.0.0 ok"}]
+    src, qid = committed(tmp_path, b"hello\r\n", states)
+    raw = (src / "queue" / f"{qid}.state").read_bytes()
+    line_ends = [i + 1 for i, b in enumerate(raw) if b == ord("\n")]
+    for cut in range(len(raw) + 1):
+        s = copy_spool(src, tmp_path / f"s{cut}")
+        os.truncate(s.queue / f"{qid}.state", cut)
+        good, bad = s.recover()
+        assert bad == [] and [m.queue_id for m in good] == [qid]
+        whole = sum(1 for e in line_ends if e <= cut)
+        assert good[0].states == states[:whole], cut  # a prefix, never a torn record
+
+
+def test_state_appended_after_a_torn_line_is_kept(tmp_path: Path) -> None:
+    src, qid = committed(tmp_path, b"hello\r\n", [{"i": 0, "s": "deferred", "n": 1}])
+    s = copy_spool(src, tmp_path / "torn")
+    state = s.queue / f"{qid}.state"
+    state.write_bytes(state.read_bytes() + b'{"i":0,"s":"defe')  # a crash mid-append
+    s.recover()
+
+    async def append() -> None:
+        await s.start()
+        await s.record(qid, [{"i": 0, "s": "delivered", "n": 2}])
+        await s.stop()
+
+    asyncio.run(append())
+    assert [x["s"] for x in s.load(qid).states] == ["deferred", "delivered"]
+
+
+def test_recover_rejects_flipped_bits_and_unknown_versions(tmp_path: Path) -> None:
+    src, qid = committed(tmp_path, b"payload\r\n" * 50, [])
+    size = (src / "queue" / f"{qid}.msg").stat().st_size
+    rng = random.Random(7)
+    for i in range(20):
+        s = copy_spool(src, tmp_path / f"f{i}")
+        path = s.queue / f"{qid}.msg"
+        data = bytearray(path.read_bytes())
+        data[rng.randrange(size)] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(data))
+        assert s.recover() == ([], [qid])
+
+
+def test_recover_discards_unfinished_receptions(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool")
+    s.create()
+    (s.queue / "ABC.tmp").write_bytes(b"half a message")
+    (s.queue / "ORPHAN.state").write_bytes(b'{"i":0,"s":"deferred"}\n')
+    assert s.recover() == ([], [])
+    assert list(s.queue.iterdir()) == []

@@ -9,7 +9,6 @@ plan, the durable enqueue, the `received`/`rejected` log events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import re
 import ssl
@@ -19,7 +18,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from relay.config import RelaySettings
 from relay.dataread import DataError, DataParser
@@ -29,10 +28,14 @@ from relay.spool import Spool, SpoolError, new_queue_id
 
 READ_CHUNK = 256 * 1024
 HEADER_SCAN_LIMIT = 1 << 20
+# RFC 5321 §4.5.3.1.4: 512 octets with the CRLF (aiosmtpd compares without it);
+# SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) extend MAIL by 26 and 10.
+COMMAND_LIMIT = 512 - 2
+MAIL_COMMAND_LIMIT = COMMAND_LIMIT + 26 + 10
 
 # Enhanced status codes (RFC 3463) for aiosmtpd's own replies, by reply code.
 _ENHANCED = {
-    "221": "2.0.0", "250": "2.0.0", "421": "4.3.0", "451": "4.3.0", "452": "4.3.1",
+    "221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0", "452": "4.3.1",
     "454": "4.7.0", "500": "5.5.1", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
     "504": "5.5.4", "530": "5.7.0", "535": "5.7.8", "550": "5.7.1", "552": "5.3.4",
     "553": "5.1.3", "554": "5.7.0", "555": "5.5.4",
@@ -42,6 +45,7 @@ _HAS_ENHANCED = re.compile(rb"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}\b")
 _REWRITE = {
     b"500 Command line too long": b"500 5.5.2 Line too long",
     b"500 Error: bad syntax": b"500 5.5.2 Error: bad syntax",
+    b"220 Ready to start TLS": b"220 2.0.0 Ready to start TLS",
 }
 
 
@@ -65,6 +69,11 @@ class Reply:
     DATA_SLOW = "421 4.4.2 DATA timeout, closing connection"
     INTERNAL = "451 4.3.0 Internal error, try again later"
     SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
+    NO_AUTH = "503 5.5.1 Error: authentication not enabled"
+    TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
+    NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+    DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+    GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"
 
     @staticmethod
     def queued(queue_id: str) -> str:
@@ -94,15 +103,41 @@ class Connections:
         self.sessions: set[RelaySMTP] = set()
 
 
+class _CommandLimits(dict[str, int]):
+    """Per-session command line limits that stay fixed.
+
+    aiosmtpd keeps them in a class-level dict that every new connection clears
+    and every EHLO raises (`['MAIL'] += 26`): after a few EHLOs any MAIL line
+    passed, and one client's EHLO changed every other session's limit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        dict.__setitem__(self, "MAIL", MAIL_COMMAND_LIMIT)
+
+    def __missing__(self, key: str) -> int:
+        return COMMAND_LIMIT
+
+    def __setitem__(self, key: str, value: int) -> None:
+        pass  # ignore aiosmtpd's per-EHLO increments
+
+
 class RelaySMTP(SMTP):
     line_length_limit = 64 * 1024  # stream-reader buffer; commands are still capped at 512
+    command_size_limit = COMMAND_LIMIT
 
     def __init__(self, handler: IngressHandler, **kwargs: Any):
         super().__init__(handler, **kwargs)
+        self.command_size_limits = _CommandLimits()
         self.handler = handler
         self.counted = False
         self.client_ip = ""
-        self.in_transaction = False
+        self._plain_reply = False  # greeting-type replies carry no enhanced code
+
+    @property
+    def in_transaction(self) -> bool:
+        """Between MAIL and the reply after DATA (shutdown lets these finish)."""
+        return self.envelope is not None and bool(self.envelope.mail_from)
 
     # -- connection accounting ------------------------------------------------
 
@@ -124,89 +159,129 @@ class RelaySMTP(SMTP):
         if self.counted:
             self.counted = False
             self.handler.release(self)
-        if self.session is not None:
+        if self.session is not None and self.transport is not None:
             super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(Reply.IDLE.encode() + b"\r\n")  # type: ignore[attr-defined]
         super()._timeout_cb()
 
-    async def close_with(self, reply: str) -> None:
-        if self.transport is None:
+    def close_with(self, reply: str) -> None:
+        """Send a last reply and close (without waiting on a client that does not read)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.push(reply)
-        if self.transport is not None:
-            self.transport.close()
+        transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
 
     # -- replies ----------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8") if isinstance(status, str) else status
-        await super().push(with_enhanced(raw) if not self._in_ehlo else raw)
+        await super().push(raw if self._plain_reply else with_enhanced(raw))
 
-    _in_ehlo = False
-
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        self._in_ehlo = bool(hostname)
+        self._plain_reply = bool(hostname)  # RFC 2034: not on the EHLO/HELO reply
         try:
             await super().smtp_EHLO(hostname)
         finally:
-            self._in_ehlo = False
+            self._plain_reply = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_reply = bool(hostname)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_reply = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push(Reply.NO_AUTH)  # the relay takes mail; it has no users to log in
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:  # aiosmtpd would start TLS inside TLS
+            await self.push(Reply.TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # the client gave up on the handshake
+            oplog.info("inbound STARTTLS handshake failed", client_ip=self.client_ip,
+                       error=repr(error.__cause__))  # fmt: skip
+            return Reply.INTERNAL  # not sent: aiosmtpd closes the connection
+        return await super().handle_exception(error)
 
     # -- commands -------------------------------------------------------------------
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if self.handler.shutting_down:
-            await self.close_with(Reply.SHUTDOWN)
+            self.close_with(Reply.SHUTDOWN)
             return
         await super().smtp_MAIL(arg)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
         assert self.envelope is not None and self.session is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(Reply.NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(Reply.DATA_SYNTAX)
             return
         refusal = await self.handler.data_refusal(self)
         if refusal:
             await self.push(refusal)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(Reply.GO_AHEAD)
         receiving = self.handler.begin_message(self)
+        limits = self.handler.settings.limits
         parser = DataParser(
-            max_size=self.handler.settings.limits.max_message_size,
-            max_line_length=self.handler.settings.limits.max_line_length,
+            max_size=limits.max_message_size,
+            max_line_length=limits.max_line_length,
             reject_bare=self.handler.settings.bare_newline == "reject",
         )
+        failure: Exception | None = None
         try:
-            async with asyncio.timeout(self.handler.settings.limits.data_timeout):
+            async with asyncio.timeout(limits.data_timeout):
                 while not parser.done:
                     chunk = await self._reader.read(READ_CHUNK)
                     if not chunk:
                         raise ConnectionResetError("client closed during DATA")
                     self._reset_timeout()
                     out = parser.feed(chunk)
-                    if out:
-                        await receiving.write(out)
+                    if out and failure is None:
+                        try:
+                            await receiving.write(out)
+                        except Exception as exc:  # a bug: read on to the end, then 451
+                            failure = exc
         except TimeoutError:
             await receiving.abort()
-            await self.handler.reject(self, "data", Reply.DATA_SLOW, "data timeout")
-            await self.close_with(Reply.DATA_SLOW)
+            self.handler.log_reject(self.client_ip, "data", Reply.DATA_SLOW, "data timeout")
+            self.close_with(Reply.DATA_SLOW)
             return
         except BaseException:
             await receiving.abort()
             raise
         if parser.rest:  # pipelined commands after the final "."
             self._reader._buffer[0:0] = parser.rest  # type: ignore[attr-defined]
-        status = await receiving.finish(parser)
+        if failure is None:
+            try:
+                status = await receiving.finish(parser)
+            except Exception as exc:
+                failure = exc
+            except BaseException:
+                await receiving.abort()  # a no-op once the message went to the spool
+                raise
+        if failure is not None:
+            await receiving.abort()
+            status = await self.handler.internal_error(self, failure)
         self._set_post_data_state()
-        self.in_transaction = False
         await self.push(status)
 
 
@@ -225,11 +300,12 @@ class Receiving:
         self.header_done = False
         self.store_error: str | None = None
         self.started = False
+        self.submitted = False  # handed to the spool's commit: no longer ours to abort
 
     def received_header(self) -> bytes:
         s = self.handler.settings
         rcpts = self.envelope.rcpt_tos
-        helo = self.session.host_name or "unknown"
+        helo = _CONTROL.sub("?", self.session.host_name or "unknown")
         proto = (
             "ESMTPS" if self.session.ssl else ("ESMTP" if self.session.extended_smtp else "SMTP")
         )
@@ -244,10 +320,14 @@ class Receiving:
     async def write(self, data: bytes) -> None:
         if not self.header_done:
             self.header += data
-            end = self.header.find(b"\r\n\r\n")
-            if end >= 0 or len(self.header) > HEADER_SCAN_LIMIT or self.header.startswith(b"\r\n"):
+            if self.header.startswith(b"\r\n"):  # no header section at all
                 self.header_done = True
-                del self.header[end + 2 if end >= 0 else HEADER_SCAN_LIMIT :]
+                self.header.clear()
+            else:
+                end = self.header.find(b"\r\n\r\n")
+                if end >= 0 or len(self.header) > HEADER_SCAN_LIMIT:
+                    self.header_done = True
+                    del self.header[end + 2 if end >= 0 else HEADER_SCAN_LIMIT :]
         if self.store_error:
             return
         try:
@@ -259,7 +339,9 @@ class Receiving:
             self.store_error = str(exc)
 
     async def abort(self) -> None:
-        await self.handler.spool.abort(self.incoming)
+        if not self.submitted:
+            self.submitted = True  # once is enough
+            await self.handler.spool.abort(self.incoming)
 
     async def finish(self, parser: DataParser) -> str:
         refusal = self._content_refusal(parser)
@@ -295,6 +377,9 @@ class Receiving:
         return m.group(1).replace(b"\r\n", b"").strip().decode("utf-8", "replace") if m else None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def scan_trace(header: bytes) -> tuple[int, set[str]]:
     """(number of Received: headers, node names in X-Relay-Trace headers)."""
     hops = len(re.findall(rb"(?im)^received:", header))
@@ -326,6 +411,7 @@ class IngressHandler:
         self.clock = clock
         self.conns = Connections()
         self.shutting_down = False
+        self.storing: set[asyncio.Future[str]] = set()
         self.forward_nets = [
             ipaddress.ip_network(n, strict=False) for n in settings.forward_networks
         ]
@@ -343,7 +429,8 @@ class IngressHandler:
         elif per_ip[server.client_ip] >= limits.max_connections_per_ip:
             refusal = Reply.TOO_MANY_CONN_IP
         if refusal:
-            self._log_reject(server.client_ip, "connect", refusal, "connection limit")
+            reason = "shutting down" if refusal == Reply.SHUTDOWN else "connection limit"
+            self.log_reject(server.client_ip, "connect", refusal, reason)
             return refusal
         self.conns.total += 1
         per_ip[server.client_ip] += 1
@@ -365,19 +452,22 @@ class IngressHandler:
         responses: list[str],
     ) -> list[str]:  # fmt: skip
         session.host_name = hostname
-        last = responses.pop()  # "250 HELP"
-        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
-        return responses
+        first, *middle, last = responses  # "250-<hostname>", ..., "250 HELP"
+        size = f"250-SIZE {self.settings.limits.max_message_size}"
+        middle = [r for r in middle if not r.startswith("250-AUTH")]  # no AUTH here
+        return [first, size, *middle, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
         options: list[str],
     ) -> str:  # fmt: skip
+        size = next((o[5:] for o in options if o.startswith("SIZE=")), "")
+        if size.isdigit() and int(size) > self.settings.limits.max_message_size:
+            return await self.reject(server, "mail", Reply.TOO_BIG, "declared size too big")
         if not await self.spool.has_room(self.settings.limits.min_free_space):
             return await self.reject(server, "mail", Reply.NO_SPACE, "spool full")
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        server.in_transaction = True
         return Reply.OK_MAIL
 
     async def handle_RCPT(
@@ -400,12 +490,16 @@ class IngressHandler:
         return Reply.OK_RCPT
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
-        server.in_transaction = False
         return "250 2.0.0 Ok"
 
     async def handle_exception(self, error: Exception) -> str:
         oplog.error("smtp session error", error=repr(error), exc_info=error)
         return Reply.INTERNAL
+
+    async def internal_error(self, server: RelaySMTP, error: Exception) -> str:
+        """A fault while taking a message: the client gets a 4xx and tries again later."""
+        oplog.error("error while receiving a message", error=repr(error), exc_info=error)
+        return await self.reject(server, "data", Reply.INTERNAL, "internal error")
 
     def _from_forward_net(self, ip: str) -> bool:
         try:
@@ -424,7 +518,8 @@ class IngressHandler:
     def begin_message(self, server: RelaySMTP) -> Receiving:
         return Receiving(self, server)
 
-    async def enqueue(self, msg: Receiving, size: int) -> str:
+    def plan(self, msg: Receiving, size: int) -> tuple[dict[str, Any], list[str]]:
+        """The envelope record to store (routing plan included) and the discarded rcpts."""
         env = msg.envelope
         table = self.pilots()
         now = self.clock()
@@ -444,13 +539,11 @@ class IngressHandler:
                     {"rcpt": rcpt, "provider": d.provider, "delivered_to": d.delivered_to,
                      "role": d.role, "group": d.group, "mode": d.mode, "pilot": d.pilot}
                 )  # fmt: skip
-        mail_from = "" if env.mail_from == "<>" else (env.mail_from or "")
-        received = utc_ts(now)
         record = {
             "queue_id": msg.queue_id,
-            "received": received,
+            "received": utc_ts(now),
             "received_epoch": now.timestamp(),
-            "mail_from": mail_from,
+            "mail_from": "" if env.mail_from == "<>" else (env.mail_from or ""),
             "rcpts": list(env.rcpt_tos),
             "options": [o for o in env.mail_options if o in ("BODY=8BITMIME", "SMTPUTF8")],
             "client_ip": msg.server.client_ip,
@@ -460,35 +553,65 @@ class IngressHandler:
             "plan": plan,
             "dsn": False,
         }
-        if plan:
-            try:
-                await self.spool.commit(msg.incoming, record)
-            except SpoolError as exc:
-                oplog.error("spool commit failed", error=str(exc))
-                return await self.reject(msg.server, "data", Reply.NO_SPACE, "spool write failed")
-        else:
+        return record, discarded
+
+    async def enqueue(self, msg: Receiving, size: int) -> str:
+        """Store durably, then log and schedule; the reply to send after DATA.
+
+        Once the commit is under way it runs to its end even if the session is
+        cancelled (client gone): a message on disk is always also scheduled.
+        """
+        record, discarded = self.plan(msg, size)
+        if not record["plan"]:
             await msg.abort()
+            self._accepted(msg, record, discarded)
+            return Reply.queued(msg.queue_id)
+        msg.submitted = True
+        task = asyncio.ensure_future(self._store(msg, record, discarded))
+        self.storing.add(task)
+        task.add_done_callback(self._stored)
+        return await asyncio.shield(task)
+
+    def _stored(self, task: asyncio.Future[str]) -> None:
+        self.storing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            oplog.error("error while queuing a message", error=repr(exc), exc_info=exc)
+
+    async def _store(self, msg: Receiving, record: dict[str, Any], discarded: list[str]) -> str:
+        try:
+            await self.spool.commit(msg.incoming, record)
+        except SpoolError as exc:
+            oplog.error("spool commit failed", error=str(exc))
+            return await self.reject(msg.server, "data", Reply.NO_SPACE, "spool write failed")
+        try:
+            self._accepted(msg, record, discarded)
+        except Exception as exc:  # the message is safe on disk: still a 250
+            oplog.error("error after queuing a message", queue_id=msg.queue_id,
+                        error=repr(exc), exc_info=exc)  # fmt: skip
+        return Reply.queued(msg.queue_id)
+
+    def _accepted(self, msg: Receiving, record: dict[str, Any], discarded: list[str]) -> None:
         self.log.emit(
             "received", queue_id=msg.queue_id, message_id=record["message_id"],
-            mail_from=mail_from, client_ip=msg.server.client_ip, size=size,
-            rcpts=record["rcpts"], plan=plan, forwarded=forwarded_any,
+            mail_from=record["mail_from"], client_ip=record["client_ip"], size=record["size"],
+            rcpts=record["rcpts"], plan=record["plan"], forwarded=record["forwarded"],
         )  # fmt: skip
         for rcpt in discarded:
             self.log.emit(
                 "discarded", queue_id=msg.queue_id, rcpt=rcpt,
                 reason="forwarded copy of a non-pilot: legacy holds the original",
             )  # fmt: skip
-        if plan and self.on_queued:
+        if record["plan"] and self.on_queued:
             self.on_queued(msg.queue_id, record)
-        return Reply.queued(msg.queue_id)
 
     # -- rejections ------------------------------------------------------------------
 
     async def reject(self, server: RelaySMTP, stage: str, reply: str, reason: str) -> str:
-        self._log_reject(server.client_ip, stage, reply, reason)
+        self.log_reject(server.client_ip, stage, reply, reason)
         return reply
 
-    def _log_reject(self, client_ip: str, stage: str, reply: str, reason: str) -> None:
+    def log_reject(self, client_ip: str, stage: str, reply: str, reason: str) -> None:
         code, enhanced, _ = reply.split(" ", 2)
         self.log.emit(
             "rejected", client_ip=client_ip, stage=stage, smtp_code=int(code),
@@ -519,7 +642,7 @@ class Ingress:
         s = self.settings
         return RelaySMTP(
             self.handler,
-            data_size_limit=s.limits.max_message_size,
+            data_size_limit=None,  # SIZE is advertised and checked by the handler
             enable_SMTPUTF8=True,
             hostname=s.listen.hostname,
             ident="ESMTP relay",
@@ -546,10 +669,13 @@ class Ingress:
         sessions = self.handler.conns.sessions
         for s in list(sessions):
             if not s.in_transaction:
-                await s.close_with(Reply.SHUTDOWN)
+                s.close_with(Reply.SHUTDOWN)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while any(s.in_transaction for s in sessions) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for s in list(sessions):
-            await s.close_with(Reply.SHUTDOWN)
+            s.close_with(Reply.SHUTDOWN)
+        # A commit under way when its session closed still finishes and is scheduled.
+        if self.handler.storing:
+            await asyncio.wait(set(self.handler.storing), timeout=max(1.0, timeout))

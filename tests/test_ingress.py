@@ -737,6 +737,46 @@ async def test_250_only_after_data_and_directory_sync(
     assert set(spool_messages(env.spool_queue)) <= set(qids)
 
 
+async def test_client_gone_mid_data_leaves_nothing(relay_factory: RelayFactory) -> None:
+    env = await relay_factory()
+    c = await ready(env)
+    expect(await c.cmd("DATA"), 354, None)
+    await c.send(b"Subject: half\r\n\r\n" + (b"h" * 998 + b"\r\n") * 3000)  # > 1 MB: on disk
+    await env.wait_for(lambda: any(env.spool_queue.glob("*.tmp")))
+    c.writer.transport.abort()
+    await env.wait_for(lambda: nothing_stored(env))
+    assert env.events("received") == []
+
+
+async def test_client_gone_during_commit_message_still_queued(
+    relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = await relay_factory()
+    entered, release = asyncio.Event(), asyncio.Event()
+    commit = env.relay.spool.commit
+
+    async def slow_commit(*args: Any) -> None:
+        entered.set()
+        await release.wait()
+        await commit(*args)
+
+    monkeypatch.setattr(env.relay.spool, "commit", slow_commit)
+    scheduled: list[str] = []
+    add = env.relay.handler.on_queued
+    assert add is not None
+    env.relay.handler.on_queued = lambda qid, rec: (scheduled.append(qid), add(qid, rec))
+    c = await ready(env)
+    expect(await c.cmd("DATA"), 354, None)
+    await c.send(BODY + b".\r\n")
+    await asyncio.wait_for(entered.wait(), 5)
+    c.writer.transport.abort()  # the client gives up before the 250
+    await env.wait_for(lambda: env.relay.handler.conns.total == 0)
+    release.set()
+    await env.wait_for(lambda: bool(scheduled))
+    assert list(spool_messages(env.spool_queue)) == scheduled  # on disk and scheduled
+    assert [e["queue_id"] for e in env.events("received")] == scheduled
+
+
 # -- pipelining and STARTTLS ---------------------------------------------------------
 
 

@@ -87,6 +87,7 @@ class Relay:
         self.metrics.live(self._snapshot)
         self.metrics.ready = lambda: self.port != 0 and not self.handler.shutting_down
         self.metrics_port = 0
+        self._metrics_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.ExitStack()
@@ -128,7 +129,8 @@ class Relay:
         self.stopped.set()
         timeout = self.cfg.relay.shutdown_timeout
         await asyncio.gather(self.ingress.shutdown(timeout), self.scheduler.drain(timeout))
-        self._metrics_server.close()
+        if self._metrics_server:
+            self._metrics_server.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

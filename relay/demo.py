@@ -3,7 +3,8 @@
 Two stand-in providers (relay.testing.Provider) on free loopback ports, a relay
 in front of them, sample traffic for several groups — including a message the
 new provider rejects as spam and one it defers once — then the comparison
-report. Everything runs in this process, so nothing is left behind.
+report, written as deliveries.jsonl, report.json and report.html (charts). Everything
+runs in this process, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -119,9 +120,10 @@ async def run_demo(messages: int, out: Path) -> report.Report:
     shutil.rmtree(work, ignore_errors=True)
     rep = report.build_report([str(log)])
     (out / "report.json").write_text(report.render_json(rep))
+    (out / "report.html").write_text(report.render_html(rep), encoding="utf-8")
     return rep
 
 
 def main(messages: int, out: Path) -> str:
     rep = asyncio.run(run_demo(messages, out))
-    return report.render_text(rep)
+    return report.render_text(rep) + f"\nwrote {out / 'report.html'} (open it in a browser)"

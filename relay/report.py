@@ -19,6 +19,7 @@ import os
 import re
 import zlib
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -46,6 +47,14 @@ VERDICT_NOT_READY = "not ready"
 VERDICT_INSUFFICIENT = "insufficient data"
 
 REPORT_VERSION = 1
+
+# Latency histogram of final deliveries (for the HTML chart): inclusive upper
+# bounds in ms; one more bucket takes everything above the last bound.
+LATENCY_BUCKETS_MS: tuple[int, ...] = (
+    10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000,
+    300_000, 900_000, 3_600_000, 21_600_000, 86_400_000,
+)  # fmt: skip
+_HOUR_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}")
 
 
 # --------------------------------------------------------------------------- reasons
@@ -348,6 +357,16 @@ class Totals:
 
 
 @dataclass
+class HourCounts:
+    """Activity in one UTC hour: pairs finally delivered/refused, by the hour of that event."""
+
+    hour: str  # the hour's start, e.g. "2026-11-25T09:00:00Z"
+    delivered: dict[str, int]  # provider -> pairs delivered in this hour
+    refused: dict[str, int]  # provider -> pairs bounced or expired in this hour
+    relay_rejections: int = 0  # `rejected` events (refused at SMTP by the relay)
+
+
+@dataclass
 class Report:
     inputs: InputStats
     filters: dict[str, str | None]
@@ -358,6 +377,10 @@ class Report:
     users: list[ScopeStats]
     divergences: list[Divergence]
     verdicts: list[Verdict]
+    # Chart data (HTML report; not in the JSON document): provider -> pairs per
+    # LATENCY_BUCKETS_MS bucket (len + 1 counts), and activity per hour, in order.
+    latency_histogram: dict[str, list[int]] = field(default_factory=dict)
+    hourly: list[HourCounts] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (stable keys, see docs/report.md)."""
@@ -501,6 +524,14 @@ def _is_one_of(v: Any, names: Container[str]) -> bool:
 
 def _int_or_none(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _hour_key(ts: str) -> str | None:
+    """The UTC hour of a timestamp, "YYYY-MM-DDTHH" (None if it does not parse)."""
+    if ts.endswith("Z") and _HOUR_RE.match(ts):
+        return ts[:13]
+    t = _parse_ts(ts)
+    return None if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H")
 
 
 # A CSV/pair sink receives one finished pair at a time.
@@ -650,6 +681,19 @@ class _Builder:
         self.divergences: list[Divergence] = []
         self.totals = Totals()
         self.stats = InputStats(files=[])
+        # chart data: latency buckets per provider, and per hour key
+        # [legacy delivered, new delivered, legacy refused, new refused, relay rejections]
+        self.lat_hist = ([0] * (len(LATENCY_BUCKETS_MS) + 1), [0] * (len(LATENCY_BUCKETS_MS) + 1))
+        self.hours: dict[str, list[int]] = {}
+
+    def _hour(self, ts: str) -> list[int] | None:
+        key = _hour_key(ts)
+        if key is None:
+            return None
+        counts = self.hours.get(key)
+        if counts is None:
+            counts = self.hours[key] = [0, 0, 0, 0, 0]
+        return counts
 
     # -- reading
 
@@ -687,6 +731,9 @@ class _Builder:
             self.stats.events += 1
             if self.group is None and self._ts_in_window(ts):
                 self.totals.relay_rejections += 1
+                hour = self._hour(ts)
+                if hour is not None:
+                    hour[4] += 1
             return True
         qid = ev.get("queue_id")
         if type(qid) is not str:
@@ -917,6 +964,12 @@ class _Builder:
                 reason = -1
                 if cat == _O_BOUNCED and fin is not None:
                     reason = _RIDX[classify_reason(fin.enhanced, fin.response)]
+                if fin is not None and cat != _O_DELETED:
+                    if cat == _O_DELIVERED and fin.latency is not None:
+                        self.lat_hist[i][bisect_left(LATENCY_BUCKETS_MS, fin.latency)] += 1
+                    hour = self._hour(fin.ts)
+                    if hour is not None:
+                        hour[i if cat == _O_DELIVERED else 2 + i] += 1
                 for scope in scopes:
                     agg = scope.prov[i]
                     agg.planned += 1
@@ -1063,6 +1116,16 @@ class _Builder:
             users=users,
             divergences=self.divergences,
             verdicts=verdicts,
+            latency_histogram=dict(zip(PROVIDERS, self.lat_hist, strict=True)),
+            hourly=[
+                HourCounts(
+                    hour=f"{k}:00:00Z",
+                    delivered=dict(zip(PROVIDERS, c[0:2], strict=True)),
+                    refused=dict(zip(PROVIDERS, c[2:4], strict=True)),
+                    relay_rejections=c[4],
+                )
+                for k, c in sorted(self.hours.items())
+            ],
         )
 
 
@@ -1266,6 +1329,13 @@ def write_csv(
 
 def render_json(report: Report) -> str:
     return json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+def render_html(report: Report) -> str:
+    """One self-contained HTML page: the text report's content plus SVG charts."""
+    from relay.report_html import render_html as render
+
+    return render(report)
 
 
 # --------------------------------------------------------------------------- text
@@ -1552,8 +1622,6 @@ def report_command(
 ) -> None:
     """Comparison report (legacy vs new) from one or many delivery logs (.gz, rotated)."""
     ctx = click.get_current_context()
-    if fmt == "html":
-        raise click.UsageError("html format not yet available")
     try:
         check_inputs(logs)
         thresholds = load_thresholds(thresholds_path) if thresholds_path else Thresholds()
@@ -1574,7 +1642,8 @@ def report_command(
                 click.echo(f"warning: {err}", err=True)
             return
         rep = build_report(logs, since, until, group, thresholds)
-        text = render_json(rep) if fmt == "json" else render_text(rep)
+        render = {"json": render_json, "html": render_html}.get(fmt, render_text)
+        text = render(rep)
         with _output(output) as out:
             out.write(text)
     except ReportError as exc:
@@ -1605,12 +1674,14 @@ class _output:
 
 __all__ = [
     "CSV_COLUMNS",
+    "LATENCY_BUCKETS_MS",
     "OUTCOMES",
     "PROVIDERS",
     "REASONS",
     "REASON_LABELS",
     "REASON_RULES",
     "Divergence",
+    "HourCounts",
     "InputStats",
     "Latency",
     "Outcome",
@@ -1627,6 +1698,7 @@ __all__ = [
     "load_thresholds",
     "nearest_rank",
     "parse_bound",
+    "render_html",
     "render_json",
     "render_text",
     "report_command",

@@ -1,0 +1,535 @@
+"""`relay report --format html` and the demo's report.html, checked in headless Chromium.
+
+Expected figures and mark counts are computed here from the demo's own
+deliveries.jsonl and report.json (or from logs the tests write), never copied
+from the page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from relay.report import (
+    LATENCY_BUCKETS_MS,
+    OUTCOMES,
+    PROVIDERS,
+    build_report,
+    render_html,
+    render_text,
+    report_command,
+)
+from relay.report_html import CHART_IDS, MAX_HOURLY_BARS, activity_rows
+
+pytestmark = pytest.mark.timeout(120)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+FIXTURE = Path(__file__).parent / "fixtures" / "report" / "sample.jsonl"
+SVG_NAMESPACES = {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}
+
+
+# --------------------------------------------------------------------------- a small DOM
+
+
+@dataclass
+class Node:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Node] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    def walk(self) -> list[Node]:
+        out = [self]
+        for c in self.children:
+            out += c.walk()
+        return out
+
+    def find(self, tag: str | None = None, cls: str | None = None) -> list[Node]:
+        return [
+            n
+            for n in self.walk()[1:]
+            if (tag is None or n.tag == tag) and (cls is None or cls in n.classes)
+        ]
+
+    def all_text(self) -> str:
+        return " ".join(" ".join([*self.text, *(c.all_text() for c in self.children)]).split())
+
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+
+class _Parser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.stack[-1].children.append(Node(tag, {k: v or "" for k, v in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].text.append(data)
+
+
+def parse(html: str) -> Node:
+    p = _Parser()
+    p.feed(html)
+    p.close()
+    return p.root
+
+
+def by_id(doc: Node, ident: str) -> Node:
+    hits = [n for n in doc.walk() if n.attrs.get("id") == ident]
+    assert len(hits) == 1, f"#{ident}: {len(hits)} elements"
+    return hits[0]
+
+
+def table_rows(table: Node) -> list[list[str]]:
+    body = table.find("tbody")[0]
+    return [[td.all_text() for td in tr.find("td")] for tr in body.find("tr")]
+
+
+def svg_marks(svg: Node) -> tuple[int, int]:
+    """(bars drawn, bars with a non-zero size) in a pygal chart's plot series."""
+    rects: list[Node] = []
+    for plot in svg.find("g", "plot"):
+        if plot.classes != {"plot"}:
+            continue  # "plot overlay", "plot text-overlay", "plot tooltip-overlay"
+        for bar in plot.find("g", "bar"):
+            rects += bar.find("rect")
+    # pygal leaves out a zero width/height attribute (an empty stacked segment)
+    visible = [
+        r
+        for r in rects
+        if float(r.attrs.get("width", 0)) > 0 and float(r.attrs.get("height", 0)) > 0
+    ]
+    return len(rects), len(visible)
+
+
+# --------------------------------------------------------------------------- expected marks
+
+
+def bucket(latency: float) -> int:
+    return next(
+        (i for i, b in enumerate(LATENCY_BUCKETS_MS) if latency <= b), len(LATENCY_BUCKETS_MS)
+    )
+
+
+def final_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earliest final delivery event of each (message, recipient, provider)."""
+    finals: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for e in events:
+        if e["event"] != "delivery" or e["provider"] not in PROVIDERS:
+            continue
+        if e["outcome"] not in ("delivered", "bounced", "expired"):
+            continue
+        key = (e["node"], e["queue_id"], e["rcpt"].lower(), e["provider"])
+        if key not in finals or e["ts"] < finals[key]["ts"]:
+            finals[key] = e
+    return list(finals.values())
+
+
+def expected_marks(doc: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """(bars, visible bars) per chart id, from report.json and the delivery log."""
+    # outcomes: one stacked segment per shown provider × shown outcome; zeros are empty
+    provs = [p for p in PROVIDERS if doc["providers"][p]["planned"]]
+    cells = {(p, o): doc["providers"][p][o] for p in provs for o in OUTCOMES}
+    shown = {o for (_, o), n in cells.items() if n}
+    outcomes = (len(provs) * len(shown), sum(1 for n in cells.values() if n))
+    # latency: one bar per provider and non-empty bucket
+    finals = final_events(events)
+    lat = {
+        (e["provider"], bucket(e["latency_ms"]))
+        for e in finals
+        if e["outcome"] == "delivered" and e.get("latency_ms") is not None
+    }
+    # group rates: one bar per group and provider with something planned
+    rates = [
+        ps["delivery_rate"]
+        for g in doc["groups"]
+        for ps in g["providers"].values()
+        if ps["planned"]
+    ]
+    # activity: one bar per hour and non-zero series
+    act = {(e["ts"][:13], e["provider"], e["outcome"] == "delivered") for e in finals}
+    act |= {(e["ts"][:13], "relay", False) for e in events if e["event"] == "rejected"}
+    return {
+        CHART_IDS["outcomes"]: outcomes,
+        CHART_IDS["latency"]: (len(lat), len(lat)),
+        CHART_IDS["group_rates"]: (len(rates), sum(1 for r in rates if r)),
+        CHART_IDS["activity"]: (len(act), len(act)),
+    }
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+@dataclass
+class Demo:
+    out: Path
+    stdout: str
+    html: str
+    doc: dict[str, Any]
+    events: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "demo", "--out", str(out)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in (out / "deliveries.jsonl").read_text().splitlines()]
+    return Demo(
+        out=out,
+        stdout=proc.stdout,
+        html=(out / "report.html").read_text(encoding="utf-8"),
+        doc=json.loads((out / "report.json").read_text()),
+        events=events,
+    )
+
+
+def test_demo_writes_report_html_and_says_so(demo: Demo) -> None:
+    assert f"wrote {demo.out / 'report.html'}" in demo.stdout
+    assert demo.html.startswith("<!DOCTYPE html>")
+    # the demo's planted cases show in the page: the spam refusal and the greylisting
+    assert demo.doc["divergences"] and demo.doc["providers"]["new"]["deferrals"] >= 1
+
+
+def test_page_is_self_contained(demo: Demo) -> None:
+    html = demo.html
+    for needle in ("<script", "<link", "<iframe", "<img", "@import", "url(", "src=", "href="):
+        assert needle not in html.lower(), needle
+    assert set(re.findall(r"(?:https?:)?//[^\s\"'<>)]+", html)) <= SVG_NAMESPACES
+    assert "<!--" not in html  # pygal's comments link to its site
+    doc = parse(html)
+    for n in doc.walk():
+        for k, v in n.attrs.items():
+            if k in ("xmlns", "xmlns:xlink"):
+                continue
+            assert "//" not in v, (n.tag, k, v)
+
+
+def test_charts_carry_as_many_marks_as_the_data(demo: Demo) -> None:
+    doc = parse(demo.html)
+    want = expected_marks(demo.doc, demo.events)
+    got = {cid: svg_marks(by_id(doc, cid)) for cid in CHART_IDS.values()}
+    assert got == want
+    assert all(visible for _, visible in want.values())  # the demo has data for every chart
+
+
+def test_verdicts_on_top_then_divergences(demo: Demo) -> None:
+    doc = parse(demo.html)
+    ids = [n.attrs["id"] for n in doc.walk() if n.tag == "section" and "id" in n.attrs]
+    assert ids[:3] == ["readiness", "divergences", "charts"]
+    cards = by_id(doc, "readiness").find("article", "verdict")
+    assert [(c.attrs["data-group"], c.find("span", "badge")[0].all_text()) for c in cards] == [
+        (v["group"], v["verdict"].upper()) for v in demo.doc["verdicts"]
+    ]
+    for card, v in zip(cards, demo.doc["verdicts"], strict=True):
+        assert " ".join(v["reason"].split()) in card.all_text()
+    rows = table_rows(by_id(doc, "divergence-table"))
+    assert len(rows) == len(demo.doc["divergences"])
+    for row, d in zip(rows, demo.doc["divergences"], strict=True):
+        assert row[0] == d["received"] and row[2] == d["rcpt"] and row[3] == d["refused_by"]
+        assert d["queue_id"] in row[-1]
+        assert d["new"]["smtp_response"] in row[5] and d["legacy"]["smtp_response"] in row[4]
+
+
+def _text_tables(text: str) -> dict[str, list[list[str]]]:
+    """Rows (whitespace-split tokens) of each table of the text report, by title."""
+    tables: dict[str, list[list[str]]] = {}
+    lines = text.splitlines()
+    for j, line in enumerate(lines):
+        if j < 2 or set(line.strip()) != {"─"}:
+            continue
+        start = j - 2  # the title (rich may wrap it) is above the header line
+        while start > 0 and lines[start - 1].strip():
+            start -= 1
+        rows = tables[" ".join(x.strip() for x in lines[start : j - 1])] = []
+        for row in lines[j + 1 :]:
+            if not row.strip():
+                break
+            rows.append(row.split())
+    return tables
+
+
+def test_same_tables_as_the_text_report(demo: Demo) -> None:
+    rep = build_report([demo.out / "deliveries.jsonl"])
+    text_tables = _text_tables(render_text(rep))
+    doc = parse(render_html(rep))
+    pairs = {
+        "Per provider (unit: message × recipient)": "provider-table",
+        "Latency of final deliveries (ms)": "latency-table",
+        "Reason classes (bounced pairs; deferred attempts)": "reason-table",
+        "Per group: outcomes": "group-table-outcomes",
+        "Per group: rates and latency (ms)": "group-table-rates",
+        "Per pilot user: outcomes": "user-table-outcomes",
+        "Per pilot user: rates and latency (ms)": "user-table-rates",
+    }
+    assert set(pairs) <= set(text_tables)
+    for title, table_id in pairs.items():
+        rows = table_rows(by_id(doc, table_id))
+        if table_id == "user-table-outcomes":  # the page also shows the group there
+            rows = [[r[0], *r[2:]] for r in rows]
+        assert [" ".join(cells).split() for cells in rows] == text_tables[title], title
+
+
+# --------------------------------------------------------------------------- in Chromium
+
+
+def _chromium() -> Any:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (Debian package chromium; .ci/run installs it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing (pip install -e '.[test]')")
+    return sync_playwright
+
+
+MARKS_JS = """(ids) => Object.fromEntries(ids.map((id) => {
+  const svg = document.getElementById(id);
+  if (!svg) return [id, null];
+  const rects = [...svg.querySelectorAll(':scope > g > g.plot > g.series > g.bars > g.bar > rect')];
+  const visible = rects.filter((r) => {
+    const b = r.getBoundingClientRect();
+    return b.width > 0 && b.height > 0;
+  });
+  const box = svg.getBoundingClientRect();
+  return [id, {marks: rects.length, visible: visible.length, width: box.width, height: box.height}];
+}))"""
+
+
+def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
+    sync_playwright = _chromium()
+    started = time.monotonic()
+    url = (demo.out / "report.html").resolve().as_uri()
+    requests: list[str] = []
+    refused: list[str] = []
+    screenshot = tmp_path / "report.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 2000})
+
+            def route(r: Any) -> None:
+                if r.request.url == url:
+                    r.continue_()
+                else:
+                    refused.append(r.request.url)
+                    r.abort()
+
+            page.route("**/*", route)
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(url, wait_until="load")
+            page.screenshot(path=str(screenshot))
+            marks = page.evaluate(MARKS_JS, list(CHART_IDS.values()))
+            cards = page.evaluate(
+                "() => [...document.querySelectorAll('#readiness .verdict')].map("
+                "(c) => [c.dataset.group, c.querySelector('.badge').textContent.trim(),"
+                " c.getBoundingClientRect().top])"
+            )
+            first_chart_top = page.evaluate(
+                "() => document.getElementById('chart-outcomes').getBoundingClientRect().top"
+            )
+            page.emulate_media(media="print")
+            breaks = page.evaluate(
+                "() => [...document.querySelectorAll('figure.chart')].map("
+                "(f) => getComputedStyle(f).breakInside)"
+            )
+        finally:
+            browser.close()
+
+    assert requests == [url] and refused == []  # nothing but the file itself
+    want = expected_marks(demo.doc, demo.events)
+    for cid, (n, visible) in want.items():
+        m = marks[cid]
+        assert m is not None, cid
+        assert (m["marks"], m["visible"]) == (n, visible), cid
+        assert m["width"] > 400 and m["height"] > 150, (cid, m)
+    assert [(g, b) for g, b, _ in cards] == [
+        (v["group"], v["verdict"].upper()) for v in demo.doc["verdicts"]
+    ]
+    assert all(top < 600 for _, _, top in cards)  # the verdicts are on the first screen
+    assert all(top < first_chart_top for _, _, top in cards)
+    assert breaks == ["avoid"] * len(CHART_IDS)
+    png = screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == 1280 and int.from_bytes(png[20:24], "big") == 2000
+    keep = os.environ.get("RELAY_REPORT_SCREENSHOT")
+    if keep:  # e.g. RELAY_REPORT_SCREENSHOT=/tmp/relay-report.png to look at it
+        shutil.copyfile(screenshot, keep)
+    assert time.monotonic() - started < 30
+
+
+# --------------------------------------------------------------------------- builder data
+
+
+def _ev(kind: str, ts: str, **kw: Any) -> str:
+    return json.dumps({"event": kind, "ts": ts, "node": "n1", **kw})
+
+
+def _message(qid: str, ts: str, rcpt: str, group: str | None) -> str:
+    plan = [
+        {"rcpt": rcpt, "provider": p, "delivered_to": rcpt, "role": role, "group": group,
+         "mode": "dual" if group else None, "pilot": group is not None}
+        for p, role in (("legacy", "primary"), ("new", "shadow"))
+        if group or p == "legacy"
+    ]  # fmt: skip
+    return _ev("received", ts, queue_id=qid, mail_from="s@x.test", rcpts=[rcpt], plan=plan,
+               forwarded=False)  # fmt: skip
+
+
+def _delivery(qid: str, ts: str, rcpt: str, prov: str, outcome: str, lat: float, **kw: Any) -> str:
+    code = {"delivered": 250, "deferred": 451}.get(outcome, 550)
+    return _ev("delivery", ts, queue_id=qid, rcpt=rcpt, provider=prov, outcome=outcome,
+               smtp_code=code, enhanced_code=None, smtp_response=f"{code} reply", attempt=1,
+               latency_ms=lat, **kw)  # fmt: skip
+
+
+def test_builder_counts_latency_buckets_and_hours(tmp_path: Path) -> None:
+    log = tmp_path / "d.jsonl"
+    lines = [
+        _message("Q1", "2026-11-25T09:59:00.000Z", "a@example.com", "sales"),
+        _delivery("Q1", "2026-11-25T09:59:00.010Z", "a@example.com", "legacy", "delivered", 10),
+        _delivery("Q1", "2026-11-25T10:00:02.000Z", "a@example.com", "new", "delivered", 62000),
+        # a crash duplicate: the earliest delivered event counts, once
+        _delivery("Q1", "2026-11-25T11:00:00.000Z", "a@example.com", "new", "delivered", 9e6),
+        _message("Q2", "2026-11-25T10:30:00.000Z", "b@example.com", "sales"),
+        _delivery("Q2", "2026-11-25T10:30:00.011Z", "b@example.com", "legacy", "delivered", 10.5),
+        _delivery("Q2", "2026-11-25T10:30:01.000Z", "b@example.com", "new", "deferred", 1000),
+        _delivery("Q2", "2026-11-25T12:30:01.000Z", "b@example.com", "new", "bounced", 7.2e6),
+        _message("Q3", "2026-11-25T10:31:00.000Z", "z@example.com", None),
+        _delivery("Q3", "2026-11-25T10:31:00+01:00", "z@example.com", "legacy", "delivered", 1e9),
+        _ev("rejected", "2026-11-25T12:05:00.000Z", client_ip="192.0.2.1", stage="rcpt"),
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    rep = build_report([log])
+    n = len(LATENCY_BUCKETS_MS) + 1
+    legacy, new = [0] * n, [0] * n
+    legacy[0] += 1  # 10 ms: "≤ 10 ms" (inclusive bound)
+    legacy[1] += 1  # 10.5 ms
+    legacy[n - 1] += 1  # 1e9 ms: above the last bound
+    new[LATENCY_BUCKETS_MS.index(300_000)] += 1  # 62 s
+    assert rep.latency_histogram == {"legacy": legacy, "new": new}
+    got = {h.hour: (h.delivered, h.refused, h.relay_rejections) for h in rep.hourly}
+    z = {"legacy": 0, "new": 0}
+    assert got == {
+        "2026-11-25T09:00:00Z": ({"legacy": 2, "new": 0}, z, 0),  # 10:31+01:00 is 09:31Z
+        "2026-11-25T10:00:00Z": ({"legacy": 1, "new": 1}, z, 0),
+        "2026-11-25T12:00:00Z": (z, {"legacy": 0, "new": 1}, 1),
+    }
+    assert set(rep.to_dict()) == {
+        "report_version", "inputs", "filters", "thresholds", "totals", "providers", "groups",
+        "users", "divergences", "verdicts",
+    }  # fmt: skip
+    unit, rows = activity_rows(rep)
+    assert unit == "hour" and [r[0] for r in rows] == [
+        "2026-11-25 09:00", "2026-11-25 10:00", "2026-11-25 11:00", "2026-11-25 12:00"
+    ]  # fmt: skip
+    assert rows[2][1] == [0] * 5 and rows[3][1] == [0, 0, 0, 1, 1]
+    # the rendered chart: one bar per non-zero (hour, series) cell
+    doc = parse(render_html(rep))
+    assert svg_marks(by_id(doc, CHART_IDS["activity"])) == (5, 5)
+    assert svg_marks(by_id(doc, CHART_IDS["latency"])) == (4, 4)
+
+
+def test_activity_shows_days_over_a_long_span(tmp_path: Path) -> None:
+    log = tmp_path / "d.jsonl"
+    lines = []
+    for day in range(5):
+        qid, t = f"Q{day}", f"2026-11-{20 + day}T08:00:00.000Z"
+        lines += [
+            _message(qid, t, "z@example.com", None),
+            _delivery(qid, t, "z@example.com", "legacy", "delivered", 5),
+        ]
+    log.write_text("\n".join(lines) + "\n")
+    rep = build_report([log])
+    unit, rows = activity_rows(rep)
+    assert MAX_HOURLY_BARS < 4 * 24  # 08:00 on the 20th to 08:00 on the 24th
+    assert unit == "day" and [r for r, _ in rows] == [f"2026-11-{d}" for d in range(20, 25)]
+    assert Counter(v[0] for _, v in rows) == {1: 5}
+
+
+# --------------------------------------------------------------------------- command, edge cases
+
+
+def test_report_command_writes_html(tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(report_command, [str(FIXTURE), "--format", "html", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    html = out.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    doc = parse(html)
+    for cid in CHART_IDS.values():
+        assert by_id(doc, cid).tag == "svg"
+    res = CliRunner().invoke(report_command, [str(FIXTURE), "--format", "html", "--group", "sales"])
+    assert res.exit_code == 0 and "<!DOCTYPE html>" in res.output
+
+
+def test_log_text_is_escaped(tmp_path: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    log = tmp_path / "d.jsonl"
+    lines = [
+        _message("Q1", "2026-11-25T09:00:00.000Z", "a@example.com", evil),
+        _delivery("Q1", "2026-11-25T09:00:01.000Z", "a@example.com", "legacy", "delivered", 5),
+        _delivery("Q1", "2026-11-25T09:00:02.000Z", "a@example.com", "new", "bounced", 9).replace(
+            "550 reply", f"550 5.7.1 spam {evil}"
+        ),
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    html = render_html(build_report([log]))
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert evil in parse(html).all_text()
+
+
+def test_empty_log_renders(tmp_path: Path) -> None:
+    log = tmp_path / "empty.jsonl"
+    log.write_text("")
+    html = render_html(build_report([log]))
+    doc = parse(html)
+    for cid in CHART_IDS.values():
+        assert svg_marks(by_id(doc, cid)) == (0, 0)
+    assert "No pilot groups" in doc.all_text()

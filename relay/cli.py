@@ -238,7 +238,7 @@ def demo(messages: int, out: str) -> None:
     from relay import demo as demo_mod
 
     click.echo(demo_mod.main(messages, Path(out)))
-    click.echo(f"wrote {out}/deliveries.jsonl, {out}/report.json")
+    click.echo(f"wrote {out}/deliveries.jsonl and {out}/report.json")
 
 
 cli.add_command(report_command)

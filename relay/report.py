@@ -1369,11 +1369,14 @@ def _wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
     ) or [first or indent]
 
 
-def _reply(o: Outcome) -> str:
+def reply_text(o: Outcome) -> str:
+    """Code, enhanced code and reply text, without repeating what the reply starts with."""
     resp = o.smtp_response or ""
-    head = [str(x) for x in (o.smtp_code, o.enhanced_code) if x is not None]
-    if head and resp.startswith(head[0]):
-        head = []
+    head: list[str] = []
+    if o.smtp_code is not None and not resp.startswith(str(o.smtp_code)):
+        head.append(str(o.smtp_code))
+        if o.enhanced_code and not resp.startswith(o.enhanced_code):
+            head.append(o.enhanced_code)
     return " ".join([*head, resp]).strip() or "-"
 
 
@@ -1547,7 +1550,7 @@ def render_text(report: Report) -> str:
         )
         for p, o in (("legacy", d.legacy), ("new", d.new)):
             why = f" ({REASON_LABELS[o.reason]})" if o.reason else ""
-            out += _wrap(f"{p:<6} {o.outcome}{why}: {_reply(o)}", "        ", "    ")
+            out += _wrap(f"{p:<6} {o.outcome}{why}: {reply_text(o)}", "        ", "    ")
     out.append("")
 
     out.append("Readiness (pilot groups)")

@@ -39,6 +39,7 @@ from relay.report import (
     _fmt_int,
     _fmt_ms,
     _fmt_rate,
+    reply_text,
 )
 
 # Stable element ids of the charts (the <svg> elements).
@@ -298,17 +299,6 @@ def _scope_rows(sc: ScopeStats) -> list[tuple[str, ProviderStats]]:
     return shown or list(sc.providers.items())[:1]
 
 
-def _reply_text(o: Outcome) -> str:
-    """Code, enhanced code and reply text, without repeating what the reply starts with."""
-    resp = o.smtp_response or ""
-    head: list[str] = []
-    if o.smtp_code is not None and not resp.startswith(str(o.smtp_code)):
-        head.append(str(o.smtp_code))
-        if o.enhanced_code and not resp.startswith(o.enhanced_code):
-            head.append(o.enhanced_code)
-    return " ".join([*head, resp]).strip() or "-"
-
-
 def _signed_ms(v: float | None) -> str:
     return "-" if v is None else f"{v:+,.0f} ms"
 
@@ -327,7 +317,7 @@ def _environment() -> jinja2.Environment:
         "rate": _fmt_rate,
         "ms": _fmt_ms,
         "signed_ms": _signed_ms,
-        "reply": _reply_text,
+        "reply": reply_text,
         "outcome_text": _outcome_text,
         "verdict_class": _verdict_class,
     }

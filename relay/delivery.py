@@ -97,13 +97,132 @@ async def send(
     options: list[str],
     helo: str,
 ) -> Attempt:
-    """One transaction carrying `rcpts`; a reply for every one of them.
+    """One transaction on a new connection, closed afterwards (see `Agent.send`)."""
+    return await _ONE_SHOT.send(cfg, mail_from, rcpts, content, options, helo)
 
-    Never raises for anything the provider or the network does: every failure
-    becomes a `Reply` (code None when no reply came). Duplicate recipients are
-    sent once and share the reply.
+
+@dataclass(eq=False)
+class _Session:
+    """An open, greeted (and, as configured, secured and authenticated) connection."""
+
+    smtp: aiosmtplib.SMTP
+    cfg: ProviderSettings
+    tls: str | None
+    opened: float
+    uses: int = 0
+    idle: asyncio.TimerHandle | None = None
+
+
+_Key = tuple[str, int, str, str | None, str]
+
+
+class Agent:
+    """The delivery agent: one transaction per call, over cached connections.
+
+    After a successful transaction the connection waits (at most `idle`
+    seconds) for the next transaction to the same provider, like Postfix's
+    connection cache (smtp_connection_cache_time_limit 2 s, reuse limits
+    300 s / 100 transactions). A cached connection that turns out to be gone
+    when MAIL is sent is replaced at once by a new one: nothing of the
+    transaction had reached the provider. `max_uses=0` disables the cache.
     """
-    rcpts = list(dict.fromkeys(rcpts))
+
+    def __init__(self, idle: float = 2.0, max_uses: int = 100, max_age: float = 300.0):
+        self.idle = idle
+        self.max_uses = max_uses
+        self.max_age = max_age
+        self._cache: dict[_Key, list[_Session]] = {}
+
+    async def send(
+        self,
+        cfg: ProviderSettings,
+        mail_from: str,
+        rcpts: list[str],
+        content: bytes,
+        options: list[str],
+        helo: str,
+    ) -> Attempt:
+        """One transaction carrying `rcpts`; a reply for every one of them.
+
+        Never raises for anything the provider or the network does: every
+        failure becomes a `Reply` (code None when no reply came). Duplicate
+        recipients are sent once and share the reply.
+        """
+        rcpts = list(dict.fromkeys(rcpts))
+        key: _Key = (cfg.host, cfg.port, cfg.tls, cfg.username, helo)
+        session = self._take(key)
+        if session is not None:
+            attempt = Attempt({}, tls=session.tls)
+            outcome = await _guarded(session, mail_from, rcpts, content, options, attempt)
+            if outcome != "stale":
+                self._release(key, session, outcome == "reusable")
+                return attempt
+            session.smtp.close()  # gone while cached: nothing was sent, go again
+        attempt = Attempt({})
+        try:
+            session = await _open(cfg, helo)
+        except _Failed as failed:
+            _fill(attempt, rcpts, failed.reply)
+            return attempt
+        attempt.tls = session.tls
+        outcome = await _guarded(session, mail_from, rcpts, content, options, attempt)
+        self._release(key, session, outcome == "reusable")
+        return attempt
+
+    def _take(self, key: _Key) -> _Session | None:
+        idle = self._cache.get(key)
+        while idle:
+            session = idle.pop()  # the most recently used: the warmest
+            if session.idle is not None:
+                session.idle.cancel()
+            if session.smtp.is_connected:
+                return session
+            session.smtp.close()
+        return None
+
+    def _release(self, key: _Key, session: _Session, reusable: bool) -> None:
+        session.uses += 1
+        loop = asyncio.get_running_loop()
+        if (
+            not reusable
+            or not session.smtp.is_connected
+            or session.uses >= self.max_uses
+            or loop.time() - session.opened >= self.max_age
+        ):
+            if session.smtp.is_connected:
+                # QUIT after returning: the caller records the outcome a round trip
+                # sooner, which narrows the window in which a crash makes a duplicate.
+                _quit_later(session.smtp, session.cfg)
+            else:
+                session.smtp.close()
+            return
+        session.idle = loop.call_later(self.idle, self._expire, key, session)
+        self._cache.setdefault(key, []).append(session)
+
+    def _expire(self, key: _Key, session: _Session) -> None:
+        idle = self._cache.get(key, [])
+        if session in idle:
+            idle.remove(session)
+            _quit_later(session.smtp, session.cfg)
+
+    async def close(self) -> None:
+        """Close every cached connection (QUIT written, not waited for)."""
+        cache, self._cache = self._cache, {}
+        for sessions in cache.values():
+            for session in sessions:
+                if session.idle is not None:
+                    session.idle.cancel()
+                if session.smtp.protocol is not None:
+                    with contextlib.suppress(Exception):
+                        session.smtp.protocol.write(b"QUIT\r\n")
+                session.smtp.close()
+
+
+_ONE_SHOT = Agent(max_uses=0)
+
+
+async def _open(cfg: ProviderSettings, helo: str) -> _Session:
+    """Connect, EHLO, STARTTLS and AUTH as `cfg` says; raise `_Failed` otherwise."""
     smtp = aiosmtplib.SMTP(
         hostname=cfg.host,
         port=cfg.port,
@@ -113,9 +232,7 @@ async def send(
         start_tls=False,  # never aiosmtplib's opportunistic default (DESIGN trap 9)
         tls_context=tls_context(cfg) if cfg.tls != "none" else None,
     )
-    attempt = Attempt({})
     stage: Stage = "connect"
-    quitting = False
     try:
         await smtp.connect(timeout=cfg.connect_timeout)
         await _hello(smtp)  # aiosmtplib does not EHLO on connect: no extensions known before
@@ -124,10 +241,62 @@ async def send(
             await _hello(smtp)  # RFC 3207: forget what was learnt before TLS
         stage = "auth"
         await _authenticate(smtp, cfg)
-        attempt.tls = _tls_version(smtp)
-        stage = "mail"
+    except _Failed:
+        smtp.close()
+        raise
+    except Exception as exc:  # every failure becomes a reply
+        smtp.close()
+        raise _Failed(_error_reply(exc, stage)) from exc
+    except BaseException:  # cancelled (shutdown)
+        smtp.close()
+        raise
+    return _Session(smtp, cfg, _tls_version(smtp), asyncio.get_running_loop().time())
+
+
+async def _guarded(
+    session: _Session,
+    mail_from: str,
+    rcpts: list[str],
+    content: bytes,
+    options: list[str],
+    attempt: Attempt,
+) -> Literal["reusable", "closed", "stale"]:
+    """`_transaction`, closing the connection if the attempt is cancelled (shutdown)."""
+    try:
+        return await _transaction(session, mail_from, rcpts, content, options, attempt)
+    except BaseException:
+        session.smtp.close()
+        raise
+
+
+async def _transaction(
+    session: _Session,
+    mail_from: str,
+    rcpts: list[str],
+    content: bytes,
+    options: list[str],
+    attempt: Attempt,
+) -> Literal["reusable", "closed", "stale"]:
+    """MAIL, RCPT…, DATA on an open session, filling `attempt.replies`.
+
+    "stale": a reused session broke before MAIL was answered (nothing filled);
+    "reusable": the transaction ended with a 250 and the session is clean.
+    """
+    smtp, cfg = session.smtp, session.cfg
+    reused = session.uses > 0
+    stage: Stage = "mail"
+    try:
         mail_options = _mail_options(smtp, options, len(content))
-        await smtp.mail(mail_from, options=mail_options, encoding="utf-8")
+        try:
+            await smtp.mail(mail_from, options=mail_options, encoding="utf-8")
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+            if reused:
+                return "stale"
+            raise
+        except SMTPResponseException as exc:
+            if reused and exc.code == 421:
+                return "stale"
+            raise
         stage = "rcpt"
         accepted = []
         for rcpt in rcpts:
@@ -137,8 +306,7 @@ async def send(
             except aiosmtplib.SMTPRecipientRefused as exc:
                 attempt.replies[rcpt] = Reply.from_smtp(exc.code, exc.message, "rcpt")
         if not accepted:
-            quitting = _quit_later(smtp, cfg)
-            return attempt
+            return "closed"  # a transaction is still open: not worth an RSET
         stage = "data"
         start = await smtp.execute_command(b"DATA")
         if start.code != 354:
@@ -153,17 +321,14 @@ async def send(
             attempt.remote_id = m.group(1) if m else None
         for rcpt in accepted:
             attempt.replies[rcpt] = done
-        # QUIT after returning: the caller records the outcome a round trip sooner,
-        # which narrows the window in which a crash makes a duplicate.
-        quitting = _quit_later(smtp, cfg)
+        return "reusable" if done.ok else "closed"
     except _Failed as failed:
         _fill(attempt, rcpts, failed.reply)
+        return "reusable"  # refused before MAIL was sent: the session is untouched
     except Exception as exc:  # every failure becomes a reply
         _fill(attempt, rcpts, _error_reply(exc, stage))
-    finally:
-        if not quitting:
-            smtp.close()
-    return attempt
+        smtp.close()
+        return "closed"
 
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.config import ProviderSettings, RelaySettings
-from relay.delivery import Attempt, Reply, send
+from relay.delivery import Agent, Attempt, Reply
 from relay.log import DeliveryLog, oplog
 from relay.spool import Spool, SpoolError, Stored
 
@@ -102,14 +102,15 @@ class Scheduler:
         log: DeliveryLog,
         clock: Clock | None = None,
         rng: random.Random | None = None,
-        sender: Sender = send,
+        sender: Sender | None = None,
     ):
         self.settings = settings
         self.spool = spool
         self.log = log
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
-        self.sender = sender
+        self.agent = Agent()  # cached provider connections (the default sender)
+        self.sender: Sender = sender or self.agent.send
         self.on_final_failure: FinalFailure | None = None
         self.messages: dict[str, Message] = {}
         self._heaps: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PROVIDERS}
@@ -200,6 +201,7 @@ class Scheduler:
             t.cancel()
         await asyncio.gather(*self._workers, *self._in_flight, return_exceptions=True)
         self._workers.clear()
+        await self.agent.close()
 
     async def _worker(self, provider: str) -> None:
         while not self._stopping:

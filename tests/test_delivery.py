@@ -727,6 +727,70 @@ async def test_auth_not_offered_is_deferred(
     assert "AUTH" in e["smtp_response"]
 
 
+# ----------------------------------------------------------------- connection reuse
+
+
+async def test_connections_are_reused(make_env: Factory) -> None:
+    env = await make_env()
+    sent = []
+    for n in range(1, 6):
+        sent.append(await env.send(["alice@example.com"]))
+        await env.wait_events(2 * n, outcome="delivered")
+    assert env.legacy.connections == env.new.connections == 1
+    assert [m.connection for m in env.legacy.messages] == [1] * 5
+    for s in sent:
+        assert_faithful(copies(env.legacy, s.marker)[0], s)
+    assert "QUIT" not in env.legacy.commands
+
+
+async def test_a_cached_connection_gone_is_replaced_at_once(make_env: Factory) -> None:
+    env = await make_env()
+    await env.send(["zed@example.com"])
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    await env.legacy.stop()  # closes every connection, the cached one too
+    await env.legacy.start()
+    await env.send(["zed@example.com"])
+    [_, e] = await env.wait_events(2, provider="legacy", outcome="delivered")
+    assert e["attempt"] == 1
+    assert env.legacy.connections == 2
+
+
+async def test_a_cached_connection_breaking_at_mail_is_retried_on_a_new_one(
+    make_env: Factory,
+) -> None:
+    env = await make_env()
+    await env.send(["zed@example.com"])
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    env.legacy.add(Rule("drop", stage="mail", times=1))  # the cached one dies at MAIL
+    sent = await env.send(["zed@example.com"])
+    [_, e] = await env.wait_events(2, provider="legacy")
+    assert (e["outcome"], e["attempt"]) == ("delivered", 1)
+    assert env.legacy.connections == 2
+    assert len(copies(env.legacy, sent.marker)) == 1
+    assert env.events(outcome="deferred") == []
+
+
+async def test_a_new_connection_breaking_at_mail_defers(make_env: Factory) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("drop", stage="mail", times=1))
+    env = await make_env(legacy=legacy)
+    await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"]) == ("deferred", None)
+
+
+async def test_reused_tls_session_stays_tls(make_env: Factory, server_tls: ssl.SSLContext) -> None:
+    legacy = Provider("legacy", starttls=True, tls_context=server_tls)
+    env = await make_env(legacy=legacy, legacy_cfg={"tls": "starttls"})
+    for n in (1, 2):
+        await env.send(["zed@example.com"])
+        await env.wait_events(n, provider="legacy", outcome="delivered")
+    assert all(e["tls"] for e in env.events(provider="legacy"))
+    assert [m.tls for m in env.legacy.messages] == [True, True]
+    assert env.legacy.connections == 1
+    assert env.legacy.commands.count("STARTTLS") == 1
+
+
 # ------------------------------------------------------------- robustness of the engine
 
 

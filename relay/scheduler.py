@@ -143,6 +143,9 @@ class Scheduler:
             d.status, d.attempts = s["s"], s.get("n", d.attempts)
             d.due, d.last = s.get("due", 0.0), s.get("r", d.last)
         msg = Message(queue_id, envelope, deliveries)
+        for d in deliveries:
+            if d.status == "pending":  # never tried: due since it arrived (FIFO with retries)
+                d.due = min(msg.received, self.clock.now())
         if msg.done:
             self.spool.remove(queue_id)
             return
@@ -307,6 +310,10 @@ class Scheduler:
         now = self.clock.now()
         expired_age = now - msg.received >= self.settings.retry.max_age
         factor = self.rng.uniform(0.9, 1.1)  # one per attempt: its deferrals stay together
+        # "452 4.5.3 Too many recipients" next to accepted ones is a per-transaction
+        # limit, not a failure: the rest go at once in the next transaction (as
+        # Postfix does). Some recipient got through, so this cannot loop.
+        progress = any(r.ok for r in result.replies.values())
         states, events, failed = [], [], []
         for d in batch:
             reply = result.replies.get(d.plan["delivered_to"]) or Reply(
@@ -321,7 +328,8 @@ class Scheduler:
                 d.status = "expired"
             else:
                 d.status = "deferred"
-                d.due = now + self.backoff(d.attempts, factor)
+                too_many = reply.code == 452 and reply.enhanced == "4.5.3"
+                d.due = now if too_many and progress else now + self.backoff(d.attempts, factor)
             d.last = _reply_text(reply)
             states.append({"i": d.index, "s": d.status, "n": d.attempts, "due": d.due, "r": d.last})
             events.append((d, reply))

@@ -490,6 +490,44 @@ async def test_partial_acceptance(make_env: Factory) -> None:
     assert late["attempt"] == 2
 
 
+async def test_too_many_recipients_go_at_once_in_a_new_transaction(make_env: Factory) -> None:
+    legacy = Provider("legacy")
+    legacy.add(Rule("defer", rcpt="r3@example.com", code=452, text="4.5.3 Too many recipients",
+                    times=1))  # fmt: skip
+    env = await make_env(legacy=legacy)
+    sent = await env.send(["r1@example.com", "r2@example.com", "r3@example.com"])
+    events = await env.wait_events(4, provider="legacy")  # no clock advance needed
+    assert [(e["rcpt"], e["outcome"], e["attempt"]) for e in events][-1] == (
+        "r3@example.com", "delivered", 2,
+    )  # fmt: skip
+    got = copies(env.legacy, sent.marker)
+    assert [m.rcpts for m in got] == [["r1@example.com", "r2@example.com"], ["r3@example.com"]]
+
+
+async def test_new_messages_do_not_overtake_due_retries() -> None:
+    """The heap is in time order: a retry due at 990 goes before mail that arrived at
+    995, and both before a retry due later; arrival order among new messages."""
+    clock = FakeClock(1000.0)
+    s = Scheduler(config.RelaySettings(), cast(Any, None), cast(Any, None), clock=clock)
+    plan = [{"rcpt": "zed@example.com", "provider": "legacy", "delivered_to": "zed@example.com",
+             "role": "primary", "group": None, "mode": None, "pilot": False}]  # fmt: skip
+    s.add("late-retry", {"received_epoch": 100.0, "plan": plan}, [{"i": 0, "s": "deferred",
+          "n": 2, "due": 999.0}])  # fmt: skip
+    s.add("new-1", {"received_epoch": 995.0, "plan": plan})
+    s.add("retry", {"received_epoch": 900.0, "plan": plan}, [{"i": 0, "s": "deferred", "n": 1,
+          "due": 990.0}])  # fmt: skip
+    s.add("new-2", {"received_epoch": 996.0, "plan": plan})
+    s.add("future", {"received_epoch": 900.0, "plan": plan}, [{"i": 0, "s": "deferred", "n": 1,
+          "due": 1060.0}])  # fmt: skip
+    order = []
+    for _ in range(4):
+        msg = await s._take("legacy")
+        assert msg is not None
+        order.append(msg.queue_id)
+    assert order == ["retry", "new-1", "new-2", "late-retry"]
+    assert s._heaps["legacy"][0][2] == "future"  # not due yet
+
+
 async def test_every_recipient_refused_and_5xx_at_mail(make_env: Factory) -> None:
     legacy = Provider("legacy")
     legacy.add(Rule("defer", stage="rcpt", code=451, times=2))

@@ -190,14 +190,14 @@ class Scheduler:
     async def drain(self, timeout: float) -> None:
         """Stop taking work; let attempts in flight finish, then cancel the rest.
 
-        The wait ends a little before `timeout` (10 %, at most 1 s) so that the
-        whole shutdown, state records and process exit included, fits in
-        `shutdown_timeout`. A cancelled attempt stays queued: its deliveries are
+        The wait ends a little before `timeout` (a quarter of it, at most 1 s) so
+        that the whole shutdown, state records and process exit included, fits
+        in `shutdown_timeout`. A cancelled attempt stays queued: its deliveries are
         retried after the restart (the provider may already have the message).
         """
         self._stopping = True
         self.wake()
-        budget = max(0.0, timeout - min(1.0, timeout * 0.1))
+        budget = max(0.0, timeout - min(1.0, timeout / 4))
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=budget)
         for t in self._workers + list(self._in_flight):

@@ -80,7 +80,7 @@ async def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(tmp_path: Pa
         f"{t.duplicates}; idle stop {idle_stop:.2f} s"
     )
     assert code == 0, stderr
-    assert took <= SHUTDOWN_TIMEOUT + 0.3, f"took {took:.2f} s"
+    assert took <= SHUTDOWN_TIMEOUT, f"took {took:.2f} s"
     assert "relay stopped" in stderr
     assert len(left) >= 3  # the cut-off deliveries stayed queued
     assert code2 == 0

@@ -54,13 +54,12 @@ def spool_lock(spool: Spool, wait: bool = False) -> Iterator[IO[str] | None]:
 def load_scheduler(settings: RelaySettings, spool: Spool, log: DeliveryLog) -> Scheduler:
     """A scheduler holding the spool's current state (not started: nothing is sent)."""
     sched = Scheduler(settings, spool, log)
-    stored = []
     for qid in spool.queue_ids():
         try:
-            stored.append(spool.load(qid))
+            s = spool.load(qid)
         except (ValueError, OSError):
             continue  # torn, or removed while we read: the relay deals with it
-    sched.recover(stored)
+        sched.add(s.queue_id, s.envelope, s.states)
     return sched
 
 
@@ -118,7 +117,7 @@ async def execute(
     sched: Scheduler, op: str, queue_id: str | None, provider: str | None
 ) -> dict[str, Any]:
     if op == "retry":
-        return {"count": sched.retry_now(queue_id)}
+        return {"count": await sched.retry(queue_id)}
     if op == "delete":
         if not queue_id:
             raise QueueError("delete needs a queue id")

@@ -135,8 +135,11 @@ class Scheduler:
 
     def add(
         self, queue_id: str, envelope: dict[str, Any], states: list[dict[str, Any]] | None = None
-    ) -> None:
-        """A committed message (new, or recovered with its state history)."""
+    ) -> bool:
+        """Queue a committed message (new, or recovered with its state history).
+
+        Returns False for a message whose deliveries are all final already.
+        """
         deliveries = [DeliveryState(i, p) for i, p in enumerate(envelope["plan"])]
         for s in states or []:
             d = deliveries[s["i"]]
@@ -147,15 +150,17 @@ class Scheduler:
             if d.status == "pending":  # never tried: due since it arrived (FIFO with retries)
                 d.due = min(msg.received, self.clock.now())
         if msg.done:
-            self.spool.remove(queue_id)
-            return
+            return False
         self.messages[queue_id] = msg
         for provider in {d.provider for d in deliveries if not d.final}:
             self._push(msg, provider)
+        return True
 
     def recover(self, stored: list[Stored]) -> None:
+        """At start: queue what is unfinished, tidy away what a crash left finished."""
         for s in stored:
-            self.add(s.queue_id, s.envelope, s.states)
+            if not self.add(s.queue_id, s.envelope, s.states):
+                self.spool.remove(s.queue_id)
 
     def _push(self, msg: Message, provider: str) -> None:
         open_ = msg.open(provider)
@@ -360,20 +365,27 @@ class Scheduler:
 
     # -- administration ------------------------------------------------------------------
 
-    def retry_now(self, queue_id: str | None = None) -> int:
-        """Make open deliveries due now; returns how many."""
+    async def retry(self, queue_id: str | None = None) -> int:
+        """Make open deliveries (of one message, or all) due now, durably; returns how many."""
         now, count = self.clock.now(), 0
-        for msg in (
-            [self.messages[queue_id]]
-            if queue_id in self.messages
-            else (list(self.messages.values()) if queue_id is None else [])
-        ):
-            for d in msg.deliveries:
-                if not d.final:
-                    d.due = now
-                    count += 1
-            for provider in {d.provider for d in msg.deliveries if not d.final}:
+        if queue_id is None:
+            messages = list(self.messages.values())
+        else:
+            messages = [self.messages[queue_id]] if queue_id in self.messages else []
+        for msg in messages:
+            due = [d for d in msg.deliveries if not d.final]
+            for d in due:
+                d.due = now
+            await self.spool.record(
+                msg.queue_id,
+                [
+                    {"i": d.index, "s": d.status, "n": d.attempts, "due": now, "r": d.last}
+                    for d in due
+                ],
+            )
+            for provider in {d.provider for d in due}:
                 self._push(msg, provider)
+            count += len(due)
         return count
 
     async def delete(self, queue_id: str, provider: str | None = None) -> int:

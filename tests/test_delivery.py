@@ -860,8 +860,8 @@ async def test_one_attempt_per_message_and_provider_at_a_time(make_env: Factory)
     sent = await env.send(["zed@example.com"])
     await env.wait_events(1, provider="legacy")
     await env.idle()
-    env.relay.scheduler.retry_now(sent.queue_id)
-    env.relay.scheduler.retry_now(sent.queue_id)
+    await env.relay.scheduler.retry(sent.queue_id)
+    await env.relay.scheduler.retry(sent.queue_id)
     await env.wait_events(2, provider="legacy")
     await env.idle()
     await asyncio.sleep(0.1)
@@ -870,13 +870,13 @@ async def test_one_attempt_per_message_and_provider_at_a_time(make_env: Factory)
 
 
 async def test_concurrent_attempts_of_one_message_are_serialised(make_env: Factory) -> None:
-    """retry_now while an attempt is in flight must not send the message twice."""
+    """retry while an attempt is in flight must not send the message twice."""
     legacy = Provider("legacy")
     legacy.add(Rule("hang", stage="after_data", times=1))
     env = await make_env(legacy=legacy, legacy_cfg={"data_timeout": 0.5})
     sent = await env.send(["zed@example.com"])
     await env.legacy.wait_until(lambda: bool(env.legacy.dropped_after_data), what="hang")
-    env.relay.scheduler.retry_now(sent.queue_id)
+    await env.relay.scheduler.retry(sent.queue_id)
     await env.wait_events(1, provider="legacy")
     env.clock.advance(67)
     await env.wait_events(1, provider="legacy", outcome="delivered")

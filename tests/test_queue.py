@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from relay import queue
+from relay.app import Relay
 from relay.testing import Rule
 from tests.conftest import RelayEnv
 
@@ -125,3 +126,25 @@ async def test_delete_and_retry_race_completing_attempts(relay_env, monkeypatch)
         assert [e["attempt"] for e in attempts] == list(range(1, len(attempts) + 1))
     assert deleted_first and delivered_first, (deleted_first, delivered_first)
     assert not list(env.cfg.relay.spool.glob("queue/*.msg"))
+
+
+async def test_offline_retry_is_durable_and_list_is_read_only(relay_env) -> None:
+    env = await relay_env()
+    await legacy_down(env)
+    qid = await env.send(["zed@example.com"])
+    await env.wait_for(lambda: bool(env.events("delivery")), what="first attempt")
+    await env.relay.stop()  # next attempt would be in ~60 s
+    code, out = await cli(env, "retry", qid)
+    assert (code, out.strip()) == (0, "1 deliveries made due now")
+    files = sorted(p.name for p in (env.cfg.relay.spool / "queue").iterdir())
+    await cli(env, "list")
+    assert sorted(p.name for p in (env.cfg.relay.spool / "queue").iterdir()) == files
+
+    await env.legacy.start()
+    again = Relay(env.cfg)
+    await again.start()
+    try:
+        await env.legacy.wait_for_messages(1, timeout=5)
+    finally:
+        await again.stop()
+    assert [e["outcome"] for e in env.events("delivery")] == ["deferred", "delivered"]

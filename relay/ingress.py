@@ -399,7 +399,7 @@ class IngressHandler:
         spool: Spool,
         log: DeliveryLog,
         pilots: Callable[[], PilotTable],
-        on_queued: Callable[[str, dict[str, Any]], None] | None = None,
+        on_queued: Callable[[str, dict[str, Any]], object] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ):
         self.settings = settings

@@ -8,13 +8,15 @@ for a DSN, never for a shadow delivery: the sender never hears of the pilot.
 from __future__ import annotations
 
 import asyncio
+import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import Message as EmailMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.mime.text import MIMEText
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime, make_msgid
 from typing import Any
 
@@ -46,8 +48,16 @@ def build_dsn(
     failures: list[Failure],
     headers: bytes,
 ) -> bytes:
-    """The multipart/report message, CRLF line endings."""
-    report = MIMEMultipart("report", report_type="delivery-status")
+    """The multipart/report message, CRLF line endings.
+
+    With a non-ASCII address or header it is an RFC 6533 report (global-*
+    parts, sent with SMTPUTF8); otherwise plain RFC 3464.
+    """
+    utf8 = (
+        not all(x.isascii() for x in (sender, *(f.rcpt for f in failures))) or not headers.isascii()
+    )
+    kind = "global-delivery-status" if utf8 else "delivery-status"
+    report = MIMEMultipart("report", report_type=kind)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = sender
     report["Subject"] = "Undelivered Mail Returned to Sender"
@@ -63,31 +73,43 @@ def build_dsn(
     lines += [f"<{f.rcpt}>: {f.diagnostic}" for f in failures]
     report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
 
-    status = MIMENonMultipart("message", "delivery-status")
     blocks = [
-        _fields(
+        [
             ("Reporting-MTA", f"dns; {hostname}"),
             ("X-Relay-Queue-ID", queue_id),
             ("Arrival-Date", format_datetime(arrival)),
-        )
+        ]
     ]
     blocks += [
-        _fields(
-            ("Final-Recipient", f"rfc822; {f.rcpt}"),
+        [
+            ("Final-Recipient", f"{'utf-8' if utf8 else 'rfc822'}; {f.rcpt}"),
             ("Action", "failed"),
             ("Status", f.status),
             ("Remote-MTA", f"dns; {f.remote_mta}"),
             ("Diagnostic-Code", f"smtp; {f.diagnostic}"),
-        )
+        ]
         for f in failures
     ]
-    status.set_payload(blocks)  # type: ignore[arg-type]
+    if utf8:
+        text = "\r\n".join("".join(f"{k}: {v}\r\n" for k, v in b) for b in blocks)
+        status = _base64_part(kind, text.encode())
+        original = _base64_part("global-headers", headers)
+    else:
+        status = MIMENonMultipart("message", kind)
+        status.set_payload([_fields(*b) for b in blocks])
+        original = MIMENonMultipart("text", "rfc822-headers")
+        original.set_payload(headers.decode("ascii").replace("\r\n", "\n"))
     report.attach(status)
+    report.attach(original)
+    return EmailMessage.as_bytes(report, policy=SMTPUTF8 if utf8 else SMTP)
 
-    rfc822 = MIMENonMultipart("text", "rfc822-headers")
-    rfc822.set_payload(headers.decode("utf-8", "surrogateescape").replace("\r\n", "\n"))
-    report.attach(rfc822)
-    return EmailMessage.as_bytes(report, policy=SMTP)
+
+def _base64_part(subtype: str, data: bytes) -> MIMENonMultipart:
+    """An RFC 6533 message/global-* part; base64 keeps its UTF-8 intact on any path."""
+    part = MIMENonMultipart("message", subtype)
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(base64.encodebytes(data).decode("ascii"))
+    return part
 
 
 def _fields(*pairs: tuple[str, str]) -> EmailMessage:
@@ -109,11 +131,19 @@ def failure_status(outcome: str, code: int | None, enhanced: str | None) -> str:
 class Bouncer:
     """Turns final failures of primary deliveries into queued DSNs."""
 
-    def __init__(self, spool: Spool, log: DeliveryLog, hostname: str, remote_mta: Any):
+    def __init__(
+        self,
+        spool: Spool,
+        log: DeliveryLog,
+        hostname: str,
+        remote_mta: Callable[[str], str],
+        clock: Callable[[], float],
+    ):
         self.spool = spool
         self.log = log
         self.hostname = hostname
         self.remote_mta = remote_mta  # provider name → host, for Remote-MTA
+        self.clock = clock  # the scheduler's: expiry and latency use the same time
         self.enqueue: Any = None  # set by the app: scheduler.add
 
     async def bounce(
@@ -145,14 +175,15 @@ class Bouncer:
             headers=original_headers(content),
         )
         dsn_id = new_queue_id()
-        now = datetime.now(UTC)
+        now = datetime.fromtimestamp(self.clock(), UTC)
         plan = [
             {"rcpt": sender, "provider": "bounce", "delivered_to": sender, "role": "primary",
              "group": None, "mode": None, "pilot": False}
         ]  # fmt: skip
         record = {
             "queue_id": dsn_id, "received": utc_ts(now), "received_epoch": now.timestamp(),
-            "mail_from": "", "rcpts": [sender], "options": [], "client_ip": None,
+            "mail_from": "", "rcpts": [sender],
+            "options": [] if sender.isascii() else ["SMTPUTF8"], "client_ip": None,
             "message_id": None, "size": len(dsn), "forwarded": False, "plan": plan, "dsn": True,
             "dsn_for": queue_id,
         }  # fmt: skip

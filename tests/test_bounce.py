@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import email
+import re
 from email.message import Message
 
 import aiosmtplib
@@ -149,3 +151,32 @@ async def test_forward_networks_restrict_forward_domains(relay_env) -> None:
     resp = await smtp.rcpt("alice@example.com")  # MX-mode domains stay open to all
     assert resp.code == 250
     await smtp.quit()
+
+
+async def test_utf8_sender_gets_an_rfc6533_dsn_over_smtputf8(relay_env) -> None:
+    env = await relay_env()
+    env.legacy.add(Rule("reject", rcpt="zed@example.com", code=550, text="5.1.1 User unknown"))
+    subject = "Subject: grüße\r\n\r\nhallo\r\n".encode()
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.port, start_tls=False)
+    await smtp.connect()
+    await smtp.sendmail("jörg@exämple.de", ["zed@example.com"], subject,
+                        mail_options=["SMTPUTF8", "BODY=8BITMIME"])  # fmt: skip
+    await smtp.quit()
+    await env.legacy.wait_for_messages(1)
+    (dsn,) = env.legacy.messages
+    assert dsn.mail_from == "" and dsn.rcpts == ["jörg@exämple.de"]
+    assert "SMTPUTF8" in dsn.mail_options
+    msg = email.message_from_bytes(dsn.data)
+    assert msg.get_param("report-type") == "global-delivery-status"
+    kinds = [p.get_content_type() for p in msg.get_payload()]
+    assert kinds == ["text/plain", "message/global-delivery-status", "message/global-headers"]
+    status = raw_part(dsn.data, b"message/global-delivery-status").decode()
+    assert "Final-Recipient: utf-8; zed@example.com" in status and "Status: 5.1.1" in status
+    assert "grüße" in raw_part(dsn.data, b"message/global-headers").decode()
+
+
+def raw_part(data: bytes, ctype: bytes) -> bytes:
+    """A base64 part's bytes (email parses message/* bodies as messages, so read them raw)."""
+    m = re.search(rb"Content-Type: " + ctype + rb".*?\r\n\r\n(.*?)\r\n--", data, re.S)
+    assert m, data
+    return base64.b64decode(m.group(1))

@@ -128,7 +128,9 @@ class Relay:
             return
         self.stopped.set()
         timeout = self.cfg.relay.shutdown_timeout
-        await asyncio.gather(self.ingress.shutdown(timeout), self.scheduler.drain(timeout))
+        # Sessions get what drain() gives attempts: the timeout less a margin for the exit.
+        sessions = max(0.0, timeout - min(1.0, timeout / 4))
+        await asyncio.gather(self.ingress.shutdown(sessions), self.scheduler.drain(timeout))
         if self._metrics_server:
             self._metrics_server.close()
         for t in self._tasks:

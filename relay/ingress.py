@@ -678,4 +678,4 @@ class Ingress:
             s.close_with(Reply.SHUTDOWN)
         # A commit under way when its session closed still finishes and is scheduled.
         if self.handler.storing:
-            await asyncio.wait(set(self.handler.storing), timeout=max(1.0, timeout))
+            await asyncio.wait(set(self.handler.storing), timeout=max(0.5, timeout))

@@ -39,6 +39,12 @@ class _ReopenableFile:
 
     def _open(self) -> IO[str]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+b")  # noqa: SIM115
+        if fh.tell() > 0:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":  # a line torn by a crash: end it so ours stays whole
+                fh.write(b"\n")
+        fh.close()
         return open(self.path, "a", encoding="utf-8", buffering=1)
 
     def write(self, line: str) -> None:

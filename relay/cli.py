@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import click
 
@@ -13,14 +15,24 @@ from relay import config as config_mod
 from relay.report import report_command
 from relay.routing import PilotTable, resolve_recipient, route
 
+T = TypeVar("T")
 
-def _load(path: str) -> config_mod.Config:
+
+def _or_exit(load: Callable[[str], T], path: str) -> T:
+    """Run a config loader; on errors print one `PATH:LINE: KEY: message` each and exit 1."""
     try:
-        return config_mod.load(path)
+        return load(path)
     except config_mod.ConfigError as exc:
         for issue in exc.issues:
             click.echo(str(issue), err=True)
         sys.exit(1)
+
+
+def _load(path: str, warn: bool = False) -> config_mod.Config:
+    cfg = _or_exit(config_mod.load, path)
+    for w in cfg.warnings if warn else ():
+        click.echo(f"warning: {w}", err=True)
+    return cfg
 
 
 def parse_time(value: str) -> datetime:
@@ -53,9 +65,7 @@ def cli() -> None:
 @config_option
 def check(config_path: str) -> None:
     """Validate both YAML files and print the routing table."""
-    cfg = _load(config_path)
-    for w in cfg.warnings:
-        click.echo(f"warning: {w}", err=True)
+    cfg = _load(config_path, warn=True)
     table = PilotTable.build(cfg.pilots, cfg.relay)
     now = datetime.now(UTC)
     rows = [("address", "group", "mode", "legacy", "new", "cutover")]
@@ -136,9 +146,7 @@ def serve(config_path: str) -> None:
     """Run the relay in the foreground."""
     from relay import app
 
-    cfg = _load(config_path)
-    for w in cfg.warnings:
-        click.echo(f"warning: {w}", err=True)
+    cfg = _load(config_path, warn=True)
     sys.exit(app.run(cfg))
 
 
@@ -148,12 +156,7 @@ def queue() -> None:
 
 
 def _queue_settings(config_path: str) -> config_mod.RelaySettings:
-    try:
-        return config_mod.load_relay(config_path)[0]
-    except config_mod.ConfigError as exc:
-        for issue in exc.issues:
-            click.echo(str(issue), err=True)
-        sys.exit(1)
+    return _or_exit(config_mod.load_relay, config_path)[0]
 
 
 @queue.command("list")

@@ -3,19 +3,31 @@
 This module classifies and reports; it decides nothing about retries (that is
 the scheduler's job). aiosmtplib's exceptions are mapped to `Reply` values
 here, at one boundary.
+
+aiosmtplib stays the protocol engine: connecting, EHLO, STARTTLS, AUTH and
+parsing replies. The transaction itself is ours, because that is where its
+per-round-trip and whole-message paths cost time and memory (DESIGN traps 10
+and 11): MAIL, every RCPT and DATA go in one write when the provider offers
+PIPELINING (RFC 2920), and the content is streamed from the spool file in
+chunks, dot-stuffed on the way and otherwise sent exactly as stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import os
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import aiosmtplib
-from aiosmtplib import SMTPException, SMTPResponseException
+from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from relay.config import ProviderSettings
 
@@ -23,6 +35,9 @@ Stage = Literal["connect", "tls", "auth", "mail", "rcpt", "data", "after_data"]
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b\s*")
 _AUTH_CODES = frozenset({530, 534, 535, 538})
 _QUEUED_AS = re.compile(r"queued as\s+<?([^\s>]+)", re.I)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command line (injection)
+
+CHUNK = 256 * 1024  # content read from the spool and written to the provider at a time
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,75 @@ class _Failed(Exception):
         self.reply = reply
 
 
+class ContentError(Exception):
+    """The spool could not give the content back: our fault, never the provider's."""
+
+
+class Content:
+    """A message's content as the spool holds it: CRLF lines, not dot-stuffed.
+
+    `open` opens the spool file and reads the first chunk in one thread hop
+    (for most messages, all of it); later chunks are read by position in a
+    thread, so the event loop never waits on the disk and a transaction
+    retried at once simply reads from the start again. Close it after use.
+    """
+
+    def __init__(self, length: int, head: bytes, fh: BinaryIO | None = None, start: int = 0):
+        self.length = length
+        self._head = head  # the first chunk (without a file: the whole content)
+        self._fh = fh
+        self._start = start
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Content:
+        return cls(len(data), data)
+
+    @classmethod
+    async def open(cls, opener: Callable[[], tuple[BinaryIO, int]]) -> Content:
+        """`opener()` gives (file positioned at the content, its length), as
+        `partial(spool.open_content, queue_id)` does."""
+
+        def _open() -> Content:
+            fh, length = opener()
+            try:
+                start = fh.tell()
+                head = _pread(fh, min(length, CHUNK), start)
+            except BaseException:
+                fh.close()
+                raise
+            return cls(length, head, fh, start)
+
+        return await asyncio.to_thread(_open)
+
+    async def read(self, offset: int) -> bytes:
+        """The next at most `CHUNK` bytes from `offset` (0 ≤ offset < length)."""
+        if self._fh is None:
+            return self._head[offset : offset + CHUNK]
+        if offset == 0:
+            return self._head
+        return await asyncio.to_thread(
+            _pread, self._fh, min(CHUNK, self.length - offset), self._start + offset
+        )
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def _pread(fh: BinaryIO, size: int, position: int) -> bytes:
+    """Exactly `size` bytes at `position` (no shared file offset: safe to repeat)."""
+    try:
+        data = os.pread(fh.fileno(), size, position)
+        while len(data) < size:
+            more = os.pread(fh.fileno(), size - len(data), position + len(data))
+            if not more:
+                raise ContentError(f"content truncated at {position + len(data)}")
+            data += more
+    except OSError as exc:
+        raise ContentError(str(exc)) from exc
+    return data
+
+
 def tls_context(cfg: ProviderSettings) -> ssl.SSLContext:
     """`required`/`implicit` verify certificate and host name; `starttls` does not."""
     ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
@@ -89,11 +173,124 @@ def _error_reply(exc: BaseException, stage: Stage) -> Reply:
     return Reply(None, f"{type(exc).__name__} at {stage}: {exc}", stage)
 
 
+# --------------------------------------------------------------------- the protocol
+
+
+class _Protocol(SMTPProtocol):
+    """aiosmtplib's protocol, able to take the replies to pipelined commands.
+
+    aiosmtplib expects one reply per write: it parses one reply per read and
+    drops whatever arrives while a parsed reply still waits to be picked up
+    (under uvloop several reads can come in one pass of the loop). During one
+    of our transactions (`replies` is a deque) every complete reply is parsed
+    and queued in order instead; outside of them aiosmtplib's own handling
+    applies unchanged (STARTTLS keeps its injection defence).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        connection_lost_callback: Callable[[SMTPProtocol], None] | None = None,
+    ) -> None:
+        super().__init__(loop=loop, connection_lost_callback=connection_lost_callback)
+        self.replies: collections.deque[SMTPResponse] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        replies = self.replies
+        if replies is None:
+            super().data_received(data)
+            return
+        waiter = self._response_waiter
+        if waiter is None:
+            return
+        self._buffer.extend(data)
+        try:
+            while (reply := self._read_response_from_buffer()) is not None:
+                replies.append(reply)
+            if len(self._buffer) > MAX_RESPONSE_LENGTH:
+                raise SMTPResponseException(-1, "Response too long")
+        except Exception as exc:  # out of step with the server: this connection is done
+            del self._buffer[:]
+            if not waiter.done():
+                self._set_response_exception(waiter, exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if replies and not waiter.done():
+            waiter.set_result(replies.popleft())
+
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        replies = self.replies
+        waiter = self._response_waiter
+        if replies and (waiter is None or not waiter.done()):
+            return replies.popleft()  # the waiter, when done, holds an earlier one
+        return await super().read_response(timeout=timeout)
+
+    def begin(self) -> None:
+        """Our transaction starts: every reply from now on is expected and queued."""
+        self.replies = collections.deque()
+        self._response_pending = True
+
+    def end(self) -> int:
+        """Back to aiosmtplib's handling; returns the number of replies left unread."""
+        left = len(self.replies or ())
+        self.replies = None
+        self._response_pending = False
+        return left
+
+
+class _SMTP(aiosmtplib.SMTP):
+    """aiosmtplib's client on `_Protocol`."""
+
+    async def _create_connection(self, timeout: float | None) -> SMTPResponse:
+        # aiosmtplib 5.1.3's own, for a host and port, with `_Protocol` as the protocol.
+        if self.loop is None:
+            raise RuntimeError("No event loop set")
+        protocol = _Protocol(loop=self.loop, connection_lost_callback=self._on_connection_lost)
+        tls = await self._get_tls_context() if self.use_tls else None
+        host, port = self.hostname or "localhost", self.port or self._get_default_port()
+        try:
+            transport, _ = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: protocol, host=host, port=port, ssl=tls,
+                    ssl_handshake_timeout=timeout if tls else None,
+                    local_addr=self.source_address,
+                ),
+                timeout=timeout,
+            )  # fmt: skip
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPConnectTimeoutError(
+                f"Timed out connecting to {host} on port {port}"
+            ) from exc
+        except OSError as exc:
+            raise aiosmtplib.SMTPConnectError(
+                f"Error connecting to {host} on port {port}: {exc}"
+            ) from exc
+        self.protocol = protocol
+        self.transport = transport
+        try:
+            response = await protocol.read_response(timeout=timeout)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise aiosmtplib.SMTPConnectError(
+                f"Error connecting to {host} on port {port}: {exc}"
+            ) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise aiosmtplib.SMTPConnectTimeoutError(
+                "Timed out waiting for server ready message"
+            ) from exc
+        if response.code != 220:
+            raise aiosmtplib.SMTPConnectResponseError(response.code, response.message)
+        return response
+
+
+# ------------------------------------------------------------------------ the agent
+
+
 async def send(
     cfg: ProviderSettings,
     mail_from: str,
     rcpts: list[str],
-    content: bytes,
+    content: Content | bytes,
     options: list[str],
     helo: str,
 ) -> Attempt:
@@ -105,29 +302,35 @@ async def send(
 class _Session:
     """An open, greeted (and, as configured, secured and authenticated) connection."""
 
-    smtp: aiosmtplib.SMTP
+    smtp: _SMTP
     cfg: ProviderSettings
     tls: str | None
     opened: float
     uses: int = 0
+    dirty: bool = False  # a transaction may still be open there: RSET before the next MAIL
     idle: asyncio.TimerHandle | None = None
 
 
 _Key = tuple[str, int, str, str | None, str]
+_Outcome = Literal["reusable", "closed", "stale"]
 
 
 class Agent:
     """The delivery agent: one transaction per call, over cached connections.
 
-    After a successful transaction the connection waits (at most `idle`
-    seconds) for the next transaction to the same provider, like Postfix's
-    connection cache (smtp_connection_cache_time_limit 2 s, reuse limits
-    300 s / 100 transactions). A cached connection that turns out to be gone
-    when MAIL is sent is replaced at once by a new one: nothing of the
-    transaction had reached the provider. `max_uses=0` disables the cache.
+    After a transaction the connection waits (at most `idle` seconds) for the
+    next transaction to the same provider, like Postfix's connection cache
+    (smtp_connection_cache_time_limit 2 s, smtp_connection_reuse_time_limit
+    300 s; like Postfix, no limit on the number of transactions unless
+    `max_uses` sets one; 0 disables the cache). The scheduler runs at most
+    `max_connections` attempts per provider at a time, and a connection is
+    opened only when none is cached, so that is also the most connections a
+    provider sees. A cached connection that turns out to be broken before the
+    final "." of DATA (a reset, an EOF, a 421) is replaced at once by a new one
+    and the transaction sent again: the provider cannot have the message.
     """
 
-    def __init__(self, idle: float = 2.0, max_uses: int = 100, max_age: float = 300.0):
+    def __init__(self, idle: float = 2.0, max_uses: int | None = None, max_age: float = 300.0):
         self.idle = idle
         self.max_uses = max_uses
         self.max_age = max_age
@@ -138,7 +341,7 @@ class Agent:
         cfg: ProviderSettings,
         mail_from: str,
         rcpts: list[str],
-        content: bytes,
+        content: Content | bytes,
         options: list[str],
         helo: str,
     ) -> Attempt:
@@ -148,6 +351,8 @@ class Agent:
         failure becomes a `Reply` (code None when no reply came). Duplicate
         recipients are sent once and share the reply.
         """
+        if isinstance(content, bytes):
+            content = Content.from_bytes(content)
         rcpts = list(dict.fromkeys(rcpts))
         key: _Key = (cfg.host, cfg.port, cfg.tls, cfg.username, helo)
         session = self._take(key)
@@ -157,12 +362,12 @@ class Agent:
             if outcome != "stale":
                 self._release(key, session, outcome == "reusable")
                 return attempt
-            session.smtp.close()  # gone while cached: nothing was sent, go again
+            session.smtp.close()  # broke before the final ".": once more, at once
         attempt = Attempt({})
         try:
             session = await _open(cfg, helo)
         except _Failed as failed:
-            _fill(attempt, rcpts, failed.reply)
+            _fill(attempt.replies, rcpts, failed.reply)
             return attempt
         attempt.tls = session.tls
         outcome = await _guarded(session, mail_from, rcpts, content, options, attempt)
@@ -186,7 +391,8 @@ class Agent:
         if (
             not reusable
             or not session.smtp.is_connected
-            or session.uses >= self.max_uses
+            or self.max_uses == 0
+            or (self.max_uses is not None and session.uses >= self.max_uses)
             or loop.time() - session.opened >= self.max_age
         ):
             if session.smtp.is_connected:
@@ -223,7 +429,7 @@ _ONE_SHOT = Agent(max_uses=0)
 
 async def _open(cfg: ProviderSettings, helo: str) -> _Session:
     """Connect, EHLO, STARTTLS and AUTH as `cfg` says; raise `_Failed` otherwise."""
-    smtp = aiosmtplib.SMTP(
+    smtp = _SMTP(
         hostname=cfg.host,
         port=cfg.port,
         local_hostname=helo,
@@ -246,6 +452,9 @@ async def _open(cfg: ProviderSettings, helo: str) -> _Session:
         raise
     except Exception as exc:  # every failure becomes a reply
         smtp.close()
+        cause = exc.__cause__
+        if stage == "connect" and isinstance(cause, ssl.SSLError):  # implicit TLS handshake
+            raise _Failed(Reply(None, f"TLS failed: {cause}", "tls")) from exc
         raise _Failed(_error_reply(exc, stage)) from exc
     except BaseException:  # cancelled (shutdown)
         smtp.close()
@@ -257,10 +466,10 @@ async def _guarded(
     session: _Session,
     mail_from: str,
     rcpts: list[str],
-    content: bytes,
+    content: Content,
     options: list[str],
     attempt: Attempt,
-) -> Literal["reusable", "closed", "stale"]:
+) -> _Outcome:
     """`_transaction`, closing the connection if the attempt is cancelled (shutdown)."""
     try:
         return await _transaction(session, mail_from, rcpts, content, options, attempt)
@@ -269,86 +478,201 @@ async def _guarded(
         raise
 
 
+# ------------------------------------------------------------------ the transaction
+
+
+class _Closing(Exception):
+    """The provider answered 421 before the final ".": it is closing the connection."""
+
+    def __init__(self, response: SMTPResponse):
+        self.response = response
+
+
 async def _transaction(
     session: _Session,
     mail_from: str,
     rcpts: list[str],
-    content: bytes,
+    content: Content,
     options: list[str],
     attempt: Attempt,
-) -> Literal["reusable", "closed", "stale"]:
-    """MAIL, RCPT…, DATA on an open session, filling `attempt.replies`.
+) -> _Outcome:
+    """MAIL, RCPT…, DATA and the content on an open session, filling `attempt`.
 
-    "stale": a reused session broke before MAIL was answered (nothing filled);
-    "reusable": the transaction ended with a 250 and the session is clean.
+    With PIPELINING (RFC 2920) the commands up to DATA go in one write and
+    their replies are read in order; without it, one round trip each, and
+    no DATA when every recipient was refused. Returns
+
+    - "stale": a reused session broke (or said 421) before the final "." was
+      written; nothing was filled, and the provider cannot have the message;
+    - "reusable": the session is in step and may carry another transaction
+      (after RSET if `session.dirty`);
+    - "closed": the session was closed or must be.
     """
     smtp, cfg = session.smtp, session.cfg
     reused = session.uses > 0
+    try:
+        mail = _command(b"MAIL FROM:", mail_from, _mail_options(smtp, options, content.length))
+        rcpt_commands = [_command(b"RCPT TO:", rcpt, []) for rcpt in rcpts]
+    except _Failed as failed:
+        _fill(attempt.replies, rcpts, failed.reply)
+        return "reusable"  # refused before anything was sent: the session is untouched
+    except ValueError as exc:
+        _fill(attempt.replies, rcpts, _error_reply(exc, "mail"))
+        return "reusable"
+
+    replies: dict[str, Reply] = {}
+    proto = smtp.protocol
     stage: Stage = "mail"
     try:
-        mail_options = _mail_options(smtp, options, len(content))
-        try:
-            await smtp.mail(mail_from, options=mail_options, encoding="utf-8")
-        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
-            if reused:
-                return "stale"
-            raise
-        except SMTPResponseException as exc:
-            if reused and exc.code == 421:
-                return "stale"
-            raise
-        stage = "rcpt"
-        accepted = []
-        for rcpt in rcpts:
+        if not isinstance(proto, _Protocol) or proto._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        async with proto._command_lock:
+            proto.begin()
             try:
-                await smtp.rcpt(rcpt, encoding="utf-8")
-                accepted.append(rcpt)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                attempt.replies[rcpt] = Reply.from_smtp(exc.code, exc.message, "rcpt")
-        if not accepted:
-            return "closed"  # a transaction is still open: not worth an RSET
-        stage = "data"
-        start = await smtp.execute_command(b"DATA")
-        if start.code != 354:
-            raise SMTPResponseException(start.code, start.message)
-        # After the final ".": a break or timeout from here on is a deferral, and
-        # the provider may already have the message.
-        stage = "after_data"
-        resp = await _send_content(smtp, content, cfg.data_timeout)
-        done = Reply.from_smtp(resp.code, resp.message, "after_data")
+                reset, session.dirty = session.dirty, True  # clean again after the final reply
+
+                async def reply() -> SMTPResponse:
+                    response = await proto.read_response(timeout=cfg.command_timeout)
+                    if response.code == 421:
+                        raise _Closing(response)
+                    return response
+
+                data: SMTPResponse | None = None
+                rcpt_replies: list[SMTPResponse] = []
+                if smtp.supports_extension("pipelining"):
+                    _write(proto, *([b"RSET"] if reset else []), mail, *rcpt_commands, b"DATA")
+                    if reset:
+                        await reply()
+                    first = await reply()
+                    stage = "rcpt"
+                    rcpt_replies = [await reply() for _ in rcpt_commands]
+                    stage = "data"
+                    data = await reply()
+                else:
+                    if reset:
+                        _write(proto, b"RSET")
+                        await reply()
+                    _write(proto, mail)
+                    first = await reply()
+                    if first.code == 250:
+                        stage = "rcpt"
+                        for command in rcpt_commands:
+                            _write(proto, command)
+                            rcpt_replies.append(await reply())
+                        if any(r.code in (250, 251) for r in rcpt_replies):
+                            stage = "data"
+                            _write(proto, b"DATA")
+                            data = await reply()
+
+                accepted = []
+                if first.code != 250:
+                    _fill(replies, rcpts, Reply.from_smtp(first.code, first.message, "mail"))
+                else:
+                    for rcpt, r in zip(rcpts, rcpt_replies, strict=True):
+                        if r.code in (250, 251):
+                            accepted.append(rcpt)
+                        else:
+                            replies[rcpt] = Reply.from_smtp(r.code, r.message, "rcpt")
+                    if accepted and data is not None and data.code != 354:
+                        _fill(replies, accepted, Reply.from_smtp(data.code, data.message, "data"))
+                        accepted = []
+                if not accepted:
+                    if data is not None and data.code == 354:
+                        # RFC 2920 §3.1: DATA accepted with no recipient: end it, empty.
+                        _write(proto, b".")
+                        await reply()
+                        session.dirty = False
+                    return _merge(attempt, replies, "reusable")
+
+                stage = "data"
+                await _write_content(proto, content, cfg.command_timeout)
+                # The final "." is written: from here on a break or timeout is a
+                # deferral, and the provider may already have the message.
+                stage = "after_data"
+                final = await proto.read_response(timeout=cfg.data_timeout)
+                session.dirty = False
+            finally:
+                left = proto.end()
+        done = Reply.from_smtp(final.code, final.message, "after_data")
         if done.ok:
-            m = _QUEUED_AS.search(resp.message)
+            m = _QUEUED_AS.search(final.message)
             attempt.remote_id = m.group(1) if m else None
-        for rcpt in accepted:
-            attempt.replies[rcpt] = done
-        return "reusable" if done.ok else "closed"
-    except _Failed as failed:
-        _fill(attempt, rcpts, failed.reply)
-        return "reusable"  # refused before MAIL was sent: the session is untouched
-    except Exception as exc:  # every failure becomes a reply
-        _fill(attempt, rcpts, _error_reply(exc, stage))
+        _fill(replies, accepted, done)
+        if final.code == 421 or left:  # closing, or out of step (more replies than commands)
+            smtp.close()
+            return _merge(attempt, replies, "closed")
+        return _merge(attempt, replies, "reusable")
+    except _Closing as closing:
         smtp.close()
-        return "closed"
+        if reused:
+            return "stale"
+        r = closing.response
+        _fill(replies, rcpts, Reply.from_smtp(r.code, r.message, stage))
+        return _merge(attempt, replies, "closed")
+    except ContentError as exc:  # the spool failed us mid-way: never end DATA with "."
+        smtp.close()
+        _fill(replies, rcpts, Reply(None, f"content unreadable: {exc}", stage))
+        return _merge(attempt, replies, "closed")
+    except Exception as exc:  # every failure becomes a reply
+        smtp.close()
+        broken = isinstance(exc, ConnectionError | aiosmtplib.SMTPServerDisconnected)
+        if reused and broken and stage != "after_data":
+            return "stale"
+        _fill(replies, rcpts, _error_reply(exc, stage))
+        return _merge(attempt, replies, "closed")
 
 
-_LEADING_DOT = re.compile(rb"(?m)^\.")
+def _command(verb: bytes, address: str, options: list[str]) -> bytes:
+    """`MAIL FROM:<a> OPTIONS` / `RCPT TO:<a>`; ValueError for what could inject."""
+    line = b" ".join(
+        [verb + quote_address(address).encode("utf-8"), *(o.encode("ascii") for o in options)]
+    )
+    if _CONTROL.search(line):
+        raise ValueError("control character in a command line")
+    return line
 
 
-async def _send_content(
-    smtp: aiosmtplib.SMTP, content: bytes, timeout: float
-) -> aiosmtplib.SMTPResponse:
-    """Dot-stuff and send the content and the final ".", then read the reply.
+def _write(proto: _Protocol, *commands: bytes) -> None:
+    proto.write(b"".join(c + b"\r\n" for c in commands))
 
-    The spool holds CRLF-only content (ingress normalises or refuses bare
-    newlines), so unlike `SMTP.data()` nothing is rewritten but the stuffing.
+
+async def _write_content(proto: _Protocol, content: Content, timeout: float) -> None:
+    """Send the content dot-stuffed, then the final "."; return once "." is written.
+
+    A line starting with "." gets one more (RFC 5321 §4.5.2), across chunk
+    boundaries too. Nothing else changes: the spool holds CRLF lines already
+    (ingress normalised or refused bare newlines), and long lines pass as they
+    are. After each chunk the transport is drained (flow control), so about one
+    chunk per connection is in memory whatever the message size. Any failure
+    raises before the final "." is written: the provider then never takes a
+    partial message as complete.
     """
-    protocol = smtp.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    if content and not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    protocol.write(_LEADING_DOT.sub(b"..", content) + b".\r\n")
-    return await protocol.read_response(timeout=timeout)
+    offset, length = 0, content.length
+    line_start = True  # the next content byte begins a line
+    last2 = b""  # the content's last two bytes so far
+    while offset < length:
+        chunk = await content.read(offset)
+        offset += len(chunk)
+        data = chunk.replace(b"\n.", b"\n..")
+        if line_start and data[:1] == b".":
+            data = b"." + data
+        line_start = chunk[-1:] == b"\n"
+        last2 = (last2 + chunk[-2:])[-2:]
+        if offset >= length:
+            proto.write(data + (b".\r\n" if last2 == b"\r\n" else b"\r\n.\r\n"))
+            return
+        proto.write(data)
+        if proto._connection_lost:
+            raise ConnectionResetError("Connection lost")
+        if proto._paused:
+            async with asyncio.timeout(timeout):
+                await proto._drain_helper()
+    proto.write(b".\r\n")  # empty content
+
+
+def _merge(attempt: Attempt, replies: dict[str, Reply], outcome: _Outcome) -> _Outcome:
+    attempt.replies.update(replies)
+    return outcome
 
 
 async def _hello(smtp: aiosmtplib.SMTP) -> None:
@@ -360,9 +684,9 @@ async def _hello(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
-def _fill(attempt: Attempt, rcpts: list[str], reply: Reply) -> None:
+def _fill(replies: dict[str, Reply], rcpts: list[str], reply: Reply) -> None:
     for rcpt in rcpts:
-        attempt.replies.setdefault(rcpt, reply)
+        replies.setdefault(rcpt, reply)
 
 
 _quitting: set[asyncio.Task[None]] = set()

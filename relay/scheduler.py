@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import random
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.config import ProviderSettings, RelaySettings
-from relay.delivery import Agent, Attempt, Reply
+from relay.delivery import Agent, Attempt, Content, Reply
 from relay.log import DeliveryLog, oplog
 from relay.spool import Spool, SpoolError, Stored
 
@@ -74,6 +75,9 @@ class Message:
     envelope: dict[str, Any]
     deliveries: list[DeliveryState]
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # attempts (and deletes) working on it: the last one out removes a finished
+    # message, so no state line is appended after its files are gone
+    busy: int = 0
 
     @property
     def received(self) -> float:
@@ -90,7 +94,7 @@ class Message:
         return all(d.final for d in self.deliveries)
 
 
-Sender = Callable[[ProviderSettings, str, list[str], bytes, list[str], str], Awaitable[Attempt]]
+Sender = Callable[[ProviderSettings, str, list[str], Content, list[str], str], Awaitable[Attempt]]
 FinalFailure = Callable[["Message", list[tuple[DeliveryState, Reply]]], Awaitable[None]]
 
 
@@ -212,23 +216,35 @@ class Scheduler:
         await self.agent.close()
 
     async def _worker(self, provider: str) -> None:
+        """One connection slot: takes a due message, hands it to an attempt, repeats.
+
+        The slot is free again as soon as the provider has answered: recording the
+        outcome (a state line fsync'd in the next spool batch, then the log) goes
+        on without it, so the provider's connections are not held up by the disk.
+        """
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             msg = await self._take(provider)
             if msg is None:
                 return
+            sent: asyncio.Future[None] = loop.create_future()
             task = asyncio.create_task(
-                self.attempt(msg, provider), name=f"attempt-{provider}-{msg.queue_id}"
+                self.attempt(msg, provider, sent), name=f"attempt-{provider}-{msg.queue_id}"
             )
             self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-            try:
-                # shielded: a worker cancelled by drain() leaves the attempt to finish
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # one message's bug must not stop the worker
-                oplog.error("delivery attempt failed", queue_id=msg.queue_id, error=repr(exc),
-                            exc_info=exc)  # fmt: skip
+            task.add_done_callback(functools.partial(self._attempt_done, msg.queue_id))
+            # asyncio.wait, unlike awaiting the task, leaves the attempt running when
+            # drain() cancels this worker: attempts in flight may finish.
+            await asyncio.wait((task, sent), return_when=asyncio.FIRST_COMPLETED)
+
+    def _attempt_done(self, queue_id: str, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # one message's bug must not go unnoticed
+            oplog.error("delivery attempt failed", queue_id=queue_id, error=repr(exc),
+                        exc_info=exc)  # fmt: skip
 
     async def _take(self, provider: str) -> Message | None:
         """The next due message for `provider`, claimed; None when stopping."""
@@ -263,38 +279,56 @@ class Scheduler:
 
     # -- one attempt -------------------------------------------------------------------
 
-    async def attempt(self, msg: Message, provider: str) -> None:
+    async def attempt(
+        self, msg: Message, provider: str, sent: asyncio.Future[None] | None = None
+    ) -> None:
         """One transaction at `provider` for the message's open deliveries there.
 
-        Whatever happens (an exception included), the message is afterwards
-        either removed (every delivery final) or back in the provider's heap.
+        `sent` is resolved once the provider's part is over (before the outcome
+        is recorded). Whatever happens (an exception included), the message is
+        afterwards either removed (every delivery final) or back in the
+        provider's heap.
         """
         key = (msg.queue_id, provider)
         self._claimed.add(key)
+        msg.busy += 1
         try:
             async with msg.lock(provider):
                 batch = msg.open(provider)
                 if not batch:
                     return
                 result = await self._send(msg, provider, batch)
+                if sent is not None and not sent.done():
+                    sent.set_result(None)
                 await self._record(msg, provider, batch, result)
         finally:
+            if sent is not None and not sent.done():
+                sent.set_result(None)
             self._claimed.discard(key)
+            msg.busy -= 1
             if msg.done:
-                if self.messages.pop(msg.queue_id, None) is not None:
-                    await asyncio.to_thread(self.spool.remove, msg.queue_id)
+                await self._finish(msg)
             elif msg.queue_id in self.messages:
                 self._push(msg, provider)
+
+    async def _finish(self, msg: Message) -> None:
+        """Remove a message whose deliveries are all final, once nothing records for it."""
+        if msg.done and msg.busy == 0 and self.messages.pop(msg.queue_id, None) is not None:
+            await asyncio.to_thread(self.spool.remove, msg.queue_id)
 
     async def _send(self, msg: Message, provider: str, batch: list[DeliveryState]) -> Attempt:
         rcpts = [d.plan["delivered_to"] for d in batch]
         env = msg.envelope
         try:
-            content = await asyncio.to_thread(self.spool.read_content, msg.queue_id)
-            return await self.sender(
-                self.provider_settings(provider), env["mail_from"], rcpts, content,
-                list(env.get("options", [])), self.settings.listen.hostname,
-            )  # fmt: skip
+            # Streamed from the spool file in chunks, never whole (SPEC: bounded memory).
+            content = await Content.open(functools.partial(self.spool.open_content, msg.queue_id))
+            try:
+                return await self.sender(
+                    self.provider_settings(provider), env["mail_from"], rcpts, content,
+                    list(env.get("options", [])), self.settings.listen.hostname,
+                )  # fmt: skip
+            finally:
+                content.close()
         except Exception as exc:  # our fault, not the provider's: retried, never bounced
             oplog.error("delivery attempt failed", queue_id=msg.queue_id, provider=provider,
                         error=repr(exc), exc_info=exc)  # fmt: skip
@@ -395,21 +429,24 @@ class Scheduler:
             return 0
         providers = [provider] if provider else sorted({d.provider for d in msg.deliveries})
         count = 0
-        for p in providers:
-            async with msg.lock(p):
-                batch = msg.open(p)
-                for d in batch:
-                    d.status = "deleted"
-                if batch:
-                    await self.spool.record(
-                        queue_id, [{"i": d.index, "s": "deleted", "n": d.attempts} for d in batch]
-                    )
-                for d in batch:
-                    self.log.emit("deleted", queue_id=queue_id, rcpt=d.plan["rcpt"], provider=p)
-                count += len(batch)
-        if msg.done:
-            self.messages.pop(queue_id, None)
-            await asyncio.to_thread(self.spool.remove, queue_id)
+        msg.busy += 1
+        try:
+            for p in providers:
+                async with msg.lock(p):
+                    batch = msg.open(p)
+                    for d in batch:
+                        d.status = "deleted"
+                    if batch:
+                        await self.spool.record(
+                            queue_id,
+                            [{"i": d.index, "s": "deleted", "n": d.attempts} for d in batch],
+                        )
+                    for d in batch:
+                        self.log.emit("deleted", queue_id=queue_id, rcpt=d.plan["rcpt"], provider=p)
+                    count += len(batch)
+        finally:
+            msg.busy -= 1
+        await self._finish(msg)
         return count
 
 

@@ -111,9 +111,13 @@ class Content:
         return cls(len(data), data)
 
     @classmethod
-    async def open(cls, opener: Callable[[], tuple[BinaryIO, int]]) -> Content:
+    async def open(
+        cls, opener: Callable[[], tuple[BinaryIO, int]], inline: bool = False
+    ) -> Content:
         """`opener()` gives (file positioned at the content, its length), as
-        `partial(spool.open_content, queue_id)` does."""
+        `partial(spool.open_content, queue_id)` does. `inline`: open and read on
+        the event loop, for a message known to be small (a page-cache read of a
+        few KiB costs less than a thread hop)."""
 
         def _open() -> Content:
             fh, length = opener()
@@ -123,9 +127,12 @@ class Content:
             except BaseException:
                 fh.close()
                 raise
+            if length <= CHUNK:  # all of it read: the file is not needed any more
+                fh.close()
+                return cls(length, head)
             return cls(length, head, fh, start)
 
-        return await asyncio.to_thread(_open)
+        return _open() if inline else await asyncio.to_thread(_open)
 
     async def read(self, offset: int) -> bytes:
         """The next at most `CHUNK` bytes from `offset` (0 ≤ offset < length)."""
@@ -652,6 +659,8 @@ async def _write_content(proto: _Protocol, content: Content, timeout: float) -> 
     last2 = b""  # the content's last two bytes so far
     while offset < length:
         chunk = await content.read(offset)
+        if not chunk:
+            raise ContentError(f"content ended at {offset} of {length} bytes")
         offset += len(chunk)
         data = chunk.replace(b"\n.", b"\n..")
         if line_start and data[:1] == b".":

@@ -676,13 +676,14 @@ async def test_content_streamed_from_file_in_chunks(tmp_path: Path, monkeypatch:
 
 
 async def test_unreadable_content_never_ends_data(tmp_path: Path) -> None:
-    """The spool file shorter than its footer says: DATA is broken off, no "."."""
+    """The spool file shorter than its footer says: DATA is broken off, no ".",
+    and the reply says why (a deferral, never a bounce)."""
     server = Pipeliner()
     await server.start()
     path = tmp_path / "m.msg"
-    path.write_bytes(b"x" * 10)
-    c = await Content.open(lambda: (open(path, "rb"), 10))  # noqa: SIM115
-    c.length = 3 * delivery.CHUNK  # pretend: the file was cut short
+    path.write_bytes(b"x" * (delivery.CHUNK + 10))
+    # the footer says more than the file holds: the first chunk reads, the second fails
+    c = await Content.open(lambda: (open(path, "rb"), 3 * delivery.CHUNK))  # noqa: SIM115
     try:
         attempt = await delivery.send(
             settings_for(server.port), "s@example.org", ["a@example.com"], c, [], "relay.test"

@@ -55,11 +55,18 @@ def free_port() -> int:
 
 
 def write_relay_config(
-    folder: Path, port: int, legacy: Provider, new: Provider, **overrides: Any
+    folder: Path,
+    port: int,
+    legacy: Provider,
+    new: Provider,
+    provider_keys: dict[str, dict[str, Any]] | None = None,
+    **overrides: Any,
 ) -> Path:
+    """`provider_keys`: extra `providers.<name>` keys, e.g. {"legacy": {"username": ...}}."""
+
     def provider(p: Provider) -> dict[str, Any]:
         return {"port": p.port, "connect_timeout": 2, "command_timeout": 5, "data_timeout": 5,
-                "max_connections": 4}  # fmt: skip
+                "max_connections": 4, **(provider_keys or {}).get(p.name, {})}  # fmt: skip
 
     settings: dict[str, Any] = {
         "listen": {"port": port, "hostname": "relay.test"},

@@ -82,13 +82,8 @@ async def test_50mb_message_relayed_to_two_providers_in_bounded_memory(tmp_path:
     await legacy.start()
     await new.start()
     port = free_port()
-    cfg = write_relay_config(tmp_path, port, legacy, new)
-    text = cfg.read_text()  # generous provider timeouts: the test providers parse line by line
-    cfg.write_text(
-        text.replace("command_timeout: 5", "command_timeout: 120").replace(
-            "data_timeout: 5", "data_timeout: 120"
-        )
-    )
+    slow = {"command_timeout": 120, "data_timeout": 120}  # the test providers parse line by line
+    cfg = write_relay_config(tmp_path, port, legacy, new, {"legacy": slow, "new": slow})
     relay = RelayProcess(cfg, port, tmp_path / "relay-stderr.log")
     try:
         relay.start()

@@ -207,13 +207,8 @@ async def test_password_never_in_logs_errors_or_queue_show(
     await legacy.start()
     await new.start()
     port = free_port()
-    common = {"connect_timeout": 2, "command_timeout": 5, "data_timeout": 5}
-    providers = {
-        "legacy": {"port": legacy.port, "username": "relayuser",
-                   "password_env": "RELAY_TEST_SECRET", **common},
-        "new": {"port": new.port, **common},
-    }  # fmt: skip
-    cfg = write_relay_config(tmp_path, port, legacy, new, providers=providers)
+    auth = {"username": "relayuser", "password_env": "RELAY_TEST_SECRET"}
+    cfg = write_relay_config(tmp_path, port, legacy, new, {"legacy": auth})
     relay = RelayProcess(cfg, port, tmp_path / "relay-stderr.log")
     log = tmp_path / "var" / "deliveries.jsonl"
     try:

@@ -146,6 +146,12 @@ class Bouncer:
         self.clock = clock  # the scheduler's: expiry and latency use the same time
         self.enqueue: Any = None  # set by the app: scheduler.add
 
+    def _head(self, queue_id: str) -> bytes:
+        """The start of the message, enough for its header (never the whole body)."""
+        fh, length = self.spool.open_content(queue_id)
+        with fh:
+            return fh.read(min(length, HEADER_LIMIT))
+
     async def bounce(
         self, queue_id: str, envelope: dict[str, Any], failed: list[Any]
     ) -> str | None:
@@ -165,7 +171,7 @@ class Bouncer:
         ]
         if not failures:
             return None
-        content = await asyncio.to_thread(self.spool.read_content, queue_id)
+        content = await asyncio.to_thread(self._head, queue_id)
         dsn = build_dsn(
             hostname=self.hostname,
             sender=sender,

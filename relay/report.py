@@ -747,13 +747,14 @@ class _Builder:
             return True
         if kind == "delivery" or kind == "deleted":
             prov = ev.get("provider")
-            if type(ev.get("rcpt")) is not str or not (type(prov) is str or kind == "deleted"):
+            # a `deleted` event may omit its provider (every provider); otherwise a name
+            if type(ev.get("rcpt")) is not str or not (
+                type(prov) is str or (kind == "deleted" and prov is None)
+            ):
                 return False
             if kind == "delivery" and not _is_one_of(ev.get("outcome"), _DELIVERY_OUTCOMES):
                 return False
             if prov is not None and prov not in _PIDX:  # e.g. the DSNs' "bounce" route
-                if type(prov) is not str:
-                    return False
                 self.stats.events += 1
                 self.stats.other_provider_events += 1
                 return True

@@ -122,6 +122,7 @@ class Scheduler:
         self._wake = {p: asyncio.Event() for p in PROVIDERS}
         self._seq = 0
         self._workers: list[asyncio.Task[None]] = []
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
         # (queue id, provider) taken by a worker and not yet finished: at most one
         # attempt per message and provider, whatever stray heap entries exist.
@@ -224,19 +225,30 @@ class Scheduler:
         on without it, so the provider's connections are not held up by the disk.
         """
         loop = asyncio.get_running_loop()
+        slot = self._slot(provider)
         while not self._stopping:
             msg = await self._take(provider)
             if msg is None:
                 return
-            sent: asyncio.Future[None] = loop.create_future()
-            task = asyncio.create_task(
-                self.attempt(msg, provider, sent), name=f"attempt-{provider}-{msg.queue_id}"
-            )
-            self._in_flight.add(task)
-            task.add_done_callback(functools.partial(self._attempt_done, msg.queue_id))
-            # asyncio.wait, unlike awaiting the task, leaves the attempt running when
-            # drain() cancels this worker: attempts in flight may finish.
-            await asyncio.wait((task, sent), return_when=asyncio.FIRST_COMPLETED)
+            async with slot:
+                sent: asyncio.Future[None] = loop.create_future()
+                task = asyncio.create_task(
+                    self.attempt(msg, provider, sent), name=f"attempt-{provider}-{msg.queue_id}"
+                )
+                self._in_flight.add(task)
+                task.add_done_callback(functools.partial(self._attempt_done, msg.queue_id))
+                # asyncio.wait, unlike awaiting the task, leaves the attempt running when
+                # drain() cancels this worker: attempts in flight may finish.
+                await asyncio.wait((task, sent), return_when=asyncio.FIRST_COMPLETED)
+
+    def _slot(self, provider: str) -> asyncio.Semaphore:
+        """Connection slots per destination: with `bounce: null` DSNs go to the legacy
+        host through the same `max_connections` as legacy's own mail."""
+        cfg = self.provider_settings(provider)
+        key = (cfg.host, cfg.port)
+        if key not in self._slots:
+            self._slots[key] = asyncio.Semaphore(cfg.max_connections)
+        return self._slots[key]
 
     def _attempt_done(self, queue_id: str, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)

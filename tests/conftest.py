@@ -55,13 +55,17 @@ def config_dir(tmp_path: Path) -> Path:
 class RelayEnv:
     """A relay in this process between two loopback providers, plus helpers to drive it."""
 
-    def __init__(self, folder: Path, legacy: Provider, new: Provider, extra: str, pilots: str):
+    def __init__(
+        self, folder: Path, legacy: Provider, new: Provider, extra: str, pilots: str,
+        legacy_opts: str = "",
+    ):  # fmt: skip
         self.folder = folder
         self.legacy = legacy
         self.new = new
         relay_yaml = (
             f"listen: {{port: 0}}\nnode: test-node\ndomains: [example.com, dev.example.com]\n"
-            f"providers:\n  legacy: {{port: {legacy.port}}}\n  new: {{port: {new.port}}}\n"
+            f"providers:\n  legacy: {{port: {legacy.port}{legacy_opts}}}\n"
+            f"  new: {{port: {new.port}}}\n"
             "spool: ../var/spool\nlog: ../var/deliveries.jsonl\nshutdown_timeout: 5\n"
             "limits: {min_free_space: 0}\nmetrics: {port: 0}\n" + extra
         )
@@ -116,12 +120,12 @@ async def relay_env(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Rel
     envs: list[RelayEnv] = []
     providers: list[Provider] = []
 
-    async def make(extra: str = "", pilots: str = PILOTS) -> RelayEnv:
+    async def make(extra: str = "", pilots: str = PILOTS, legacy_opts: str = "") -> RelayEnv:
         legacy, new = Provider("legacy"), Provider("new")
         for p in (legacy, new):
             await p.start()
             providers.append(p)
-        env = RelayEnv(tmp_path / f"env{len(envs)}", legacy, new, extra, pilots)
+        env = RelayEnv(tmp_path / f"env{len(envs)}", legacy, new, extra, pilots, legacy_opts)
         await env.relay.start()
         envs.append(env)
         return env

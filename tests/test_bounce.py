@@ -180,3 +180,14 @@ def raw_part(data: bytes, ctype: bytes) -> bytes:
     m = re.search(rb"Content-Type: " + ctype + rb".*?\r\n\r\n(.*?)\r\n--", data, re.S)
     assert m, data
     return base64.b64decode(m.group(1))
+
+
+async def test_dsns_share_legacys_connection_slots_when_bounce_is_null(relay_env) -> None:
+    env = await relay_env(legacy_opts=", max_connections: 1")
+    env.legacy.add(Rule("reject", rcpt="zed@example.com", code=550, text="5.1.1 User unknown"))
+    for i in range(8):
+        await env.send(["zed@example.com", "yann@example.com"], MSG, sender=f"s{i}@sender.test")
+    await env.legacy.wait_for_messages(16)  # 8 for yann, 8 DSNs
+    await env.wait_idle()
+    assert sum(m.mail_from == "" for m in env.legacy.messages) == 8
+    assert env.legacy.connections == 1

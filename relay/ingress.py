@@ -9,6 +9,7 @@ plan, the durable enqueue, the `received`/`rejected` log events.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import re
 import ssl
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
+from aiosmtpd import smtp as smtp_module
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from relay.config import RelaySettings
@@ -122,12 +124,54 @@ class _CommandLimits(dict[str, int]):
         pass  # ignore aiosmtpd's per-EHLO increments
 
 
+class _CachedIntrospection:
+    """What aiosmtpd's `SMTP.__init__` asks `inspect` and `dir` on every connection,
+    computed once per class: it was 18 % of the event loop's time under load
+    (py-spy, bench/dual_bench.sh). Answers are the same: only names starting
+    with `auth_`, `handle_` and `smtp_` are looked up, and those live on classes.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[type, list[str]] = {}
+        self._signatures: dict[Any, inspect.Signature] = {}
+
+    def _class_names(self, obj: object) -> list[str]:
+        cls = type(obj)
+        if cls not in self._names:
+            self._names[cls] = [n for n in dir(cls) if n.startswith(("auth_", "handle_", "smtp_"))]
+        return self._names[cls]
+
+    def getmembers(self, obj: object) -> list[tuple[str, Any]]:
+        return [(n, getattr(obj, n)) for n in self._class_names(obj) if n.startswith("auth_")]
+
+    def dir(self, obj: object) -> list[str]:
+        return self._class_names(obj)
+
+    def signature(self, fn: Any) -> inspect.Signature:
+        key = (type(fn), getattr(fn, "__func__", fn))
+        if key not in self._signatures:
+            self._signatures[key] = inspect.signature(fn)
+        return self._signatures[key]
+
+
+_introspection = _CachedIntrospection()
+
+
 class RelaySMTP(SMTP):
     line_length_limit = 64 * 1024  # stream-reader buffer; commands are still capped at 512
     command_size_limit = COMMAND_LIMIT
 
     def __init__(self, handler: IngressHandler, **kwargs: Any):
-        super().__init__(handler, **kwargs)
+        # aiosmtpd.smtp looks these names up in its module globals at call time; only
+        # this class's construction (synchronous) sees the cached answers.
+        module = vars(smtp_module)
+        saved = module["inspect"]
+        module["inspect"], module["dir"] = _introspection, _introspection.dir
+        try:
+            super().__init__(handler, **kwargs)
+        finally:
+            module["inspect"] = saved
+            del module["dir"]
         self.command_size_limits = _CommandLimits()
         self.handler = handler
         self.counted = False

@@ -1011,3 +1011,23 @@ async def test_50mb_message_peak_rss_growth_under_100mb(tmp_path: Path) -> None:
             proc.kill()
         sock_l.close()
         sock_n.close()
+
+
+async def test_cached_introspection_builds_the_same_command_tables(tmp_path) -> None:
+    """RelaySMTP answers aiosmtpd's per-connection introspection from a per-class cache."""
+    from aiosmtpd.smtp import SMTP
+
+    from relay.ingress import IngressHandler, RelaySMTP
+
+    handler = IngressHandler.__new__(IngressHandler)
+    loop = asyncio.get_running_loop()
+    fast = RelaySMTP(handler, hostname="x", loop=loop)
+    stock = RelaySMTP.__new__(RelaySMTP)
+    SMTP.__init__(stock, handler, hostname="x", loop=loop)
+    assert sorted(fast._smtp_methods) == sorted(stock._smtp_methods)
+    assert sorted(fast._handle_hooks) == sorted(stock._handle_hooks)
+    assert sorted(fast._auth_methods) == sorted(stock._auth_methods)
+    assert fast._ehlo_hook_ver == stock._ehlo_hook_ver == "new"
+    import aiosmtpd.smtp as module
+
+    assert module.inspect.__name__ == "inspect" and "dir" not in vars(module)

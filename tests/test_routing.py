@@ -217,3 +217,39 @@ def test_property_new_address(table: PilotTable, rcpt: str, now: datetime, fwd: 
                 assert d.delivered_to == f"{local}@{table.new_domains[domain]}"
         else:
             assert d.delivered_to == f"{local}@{domain}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_route(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from relay.cli import cli
+
+    res = CliRunner().invoke(cli, ["route", "-c", str(ROOT / "config/relay.yaml"), *args])
+    return res.exit_code, res.output
+
+
+def test_route_command_on_the_shipped_config() -> None:
+    code, out = run_route("alice+x@Example.COM")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "recipient alice+x@example.com: decided by entry alice@example.com"
+    assert lines[1].split()[:3] == ["legacy", "alice+x@example.com", "primary"]
+    assert lines[2].split()[:3] == ["new", "alice+x@example-new.com", "shadow"]
+
+
+def test_route_command_json_at_and_forwarded() -> None:
+    import json
+
+    code, out = run_route("carol@example.com", "--at", "2031-03-01T17:00:00Z", "--json")
+    route_ = json.loads(out)
+    assert code == 0 and route_["entry"] == "carol@example.com"
+    assert [(d["provider"], d["role"], d["mode"]) for d in route_["deliveries"]] == [
+        ("new", "primary", "new-only")
+    ]
+    code, out = run_route("zed@example.com", "--forwarded")
+    assert code == 0 and "discarded: legacy already holds the original" in out
+    code, out = run_route("someone@elsewhere.org")
+    assert (code, out.strip()) == (1, "someone@elsewhere.org: refused: 550 5.7.1 Relaying denied")

@@ -2,13 +2,27 @@
 
 Signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the pilot list,
 SIGUSR1 reopens the delivery log.
+
+With `workers: N > 1` the process started by `relay serve` is a supervisor: it
+gathers messages queued outside the N worker spools into `spool/w0/`, starts N
+`relay serve --worker I` children (each a normal Relay on `spool/w<I>/`,
+sharing the listening port through SO_REUSEPORT, with its share of each
+provider's connections and its metrics on `metrics.port + I`), forwards the
+signals above to them and restarts one that dies unexpectedly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,12 +31,13 @@ from typing import Any
 import watchfiles
 
 from relay import config
+from relay import queue as q
 from relay.bounce import Bouncer
 from relay.delivery import Reply
 from relay.ingress import Ingress, IngressHandler
 from relay.log import DeliveryLog, oplog, setup_operational_log
 from relay.metrics import Metrics, oldest_age
-from relay.queue import serve_control, spool_lock
+from relay.queue import serve_control
 from relay.routing import PilotTable
 from relay.scheduler import Clock, DeliveryState, Message, Scheduler
 from relay.spool import Spool
@@ -61,8 +76,16 @@ class PilotList:
 class Relay:
     """One running relay: everything `relay serve` starts, and how it stops."""
 
-    def __init__(self, cfg: config.Config, clock: Clock | None = None):
+    def __init__(
+        self,
+        cfg: config.Config,
+        clock: Clock | None = None,
+        reuse_port: bool = False,
+        lock_wait: float = 0.0,
+    ):
         self.cfg = cfg
+        self.reuse_port = reuse_port
+        self.lock_wait = lock_wait  # seconds to wait for the spool lock (a worker's old self)
         s = cfg.relay
         self.log = DeliveryLog(s.log, s.node_name)
         self.spool = Spool(s.spool)
@@ -101,19 +124,32 @@ class Relay:
             "oldest_age": oldest_age(m.received for m in messages),
         }
 
+    def _gather_workers(self) -> None:
+        """One process again after a multi-worker run: take the worker spools' messages."""
+        root = self.spool.root
+        with open(root / "supervisor.lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(f"a multi-worker relay is running on the spool {root}") from None
+            sources = [Spool(r) for r in q.worker_roots(root)]
+            q.gather(sources, self.spool, self.cfg.relay.shutdown_timeout + 5)
+
     async def _bounce(self, msg: Message, failed: list[tuple[DeliveryState, Reply]]) -> None:
         await self.bouncer.bounce(msg.queue_id, msg.envelope, failed)
 
     async def start(self) -> None:
-        if self._stack.enter_context(spool_lock(self.spool)) is None:
+        if self._stack.enter_context(q.lock_within(self.spool, self.lock_wait)) is None:
             raise RuntimeError(f"another relay is running on the spool {self.spool.root}")
+        if self.cfg.relay.workers == 1 and q.worker_roots(self.spool.root):
+            await asyncio.to_thread(self._gather_workers)
         stored, bad = await asyncio.to_thread(self.spool.recover)
         for qid in bad:
             oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
         self.scheduler.recover(stored)
         await self.spool.start()
         self.scheduler.start()
-        self.port = await self.ingress.start()
+        self.port = await self.ingress.start(reuse_port=self.reuse_port)
         m = self.cfg.relay.metrics
         self._metrics_server = await self.metrics.serve(m.host, m.port)
         self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
@@ -142,8 +178,12 @@ class Relay:
         oplog.info("relay stopped")
 
 
-async def serve(cfg: config.Config) -> int:
-    relay = Relay(cfg)
+async def serve(cfg: config.Config, worker: int | None = None) -> int:
+    if worker is None:
+        relay = Relay(cfg)
+    else:
+        wait = cfg.relay.shutdown_timeout + 5  # the previous worker I may still be draining
+        relay = Relay(worker_config(cfg, worker), reuse_port=True, lock_wait=wait)
     await relay.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -151,16 +191,148 @@ async def serve(cfg: config.Config) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, relay.pilots.reload)
     loop.add_signal_handler(signal.SIGUSR1, relay.log.reopen)
+    if worker is not None:  # blocked by the supervisor until now: nothing is lost meanwhile
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, Supervisor.FORWARDED)
     await stop.wait()
     oplog.info("shutting down", timeout=cfg.relay.shutdown_timeout)
     await relay.stop()
     return 0
 
 
-def run(cfg: config.Config) -> int:
+def worker_config(cfg: config.Config, index: int) -> config.Config:
+    """Worker I's settings: its own spool, its share of each provider, its metrics port."""
+    s = cfg.relay
+    n = s.workers
+
+    def share(p: config.ProviderSettings) -> config.ProviderSettings:
+        return p.model_copy(update={"max_connections": max(1, p.max_connections // n)})
+
+    providers = s.providers.model_copy(
+        update={"legacy": share(s.providers.legacy), "new": share(s.providers.new)}
+    )
+    metrics = s.metrics.model_copy(update={"port": s.metrics.port + index if s.metrics.port else 0})
+    relay = s.model_copy(
+        update={
+            "spool": q.worker_root(s.spool, index),
+            "providers": providers,
+            "bounce": share(s.bounce) if s.bounce else None,
+            "metrics": metrics,
+        }
+    )
+    return dataclasses.replace(cfg, relay=relay)
+
+
+def _worker_preexec() -> None:
+    """In the forked worker: hold the forwarded signals until its handlers are in place
+    (serve() unblocks them), and (Linux) get SIGTERM if the supervisor dies."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, Supervisor.FORWARDED)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run(cfg: config.Config, worker: int | None = None) -> int:
     setup_operational_log()
+    if worker is None and cfg.relay.workers > 1:
+        return Supervisor(cfg).run()
+    if worker is not None:
+        if cfg.relay.workers < 2 or not 0 <= worker < cfg.relay.workers:
+            oplog.error("worker index out of range", worker=worker, workers=cfg.relay.workers)
+            return 2
+        if str(os.getppid()) != os.environ.get("RELAY_SUPERVISOR_PID"):
+            oplog.error("--worker is for the supervisor's children only (or it is gone)")
+            return 1
     with contextlib.suppress(ImportError):
         import uvloop
 
-        return uvloop.run(serve(cfg))
-    return asyncio.run(serve(cfg))
+        return uvloop.run(serve(cfg, worker))
+    return asyncio.run(serve(cfg, worker))
+
+
+class Supervisor:
+    """`relay serve` with `workers: N > 1`: N worker processes and nothing else."""
+
+    FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    MAX_RESTARTS = 5  # a minute; one more and the supervisor gives up
+
+    def __init__(self, cfg: config.Config):
+        self.cfg = cfg
+        self.n = cfg.relay.workers
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+        self.failed = False
+        self.restarts: list[float] = []
+
+    def _gather(self) -> None:
+        """Move messages queued outside w0..w(N-1) into w0, so nothing is stranded."""
+        root = self.cfg.relay.spool
+        wait = self.cfg.relay.shutdown_timeout + 5
+        target = Spool(q.worker_root(root, 0))
+        stale = [Spool(root)] + [
+            Spool(r) for r in q.worker_roots(root) if int(r.name[1:]) >= self.n
+        ]
+        with q.lock_within(target, wait) as lock:  # w0's old self may still be draining
+            if lock is None:
+                raise q.QueueError(f"the spool {target.root} is in use by another relay")
+            q.gather(stale, target, wait)  # the root's lock: no 1-worker relay runs there
+
+    def _spawn(self, index: int) -> None:
+        cmd = [sys.executable, "-m", "relay", "serve", "-c", str(self.cfg.path),
+               "--worker", str(index)]  # fmt: skip
+        env = {**os.environ, "RELAY_SUPERVISOR_PID": str(os.getpid())}
+        self.children[index] = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, env=env, preexec_fn=_worker_preexec
+        )
+        oplog.info("worker started", worker=index, pid=self.children[index].pid)
+
+    def _signal(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        for child in list(self.children.values()):
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    def run(self) -> int:
+        root = self.cfg.relay.spool
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / "supervisor.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                oplog.error("another relay supervisor is running on the spool", spool=str(root))
+                return 1
+            try:
+                self._gather()
+            except (q.QueueError, OSError) as exc:
+                oplog.error("could not gather the queued messages", error=str(exc))
+                return 1
+            for sig in self.FORWARDED:
+                signal.signal(sig, self._signal)
+            for i in range(self.n):
+                self._spawn(i)
+            oplog.info("supervisor started", workers=self.n, pid=os.getpid())
+            return self._wait()
+
+    def _wait(self) -> int:
+        codes: dict[int, int] = {}
+        while self.children:
+            pid, status = os.waitpid(-1, 0)
+            index = next((i for i, c in self.children.items() if c.pid == pid), None)
+            if index is None:
+                continue
+            child = self.children.pop(index)
+            child.returncode = code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                codes[index] = code
+                continue
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < 60]
+            if len(self.restarts) >= self.MAX_RESTARTS:
+                oplog.error("worker keeps dying; stopping", worker=index, code=code)
+                self.failed = True
+                self._signal(signal.SIGTERM, None)
+                continue
+            self.restarts.append(now)
+            oplog.error("worker died; restarting", worker=index, code=code)
+            self._spawn(index)
+        oplog.info("supervisor stopped", codes=codes)
+        return 1 if self.failed or any(codes.values()) else 0

@@ -142,12 +142,13 @@ def route_cmd(
 
 @cli.command()
 @config_option
-def serve(config_path: str) -> None:
-    """Run the relay in the foreground."""
+@click.option("--worker", type=click.IntRange(0), default=None, hidden=True)
+def serve(config_path: str, worker: int | None) -> None:
+    """Run the relay in the foreground (with `workers: N > 1`, a supervisor of N workers)."""
     from relay import app
 
-    cfg = _load(config_path, warn=True)
-    sys.exit(app.run(cfg))
+    cfg = _load(config_path, warn=worker is None)
+    sys.exit(app.run(cfg, worker))
 
 
 @cli.group()

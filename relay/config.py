@@ -110,6 +110,7 @@ class RelaySettings(_Strict):
     retry: RetrySettings = RetrySettings()
     shutdown_timeout: float = Field(30, ge=0)
     metrics: MetricsSettings = MetricsSettings()
+    workers: int = Field(1, ge=1, le=64)
 
     @field_validator("domains")
     @classmethod
@@ -328,6 +329,12 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
                     doc.path, doc.line_of(where), _dotted(where), f"{value}: file not found"
                 )
             )
+    if settings.workers > 1 and settings.listen.port == 0:
+        msg = "workers > 1 needs a fixed listen.port (the workers share it)"
+        issues.append(ConfigIssue(doc.path, doc.line_of(("workers",)), "workers", msg))
+    if settings.metrics.port and settings.metrics.port + settings.workers - 1 > 65535:
+        msg = f"worker metrics ports {settings.metrics.port}+0..{settings.workers - 1} exceed 65535"
+        issues.append(ConfigIssue(doc.path, doc.line_of(("workers",)), "workers", msg))
     overlap = set(settings.forward_domains) & set(settings.domains)
     if overlap:
         msg = f"{', '.join(sorted(overlap))} also listed in domains"

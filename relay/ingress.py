@@ -695,13 +695,17 @@ class Ingress:
             loop=asyncio.get_running_loop(),
         )
 
-    async def start(self) -> int:
+    async def start(self, reuse_port: bool = False) -> int:
+        """Listen; `reuse_port`: worker processes share the port (SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
         if self.sock is not None:
             self.server = await loop.create_server(self._factory, sock=self.sock)
         else:
             self.server = await loop.create_server(
-                self._factory, host=self.settings.listen.host, port=self.settings.listen.port
+                self._factory,
+                host=self.settings.listen.host,
+                port=self.settings.listen.port,
+                reuse_port=reuse_port or None,
             )
         return int(self.server.sockets[0].getsockname()[1])
 

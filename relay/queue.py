@@ -7,6 +7,10 @@ with its own delivery attempts (a delete waits for an attempt in flight, so a
 deleted delivery is never sent afterwards). With no relay running, the command
 takes the lock and applies the change to the spool itself, through the same
 scheduler code.
+
+With `workers: N > 1` each worker process owns `spool/w<I>/` (its own lock,
+queue and control/); these commands look at every worker spool plus the root,
+and send a request about one message to the worker whose spool holds it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -49,6 +54,94 @@ def spool_lock(spool: Spool, wait: bool = False) -> Iterator[IO[str] | None]:
         yield fh
     finally:
         fh.close()
+
+
+def worker_root(root: Path, index: int) -> Path:
+    return root / f"w{index}"
+
+
+def worker_roots(root: Path) -> list[Path]:
+    """Existing worker spools `w<I>/` under the spool root, by index."""
+    try:
+        names = [n for n in os.listdir(root) if re.fullmatch(r"w\d+", n)]
+    except FileNotFoundError:
+        return []
+    return [root / n for n in sorted(names, key=lambda n: int(n[1:])) if (root / n).is_dir()]
+
+
+def all_spools(root: Path) -> list[Spool]:
+    """The root spool and every worker spool, root first."""
+    return [Spool(root)] + [Spool(r) for r in worker_roots(root)]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_queued(src: Spool, dst: Spool) -> int:
+    """Move every queued message (`.state` first, then `.msg`) from src to dst by rename.
+
+    Idempotent and crash-safe: each file is always in exactly one of the two
+    queues, and a message split by a crash mid-move is completed by the next
+    call, which runs before any relay recovers either spool. Returns the
+    number of messages moved; the caller holds both spools' locks.
+    """
+    try:
+        names = os.listdir(src.queue)
+    except FileNotFoundError:
+        return 0
+    dst.create()
+    ids = sorted({n.rsplit(".", 1)[0] for n in names if n.endswith((".msg", ".state"))})
+    moved = 0
+    for qid in ids:
+        for suffix in (".state", ".msg"):
+            source, target = src.queue / f"{qid}{suffix}", dst.queue / f"{qid}{suffix}"
+            if not source.exists():
+                continue
+            if target.exists():
+                oplog.error("queued file already in the target spool; left in place",
+                            path=str(source), target=str(dst.root))  # fmt: skip
+                continue
+            os.rename(source, target)
+        moved += 1
+    if moved:
+        _fsync_dir(dst.queue)
+        _fsync_dir(src.queue)
+        oplog.info("queued messages moved", messages=moved, source=str(src.root),
+                   target=str(dst.root))  # fmt: skip
+    return moved
+
+
+def gather(sources: list[Spool], target: Spool, wait: float) -> int:
+    """Move the queues of `sources` into `target`, each under its lock (waiting up to `wait`).
+
+    The caller holds the target's lock. Raises QueueError when a source stays locked.
+    """
+    moved = 0
+    for src in sources:
+        if not src.queue.exists():
+            continue
+        with lock_within(src, wait) as lock:
+            if lock is None:
+                raise QueueError(f"the spool {src.root} is in use by another relay")
+            moved += move_queued(src, target)
+    return moved
+
+
+@contextlib.contextmanager
+def lock_within(spool: Spool, wait: float) -> Iterator[IO[str] | None]:
+    """spool_lock, retried for up to `wait` seconds (an old worker may still be draining)."""
+    deadline = time.monotonic() + wait
+    while True:
+        with spool_lock(spool) as lock:
+            if lock is not None or time.monotonic() >= deadline:
+                yield lock
+                return
+        time.sleep(0.1)
 
 
 def load_scheduler(settings: RelaySettings, spool: Spool, log: DeliveryLog) -> Scheduler:
@@ -149,8 +242,23 @@ async def serve_control(spool: Spool, sched: Scheduler) -> None:
 def manage(
     settings: RelaySettings, op: str, queue_id: str | None, provider: str | None
 ) -> dict[str, Any]:
-    """retry/delete from the command line, whether or not the relay runs."""
-    spool = Spool(settings.spool)
+    """retry/delete from the command line, whether or not the relay (or a worker) runs."""
+    spools = all_spools(settings.spool)
+    if queue_id is None:
+        count = 0
+        for spool in spools:
+            answer = _manage_one(settings, spool, op, None, provider)
+            if "error" in answer:
+                return answer
+            count += answer["count"]
+        return {"count": count}
+    holder = next((s for s in spools if s.msg_path(queue_id).exists()), spools[0])
+    return _manage_one(settings, holder, op, queue_id, provider)
+
+
+def _manage_one(
+    settings: RelaySettings, spool: Spool, op: str, queue_id: str | None, provider: str | None
+) -> dict[str, Any]:
     with spool_lock(spool) as lock:
         if lock is None:
             return request(spool, op, queue_id, provider)
@@ -172,17 +280,24 @@ async def _offline(
         log.close()
 
 
-def _snapshot(settings: RelaySettings) -> Scheduler:
-    spool = Spool(settings.spool)
-    return load_scheduler(settings, spool, DeliveryLog(Path(os.devnull), settings.node_name))
+def _snapshot(settings: RelaySettings) -> dict[str, Message]:
+    """Queued messages of the root spool and every worker spool."""
+    messages: dict[str, Message] = {}
+    log = DeliveryLog(Path(os.devnull), settings.node_name)
+    try:
+        for spool in all_spools(settings.spool):
+            messages.update(load_scheduler(settings, spool, log).messages)
+    finally:
+        log.close()
+    return messages
 
 
 def list_messages(settings: RelaySettings) -> list[dict[str, Any]]:
-    sched = _snapshot(settings)
+    messages = _snapshot(settings)
     now = time.time()
-    return [describe(m, now) for m in sorted(sched.messages.values(), key=lambda m: m.received)]
+    return [describe(m, now) for m in sorted(messages.values(), key=lambda m: m.received)]
 
 
 def show_message(settings: RelaySettings, queue_id: str) -> dict[str, Any] | None:
-    msg = _snapshot(settings).messages.get(queue_id)
+    msg = _snapshot(settings).get(queue_id)
     return describe(msg, time.time(), full=True) if msg else None

@@ -87,8 +87,10 @@ def write_relay_config(
 class RelayProcess:
     """`python -m relay serve -c CONFIG`, restartable on the same port."""
 
-    def __init__(self, config_path: Path, port: int, stderr_path: Path):
+    def __init__(self, config_path: Path, port: int, stderr_path: Path, group: bool = False):
+        """`group`: own process group, signalled as a whole by kill() (a supervisor + workers)."""
         self.config_path = config_path
+        self.group = group
         self.port = port
         self.stderr_path = stderr_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -101,6 +103,7 @@ class RelayProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=self.group,
             )  # fmt: skip
 
     async def wait_ready(self, timeout: float = 15) -> None:
@@ -122,7 +125,10 @@ class RelayProcess:
     def kill(self) -> None:
         """SIGKILL and reap (blocks the loop for the few ms the kernel needs)."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        if self.group:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
     async def terminate(self, timeout: float) -> tuple[int | None, float]:
@@ -140,6 +146,9 @@ class RelayProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc is not None and self.group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
     def tail(self, n: int = 3000) -> str:
         try:

@@ -20,6 +20,7 @@ import aiosmtplib
 
 from relay import config, report
 from relay.app import Relay
+from relay.log import setup_operational_log
 from relay.testing import Provider, Rule
 
 PILOTS = """\
@@ -125,5 +126,6 @@ async def run_demo(messages: int, out: Path) -> report.Report:
 
 
 def main(messages: int, out: Path) -> str:
+    setup_operational_log()  # the relay's own log lines go to stderr; stdout is the report
     rep = asyncio.run(run_demo(messages, out))
     return report.render_text(rep) + f"\nwrote {out / 'report.html'} (open it in a browser)"

@@ -29,6 +29,7 @@ def test_demo_runs_reports_the_planted_spam_divergence_and_leaves_nothing(tmp_pa
         os.killpg(proc.pid, 0)
 
     text = stdout.decode()
+    assert text.startswith("relay report\n"), text[:200]  # the relay's own log is on stderr
     assert "Per provider" in text and "Readiness" in text
     for name in ("deliveries.jsonl", "report.json"):
         assert (out / name).stat().st_size > 0

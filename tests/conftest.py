@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+import trustme
 
 from relay import config
 from relay.app import Relay
@@ -45,6 +47,20 @@ def write_config(folder: Path, relay: str = "", pilots: str = PILOTS) -> Path:
     cfg = folder / "relay.yaml"
     cfg.write_text(textwrap.dedent(relay) if relay else "domains: [example.com, dev.example.com]\n")
     return cfg
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A test certificate authority; providers' and the relay's certificates come from it."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """Server side TLS for a loopback provider, valid for 127.0.0.1 and localhost."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from typing import Any, cast
 
 import aiosmtplib
 import pytest
-import trustme
 import yaml
 
 from relay import config
@@ -248,18 +247,6 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
 
     async with stack:
         yield make
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_tls(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
-    return ctx
 
 
 # ------------------------------------------------------------------ routing and fidelity

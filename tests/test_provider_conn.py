@@ -35,8 +35,6 @@ from tests.test_memory import send as send_to
 
 # the fixtures of test_delivery.py, shared
 make_env = test_delivery.make_env
-ca = test_delivery.ca
-server_tls = test_delivery.server_tls
 
 pytestmark = pytest.mark.timeout(30)
 

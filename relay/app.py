@@ -39,7 +39,7 @@ from relay.log import DeliveryLog, oplog, setup_operational_log
 from relay.metrics import Metrics, oldest_age
 from relay.queue import serve_control
 from relay.routing import PilotTable
-from relay.scheduler import Clock, DeliveryState, Message, Scheduler
+from relay.scheduler import Clock, DeliveryState, Message, Scheduler, drain_budget
 from relay.spool import Spool
 
 
@@ -164,9 +164,9 @@ class Relay:
             return
         self.stopped.set()
         timeout = self.cfg.relay.shutdown_timeout
-        # Sessions get what drain() gives attempts: the timeout less a margin for the exit.
-        sessions = max(0.0, timeout - min(1.0, timeout / 4))
-        await asyncio.gather(self.ingress.shutdown(sessions), self.scheduler.drain(timeout))
+        await asyncio.gather(
+            self.ingress.shutdown(drain_budget(timeout)), self.scheduler.drain(timeout)
+        )
         if self._metrics_server:
             self._metrics_server.close()
         for t in self._tasks:

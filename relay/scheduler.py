@@ -28,6 +28,12 @@ PROVIDERS = ("legacy", "new", "bounce")
 SMALL_MESSAGE = 64 * 1024  # bytes: read on the event loop rather than in a thread
 
 
+def drain_budget(timeout: float) -> float:
+    """How long work in flight may run at shutdown: `shutdown_timeout` less a margin
+    (a quarter of it, at most 1 s) for recording state and exiting."""
+    return max(0.0, timeout - min(1.0, timeout / 4))
+
+
 class Clock:
     """Wall-clock seconds; tests substitute `FakeClock` to skip real backoff."""
 
@@ -208,7 +214,7 @@ class Scheduler:
         """
         self._stopping = True
         self.wake()
-        budget = max(0.0, timeout - min(1.0, timeout / 4))
+        budget = drain_budget(timeout)
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=budget)
         for t in self._workers + list(self._in_flight):

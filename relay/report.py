@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import sys
 import zlib
 from array import array
 from bisect import bisect_left
@@ -1667,7 +1668,7 @@ class _output:
 
     def __enter__(self) -> TextIO:
         if self.path is None or self.path == "-":
-            return click.get_text_stream("stdout")
+            return sys.stdout
         self.f = open(self.path, "w", encoding="utf-8", newline="")
         return self.f
 

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,23 @@ from relay.queue import serve_control
 from relay.routing import PilotTable
 from relay.scheduler import Clock, DeliveryState, Message, Scheduler, drain_budget
 from relay.spool import Spool
+
+
+class StartupError(Exception):
+    """Why `relay serve` cannot start: shown to the operator as `relay: WHAT: WHY`."""
+
+    def __init__(self, what: str, why: str):
+        super().__init__(f"{what}: {why}")
+
+
+@contextlib.contextmanager
+def starting(what: str) -> Iterator[None]:
+    """Turn an OS error of one startup step into a StartupError naming the step."""
+    try:
+        yield
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(what, why) from None
 
 
 class PilotList:
@@ -87,7 +104,8 @@ class Relay:
         self.reuse_port = reuse_port
         self.lock_wait = lock_wait  # seconds to wait for the spool lock (a worker's old self)
         s = cfg.relay
-        self.log = DeliveryLog(s.log, s.node_name)
+        with starting(f"delivery log {s.log}"):
+            self.log = DeliveryLog(s.log, s.node_name)
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
         self.scheduler = Scheduler(s, self.spool, self.log, clock=clock)
@@ -115,6 +133,7 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.ExitStack()
         self.port = 0
+        self.started = False
 
     def _snapshot(self) -> dict[str, Any]:
         messages = self.scheduler.messages.values()
@@ -131,7 +150,7 @@ class Relay:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(f"a multi-worker relay is running on the spool {root}") from None
+                raise StartupError(f"spool {root}", "in use by a multi-worker relay") from None
             sources = [Spool(r) for r in q.worker_roots(root)]
             q.gather(sources, self.spool, self.cfg.relay.shutdown_timeout + 5)
 
@@ -139,24 +158,32 @@ class Relay:
         await self.bouncer.bounce(msg.queue_id, msg.envelope, failed)
 
     async def start(self) -> None:
-        if self._stack.enter_context(q.lock_within(self.spool, self.lock_wait)) is None:
-            raise RuntimeError(f"another relay is running on the spool {self.spool.root}")
-        if self.cfg.relay.workers == 1 and q.worker_roots(self.spool.root):
-            await asyncio.to_thread(self._gather_workers)
-        stored, bad = await asyncio.to_thread(self.spool.recover)
+        """Start everything; a failing step raises StartupError (stop() cleans up after it)."""
+        root = self.spool.root
+        with starting(f"spool {root}"):
+            if self._stack.enter_context(q.lock_within(self.spool, self.lock_wait)) is None:
+                raise StartupError(f"spool {root}", "in use by another relay")
+            if self.cfg.relay.workers == 1 and q.worker_roots(root):
+                await asyncio.to_thread(self._gather_workers)
+            stored, bad = await asyncio.to_thread(self.spool.recover)
         for qid in bad:
             oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
         self.scheduler.recover(stored)
-        await self.spool.start()
+        with starting(f"spool {root}"):
+            await self.spool.start()
         self.scheduler.start()
-        self.port = await self.ingress.start(reuse_port=self.reuse_port)
+        listen = self.cfg.relay.listen
+        with starting(f"listen {listen.host}:{listen.port}"):
+            self.port = await self.ingress.start(reuse_port=self.reuse_port)
         m = self.cfg.relay.metrics
-        self._metrics_server = await self.metrics.serve(m.host, m.port)
+        with starting(f"metrics {m.host}:{m.port}"):
+            self._metrics_server = await self.metrics.serve(m.host, m.port)
         self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.pilots.watch(), name="pilot-watch"))
         self._tasks.append(
             asyncio.create_task(serve_control(self.spool, self.scheduler), name="queue-control")
         )
+        self.started = True
         oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
 
     async def stop(self) -> None:
@@ -175,7 +202,8 @@ class Relay:
         await self.spool.stop()
         self.log.close()
         self._stack.close()
-        oplog.info("relay stopped")
+        if self.started:  # after a failed start the one-line StartupError says it all
+            oplog.info("relay stopped")
 
 
 async def serve(cfg: config.Config, worker: int | None = None) -> int:
@@ -184,7 +212,14 @@ async def serve(cfg: config.Config, worker: int | None = None) -> int:
     else:
         wait = cfg.relay.shutdown_timeout + 5  # the previous worker I may still be draining
         relay = Relay(worker_config(cfg, worker), reuse_port=True, lock_wait=wait)
-    await relay.start()
+    try:
+        await relay.start()
+    except BaseException:
+        await relay.stop()
+        raise
+    pid_file = PidFile(cfg.relay.pid_file) if worker is None else None
+    if pid_file:
+        pid_file.write()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -196,7 +231,32 @@ async def serve(cfg: config.Config, worker: int | None = None) -> int:
     await stop.wait()
     oplog.info("shutting down", timeout=cfg.relay.shutdown_timeout)
     await relay.stop()
+    if pid_file:
+        pid_file.remove()
     return 0
+
+
+class PidFile:
+    """`pid_file`: written once the listener is up (for logrotate and init scripts)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __bool__(self) -> bool:
+        return self.path is not None
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with starting(f"pid_file {self.path}"):
+            tmp.write_text(f"{os.getpid()}\n")
+            os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 def worker_config(cfg: config.Config, index: int) -> config.Config:
@@ -230,10 +290,23 @@ def _worker_preexec() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+EXIT_STARTUP = 1  # `relay: WHAT: WHY` on stderr; a worker's own startup failure too
+EXIT_WORKER_STARTUP = 3  # a worker tells its supervisor not to restart it
+
+
 def run(cfg: config.Config, worker: int | None = None) -> int:
+    """`relay serve`: a startup failure is one line on stderr and exit 1, never a traceback."""
     setup_operational_log()
-    if worker is None and cfg.relay.workers > 1:
-        return Supervisor(cfg).run()
+    try:
+        if worker is None and cfg.relay.workers > 1:
+            return Supervisor(cfg).run()
+        return _run_relay(cfg, worker)
+    except StartupError as exc:
+        sys.stderr.write(f"relay: {exc}\n")
+        return EXIT_STARTUP if worker is None else EXIT_WORKER_STARTUP
+
+
+def _run_relay(cfg: config.Config, worker: int | None) -> int:
     if worker is not None:
         if cfg.relay.workers < 2 or not 0 <= worker < cfg.relay.workers:
             oplog.error("worker index out of range", worker=worker, workers=cfg.relay.workers)
@@ -241,11 +314,12 @@ def run(cfg: config.Config, worker: int | None = None) -> int:
         if str(os.getppid()) != os.environ.get("RELAY_SUPERVISOR_PID"):
             oplog.error("--worker is for the supervisor's children only (or it is gone)")
             return 1
-    with contextlib.suppress(ImportError):
+    try:
         import uvloop
-
-        return uvloop.run(serve(cfg, worker))
-    return asyncio.run(serve(cfg, worker))
+    except ImportError:  # a platform without uvloop wheels: same behaviour, slower
+        oplog.warning("uvloop is not installed; running on the asyncio event loop")
+        return asyncio.run(serve(cfg, worker))
+    return uvloop.run(serve(cfg, worker))
 
 
 class Supervisor:
@@ -293,24 +367,31 @@ class Supervisor:
 
     def run(self) -> int:
         root = self.cfg.relay.spool
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / "supervisor.lock", "a+") as lock:
+        with starting(f"spool {root}"):
+            root.mkdir(parents=True, exist_ok=True)
+            lock = open(root / "supervisor.lock", "a+")  # noqa: SIM115
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                oplog.error("another relay supervisor is running on the spool", spool=str(root))
-                return 1
+                raise StartupError(f"spool {root}", "in use by another relay supervisor") from None
             try:
                 self._gather()
-            except (q.QueueError, OSError) as exc:
-                oplog.error("could not gather the queued messages", error=str(exc))
-                return 1
+            except q.QueueError as exc:
+                raise StartupError(f"spool {root}", str(exc)) from None
+            except OSError as exc:
+                raise StartupError(f"spool {root}", exc.strerror or str(exc)) from None
             for sig in self.FORWARDED:
                 signal.signal(sig, self._signal)
             for i in range(self.n):
                 self._spawn(i)
+            pid_file = PidFile(self.cfg.relay.pid_file)
+            pid_file.write()
             oplog.info("supervisor started", workers=self.n, pid=os.getpid())
-            return self._wait()
+            try:
+                return self._wait()
+            finally:
+                pid_file.remove()
 
     def _wait(self) -> int:
         codes: dict[int, int] = {}
@@ -323,6 +404,10 @@ class Supervisor:
             child.returncode = code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 codes[index] = code
+                continue
+            if code == EXIT_WORKER_STARTUP:  # it said why on stderr; a restart would too
+                self.failed = True
+                self._signal(signal.SIGTERM, None)
                 continue
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < 60]

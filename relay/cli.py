@@ -45,18 +45,22 @@ def parse_time(value: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+DEFAULT_CONFIG = "/etc/relay/relay.yaml"
+
 config_option = click.option(
     "-c",
     "--config",
     "config_path",
-    required=True,
+    envvar="RELAY_CONFIG",
+    default=DEFAULT_CONFIG,
+    show_default=True,
     type=click.Path(dir_okay=False),
-    help="relay.yaml",
+    help="relay.yaml (default: $RELAY_CONFIG, else /etc/relay/relay.yaml)",
 )
 
 
 @click.group()
-@click.version_option(package_name="dual-relay")
+@click.version_option(package_name="dual-relay", prog_name="relay", message="%(prog)s %(version)s")
 def cli() -> None:
     """Dual-delivery SMTP relay for a mail-provider migration pilot."""
 
@@ -66,6 +70,8 @@ def cli() -> None:
 def check(config_path: str) -> None:
     """Validate both YAML files and print the routing table."""
     cfg = _load(config_path, warn=True)
+    for issue in config_mod.missing_secrets(cfg):
+        click.echo(f"warning: {issue} (needed by relay serve)", err=True)
     table = PilotTable.build(cfg.pilots, cfg.relay)
     now = datetime.now(UTC)
     rows = [("address", "group", "mode", "legacy", "new", "cutover")]
@@ -148,6 +154,11 @@ def serve(config_path: str, worker: int | None) -> None:
     from relay import app
 
     cfg = _load(config_path, warn=worker is None)
+    missing = config_mod.missing_secrets(cfg)
+    for issue in missing:
+        click.echo(str(issue), err=True)
+    if missing:
+        sys.exit(1)
     sys.exit(app.run(cfg, worker))
 
 

@@ -111,6 +111,7 @@ class RelaySettings(_Strict):
     shutdown_timeout: float = Field(30, ge=0)
     metrics: MetricsSettings = MetricsSettings()
     workers: int = Field(1, ge=1, le=64)
+    pid_file: Path | None = None
 
     @field_validator("domains")
     @classmethod
@@ -201,17 +202,31 @@ class _Doc:
             loc = loc[:-1]
 
 
-def _index(node: yaml.Node, loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
+def _index(
+    node: yaml.Node,
+    loc: tuple[Any, ...],
+    lines: dict[tuple[Any, ...], int],
+    duplicates: list[tuple[tuple[Any, ...], int]],
+) -> None:
+    """Record the line of every key and item; collect keys repeated in one mapping.
+
+    PyYAML lets a repeated key silently replace the first (a second `pilots:`
+    would swap the whole list), so a duplicate is an error, as in Postfix's
+    postconf warnings, but fatal here.
+    """
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             sub = (*loc, key.value)
-            lines[sub] = key.start_mark.line + 1
-            _index(value, sub, lines)
+            if sub in lines:
+                duplicates.append((sub, key.start_mark.line + 1))
+            else:
+                lines[sub] = key.start_mark.line + 1
+            _index(value, sub, lines, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = (*loc, i)
             lines[sub] = item.start_mark.line + 1
-            _index(item, sub, lines)
+            _index(item, sub, lines, duplicates)
 
 
 def _read_yaml(path: Path, shown: str) -> _Doc:
@@ -232,7 +247,12 @@ def _read_yaml(path: Path, shown: str) -> _Doc:
     if root:
         doc.lines[()] = root
     if node is not None:
-        _index(node, (), doc.lines)
+        duplicates: list[tuple[tuple[Any, ...], int]] = []
+        _index(node, (), doc.lines, duplicates)
+        if duplicates:
+            raise ConfigError(
+                ConfigIssue(shown, line, _dotted(loc), "duplicate key") for loc, line in duplicates
+            )
     if not isinstance(doc.data, dict):
         raise ConfigError([ConfigIssue(shown, root, "", "the file must hold a mapping")])
     return doc
@@ -276,6 +296,7 @@ def _resolve_paths(settings: RelaySettings, base: Path) -> RelaySettings:
                 }
             ),
             "spool": rel(settings.spool),
+            "pid_file": rel(settings.pid_file),
             "log": rel(settings.log),
             "providers": ProvidersSettings(
                 legacy=provider(settings.providers.legacy), new=provider(settings.providers.new)
@@ -294,7 +315,36 @@ class Config:
     path: Path
     pilots_path: Path
     pilots_shown: str
+    shown: str = ""
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+
+    def line_of(self, loc: tuple[Any, ...]) -> int | None:
+        """Line of a key of relay.yaml (or of its nearest enclosing key)."""
+        return _Doc(self.shown, None, self.lines).line_of(loc)
+
+
+def _providers(settings: RelaySettings) -> list[tuple[tuple[str, ...], ProviderSettings]]:
+    named = [(("providers", n), getattr(settings.providers, n)) for n in ("legacy", "new")]
+    return named + ([(("bounce",), settings.bounce)] if settings.bounce else [])
+
+
+def missing_secrets(cfg: Config) -> list[ConfigIssue]:
+    """Secrets named by `password_env` that are not set: fatal for `relay serve` only.
+
+    `relay check` shows them as warnings and `relay queue` / `relay route` never
+    look, so an operator can inspect a queue without holding the passwords.
+    """
+    return [
+        ConfigIssue(
+            cfg.shown,
+            cfg.line_of((*loc, "password_env")),
+            _dotted((*loc, "password_env")),
+            f"environment variable {p.password_env} is not set",
+        )
+        for loc, p in _providers(cfg.relay)
+        if p.password_env and os.environ.get(p.password_env) is None
+    ]
 
 
 def _relay_warnings(settings: RelaySettings, shown: str, doc: _Doc) -> list[str]:
@@ -310,11 +360,8 @@ def _relay_warnings(settings: RelaySettings, shown: str, doc: _Doc) -> list[str]
 
 def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
     issues = []
-    for name in ("legacy", "new"):
-        p: ProviderSettings = getattr(settings.providers, name)
-        issues += _provider_issues(p, ("providers", name), doc)
-    if settings.bounce:
-        issues += _provider_issues(settings.bounce, ("bounce",), doc)
+    for loc, p in _providers(settings):
+        issues += _provider_issues(p, loc, doc)
     if (settings.listen.tls_cert is None) != (settings.listen.tls_key is None):
         loc = ("listen", "tls_cert" if settings.listen.tls_cert else "tls_key")
         issues.append(
@@ -356,16 +403,6 @@ def _provider_issues(p: ProviderSettings, loc: tuple[str, ...], doc: _Doc) -> li
         issues.append(
             ConfigIssue(
                 doc.path, doc.line_of((*loc, "username")), _dotted(sub), "needed with username"
-            )
-        )
-    if p.password_env and os.environ.get(p.password_env) is None:
-        sub = (*loc, "password_env")
-        issues.append(
-            ConfigIssue(
-                doc.path,
-                doc.line_of(sub),
-                _dotted(sub),
-                f"environment variable {p.password_env} is not set",
             )
         )
     if p.ca_file is not None and not p.ca_file.is_file():
@@ -469,5 +506,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         path=Path(path).resolve(),
         pilots_path=pilots_path,
         pilots_shown=shown,
+        shown=os.fspath(path),
+        lines=doc.lines,
         warnings=tuple(_relay_warnings(relay, os.fspath(path), doc)),
     )

@@ -209,6 +209,8 @@ def request(spool: Spool, op: str, queue_id: str | None, provider: str | None) -
 async def execute(
     sched: Scheduler, op: str, queue_id: str | None, provider: str | None
 ) -> dict[str, Any]:
+    if queue_id is not None and queue_id not in sched.messages:
+        raise QueueError(f"{queue_id}: not in the queue")
     if op == "retry":
         return {"count": await sched.retry(queue_id)}
     if op == "delete":
@@ -271,10 +273,7 @@ async def _offline(
     log = DeliveryLog(settings.log, settings.node_name)
     await spool.start()
     try:
-        sched = load_scheduler(settings, spool, log)
-        if queue_id is not None and queue_id not in sched.messages:
-            raise QueueError(f"{queue_id}: not in the queue")
-        return await execute(sched, op, queue_id, provider)
+        return await execute(load_scheduler(settings, spool, log), op, queue_id, provider)
     finally:
         await spool.stop()
         log.close()

@@ -183,7 +183,7 @@ def rotate(path: Path) -> list[Path]:
 
 CHILD = """
 import sys
-from relay.report import report_command
+from relay.report.command import report_command
 report_command(sys.argv[1:])
 """
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 import click
 
 from relay import config as config_mod
-from relay.report import report_command
+from relay.report.command import report_command
 from relay.routing import PilotTable, resolve_recipient, route
 
 T = TypeVar("T")

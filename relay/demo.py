@@ -18,9 +18,14 @@ from pathlib import Path
 
 import aiosmtplib
 
-from relay import config, report
+from relay import config
 from relay.app import Relay
 from relay.log import setup_operational_log
+from relay.report.html import render_html
+from relay.report.json import render_json
+from relay.report.logs import build_report
+from relay.report.model import Report
+from relay.report.text import render_text
 from relay.testing import Provider, Rule
 
 PILOTS = """\
@@ -94,7 +99,7 @@ async def _wait_drained(relay: Relay, deadline: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run_demo(messages: int, out: Path) -> report.Report:
+async def run_demo(messages: int, out: Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     legacy, new = Provider("legacy"), Provider("new")
     await legacy.start()
@@ -119,13 +124,13 @@ async def run_demo(messages: int, out: Path) -> report.Report:
     log = out / "deliveries.jsonl"
     shutil.copyfile(work / "deliveries.jsonl", log)
     shutil.rmtree(work, ignore_errors=True)
-    rep = report.build_report([str(log)])
-    (out / "report.json").write_text(report.render_json(rep))
-    (out / "report.html").write_text(report.render_html(rep), encoding="utf-8")
+    rep = build_report([str(log)])
+    (out / "report.json").write_text(render_json(rep))
+    (out / "report.html").write_text(render_html(rep), encoding="utf-8")
     return rep
 
 
 def main(messages: int, out: Path) -> str:
     setup_operational_log()  # the relay's own log lines go to stderr; stdout is the report
     rep = asyncio.run(run_demo(messages, out))
-    return report.render_text(rep) + f"\nwrote {out / 'report.html'} (open it in a browser)"
+    return render_text(rep) + f"\nwrote {out / 'report.html'} (open it in a browser)"

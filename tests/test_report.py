@@ -23,21 +23,15 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.report import (
-    CSV_COLUMNS,
-    REASONS,
-    ReportError,
-    Thresholds,
-    build_report,
-    classify_reason,
-    load_thresholds,
-    nearest_rank,
-    parse_bound,
-    render_json,
-    render_text,
-    report_command,
-    write_csv,
-)
+from relay.report.command import report_command
+from relay.report.csv import CSV_COLUMNS, write_csv
+from relay.report.figures import load_thresholds, nearest_rank
+from relay.report.inputs import parse_bound
+from relay.report.json import render_json
+from relay.report.logs import build_report
+from relay.report.model import ReportError, Thresholds
+from relay.report.reasons import REASONS, classify_reason
+from relay.report.text import render_text
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 

@@ -23,16 +23,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from relay.report import (
-    LATENCY_BUCKETS_MS,
-    OUTCOMES,
-    PROVIDERS,
-    build_report,
-    render_html,
-    render_text,
-    report_command,
-)
-from relay.report_html import CHART_IDS, MAX_HOURLY_BARS, activity_rows
+from relay.report.command import report_command
+from relay.report.html import CHART_IDS, MAX_HOURLY_BARS, activity_rows, render_html
+from relay.report.logs import build_report
+from relay.report.model import LATENCY_BUCKETS_MS, OUTCOMES, PROVIDERS
+from relay.report.text import render_text
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,7 +2,7 @@
 
 The page holds the text report's content (as tables) plus four charts. Charts
 are drawn by pygal as inline SVG; the page is laid out by the Jinja2 template
-`relay/templates/report.html.j2`. Nothing is fetched when the file is opened:
+`relay/report/templates/report.html.j2`. Nothing is fetched when the file is opened:
 CSS is inline, the SVGs carry no script (pygal's external tooltip script and
 its inline config script are left out) and no comment or link to elsewhere.
 
@@ -23,24 +23,19 @@ import pygal
 from markupsafe import Markup
 from pygal.style import Style
 
-from relay.report import (
+from relay.report.format import fmt_int, fmt_ms, fmt_rate, outcome_text, reply_text, shown_providers
+from relay.report.model import (
     LATENCY_BUCKETS_MS,
     OUTCOMES,
     PROVIDERS,
-    REASON_LABELS,
     REPORT_VERSION,
     VERDICT_INSUFFICIENT,
+    VERDICT_NOT_READY,
     VERDICT_READY,
     HourCounts,
-    Outcome,
-    ProviderStats,
     Report,
-    ScopeStats,
-    _fmt_int,
-    _fmt_ms,
-    _fmt_rate,
-    reply_text,
 )
+from relay.report.reasons import REASON_LABELS
 
 # Stable element ids of the charts (the <svg> elements).
 CHART_IDS: dict[str, str] = {
@@ -286,19 +281,6 @@ def _verdict_class(verdict: str) -> str:
     return "not-ready"
 
 
-def _outcome_text(o: Outcome) -> str:
-    if not o.outcome:
-        return "not planned"
-    why = f" ({REASON_LABELS[o.reason]})" if o.reason else ""
-    return f"{o.outcome}{why}"
-
-
-def _scope_rows(sc: ScopeStats) -> list[tuple[str, ProviderStats]]:
-    """The providers planned in a scope (at least one row), as in the text report."""
-    shown = [(p, s) for p, s in sc.providers.items() if s.planned]
-    return shown or list(sc.providers.items())[:1]
-
-
 def _signed_ms(v: float | None) -> str:
     return "-" if v is None else f"{v:+,.0f} ms"
 
@@ -306,23 +288,23 @@ def _signed_ms(v: float | None) -> str:
 @functools.cache
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("relay", "templates"),
+        loader=jinja2.PackageLoader("relay.report", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
     filters: dict[str, Callable[..., str]] = {
-        "int": _fmt_int,
-        "rate": _fmt_rate,
-        "ms": _fmt_ms,
+        "int": fmt_int,
+        "rate": fmt_rate,
+        "ms": fmt_ms,
         "signed_ms": _signed_ms,
         "reply": reply_text,
-        "outcome_text": _outcome_text,
+        "outcome_text": outcome_text,
         "verdict_class": _verdict_class,
     }
     env.filters.update(filters)
-    env.globals["scope_rows"] = _scope_rows
+    env.globals["scope_rows"] = shown_providers
     return env
 
 
@@ -338,7 +320,7 @@ def render_html(report: Report) -> str:
         label: sum(1 for v in report.verdicts if v.verdict == verdict)
         for verdict, label in (
             (VERDICT_READY, "ready"),
-            ("not ready", "not ready"),
+            (VERDICT_NOT_READY, "not ready"),
             (VERDICT_INSUFFICIENT, "insufficient data"),
         )
     }

@@ -1,0 +1,135 @@
+"""`relay report`: the click command, from arguments to one output format.
+
+The renderers are imported when used: rich, pygal and jinja2 take tens of ms to
+import, and the `relay` commands that import this one (all of them) need none.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TextIO
+
+import click
+
+from relay.report.csv import write_csv
+from relay.report.figures import load_thresholds
+from relay.report.inputs import check_inputs, parse_bound
+from relay.report.logs import build_report
+from relay.report.model import Report, ReportError, Thresholds
+
+
+def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse_bound(value, end=end)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return convert
+
+
+@click.command("report")
+@click.argument("logs", metavar="LOG...", nargs=-1, required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "csv", "html"]),
+    default="text",
+    show_default=True,
+    help="Output format.",
+)
+@click.option(
+    "--since",
+    metavar="T",
+    callback=_bound_param(False),
+    help="Messages received at/after T (RFC 3339/date).",
+)
+@click.option(
+    "--until",
+    metavar="T",
+    callback=_bound_param(True),
+    help="Messages received before T (exclusive; a date means the end of that day).",
+)
+@click.option("--group", metavar="G", help="Only pairs of this group.")
+@click.option(
+    "--thresholds",
+    "thresholds_path",
+    metavar="FILE",
+    help="YAML file overriding readiness thresholds.",
+)
+@click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
+def report_command(
+    logs: tuple[str, ...],
+    fmt: str,
+    since: datetime | None,
+    until: datetime | None,
+    group: str | None,
+    thresholds_path: str | None,
+    output: str | None,
+) -> None:
+    """Comparison report (legacy vs new) from one or many delivery logs (.gz, rotated)."""
+    ctx = click.get_current_context()
+    try:
+        check_inputs(logs)
+        thresholds = load_thresholds(thresholds_path) if thresholds_path else Thresholds()
+    except ReportError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(2)
+    try:
+        if fmt == "csv":
+            with _output(output) as out:
+                rep = write_csv(logs, out, since, until, group)
+            if rep.inputs.corrupt_lines or rep.inputs.orphan_events:
+                click.echo(
+                    f"relay report: {rep.inputs.corrupt_lines} corrupt lines, "
+                    f"{rep.inputs.orphan_events} orphan events skipped",
+                    err=True,
+                )
+            for err in rep.inputs.errors:
+                click.echo(f"warning: {err}", err=True)
+            return
+        text = _render(fmt, build_report(logs, since, until, group, thresholds))
+        with _output(output) as out:
+            out.write(text)
+    except ReportError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(2)
+    except OSError as exc:
+        click.echo(f"{exc.filename or output}: {exc.strerror or exc}", err=True)
+        ctx.exit(1)
+
+
+def _render(fmt: str, rep: Report) -> str:
+    if fmt == "json":
+        from relay.report.json import render_json
+
+        return render_json(rep)
+    if fmt == "html":
+        from relay.report.html import render_html
+
+        return render_html(rep)
+    from relay.report.text import render_text
+
+    return render_text(rep)
+
+
+class _output:
+    """`-o FILE` (written, newline="" for CSV) or stdout."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.f: TextIO | None = None
+
+    def __enter__(self) -> TextIO:
+        if self.path is None or self.path == "-":
+            return sys.stdout
+        self.f = open(self.path, "w", encoding="utf-8", newline="")
+        return self.f
+
+    def __exit__(self, *exc: object) -> None:
+        if self.f is not None:
+            self.f.close()

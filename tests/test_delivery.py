@@ -25,12 +25,16 @@ import yaml
 
 from relay import config
 from relay.app import Relay
-from relay.delivery import Attempt, send
+from relay.delivery.pool import Agent
+from relay.delivery.reply import Attempt
 from relay.scheduler import Clock, FakeClock, Scheduler
 from relay.testing import Provider, ReceivedMessage, Rule
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.timeout(20)
+
+# One transaction on a new connection, closed afterwards: an agent that caches nothing.
+send_once = Agent(max_uses=0).send
 
 SENDER = "sender@example.org"
 DELIVERY_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -701,7 +705,7 @@ async def test_internal_error_in_an_attempt_defers_and_retries(make_env: Factory
         calls.append(args[2])
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return await send(*args)
+        return await send_once(*args)
 
     env.relay.scheduler.sender = flaky
     sent = await env.send(["zed@example.com"])

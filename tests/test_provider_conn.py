@@ -24,13 +24,16 @@ import trustme
 import uvloop
 from hypothesis import given, settings
 
-from relay import delivery
 from relay.config import ProviderSettings
-from relay.delivery import Agent, Content, _Protocol, _write_content
+from relay.delivery import content as delivery_content
+from relay.delivery._aiosmtplib import Protocol
+from relay.delivery.content import Content
+from relay.delivery.pool import Agent
+from relay.delivery.transaction import write_content
 from relay.testing import Provider, Rule, _abort_transport, _ProviderSMTP
 from tests import test_delivery
 from tests.relayproc import RelayProcess, free_port, write_relay_config
-from tests.test_delivery import Factory, assert_faithful, copies, until
+from tests.test_delivery import Factory, assert_faithful, copies, send_once, until
 from tests.test_memory import send as send_to
 
 # the fixtures of test_delivery.py, shared
@@ -534,7 +537,7 @@ async def test_data_accepted_without_recipients_gets_only_the_final_dot() -> Non
     server = Pipeliner(rcpt_codes={"a@example.com": 550}, data_code=354)
     await server.start()
     try:
-        attempt = await delivery.send(
+        attempt = await send_once(
             settings_for(server.port), "s@example.org", ["a@example.com"],
             b"Subject: secret\r\n\r\ncontent\r\n", [], "relay.test",
         )  # fmt: skip
@@ -567,7 +570,7 @@ class FakeTransport(asyncio.Transport):
 
 
 async def test_protocol_queues_replies_arriving_in_separate_reads() -> None:
-    proto = _Protocol(loop=asyncio.get_running_loop())
+    proto = Protocol(loop=asyncio.get_running_loop())
     proto.connection_made(FakeTransport())
     proto.data_received(b"220 hi\r\n")
     assert (await proto.read_response(timeout=1)).code == 220
@@ -589,7 +592,7 @@ async def test_protocol_queues_replies_arriving_in_separate_reads() -> None:
 
 
 async def test_protocol_connection_lost_after_queued_replies() -> None:
-    proto = _Protocol(loop=asyncio.get_running_loop())
+    proto = Protocol(loop=asyncio.get_running_loop())
     proto.connection_made(FakeTransport())
     proto.data_received(b"220 hi\r\n")
     await proto.read_response(timeout=1)
@@ -602,10 +605,7 @@ async def test_protocol_connection_lost_after_queued_replies() -> None:
 
 
 class Sink:
-    """What `_write_content` needs of a protocol: write(), and never paused."""
-
-    _connection_lost = False
-    _paused = False
+    """What `write_content` needs of a protocol: write(), and a drain() never paused."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -614,6 +614,9 @@ class Sink:
     def write(self, data: bytes) -> None:
         self.data += data
         self.writes += 1
+
+    async def drain(self, timeout: float) -> None:
+        """Never paused, never lost."""
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -632,13 +635,13 @@ lines_st = st.lists(st.text(alphabet=".a\t ", max_size=6), max_size=12)
 @settings(max_examples=300, deadline=None)
 def test_dot_stuffing_across_chunk_boundaries(lines: list[str], chunk: int, crlf_end: bool) -> None:
     content = "\r\n".join(lines).encode() + (b"\r\n" if crlf_end and lines else b"")
-    old = delivery.CHUNK
-    delivery.CHUNK = chunk
+    old = delivery_content.CHUNK
+    delivery_content.CHUNK = chunk
     try:
         sink = Sink()
-        asyncio.run(_write_content(cast(_Protocol, sink), Content.from_bytes(content), 1))
+        asyncio.run(write_content(cast(Protocol, sink), Content.from_bytes(content), 1))
     finally:
-        delivery.CHUNK = old
+        delivery_content.CHUNK = old
     expected = content if content.endswith(b"\r\n") or not content else content + b"\r\n"
     assert unstuff(bytes(sink.data)) == expected
 
@@ -646,7 +649,7 @@ def test_dot_stuffing_across_chunk_boundaries(lines: list[str], chunk: int, crlf
 async def test_content_streamed_from_file_in_chunks(tmp_path: Path, monkeypatch: Any) -> None:
     """Only the content range of the file is sent (the spool keeps more after it),
     chunk by chunk, long lines and dots exactly as stored."""
-    monkeypatch.setattr(delivery, "CHUNK", 1000)
+    monkeypatch.setattr(delivery_content, "CHUNK", 1000)
     content = b".start\r\n" + b"z" * 5000 + b"\r\n" + b"\r\n.".join([b"a"] * 700) + b"\r\n"
     path = tmp_path / "m.msg"
     path.write_bytes(b"HEADER" + content + b"ENVELOPE-AND-FOOTER")
@@ -660,7 +663,7 @@ async def test_content_streamed_from_file_in_chunks(tmp_path: Path, monkeypatch:
     try:
         for _ in range(2):  # a transaction retried at once reads from the start again
             sink = Sink()
-            await _write_content(cast(_Protocol, sink), c, 1)
+            await write_content(cast(Protocol, sink), c, 1)
             assert unstuff(bytes(sink.data)) == content
             assert sink.writes == -(-len(content) // 1000)
             assert b"\r\n..\r\n" not in sink.data and b"\r\n..a\r\n" in sink.data
@@ -674,11 +677,11 @@ async def test_unreadable_content_never_ends_data(tmp_path: Path) -> None:
     server = Pipeliner()
     await server.start()
     path = tmp_path / "m.msg"
-    path.write_bytes(b"x" * (delivery.CHUNK + 10))
+    path.write_bytes(b"x" * (delivery_content.CHUNK + 10))
     # the footer says more than the file holds: the first chunk reads, the second fails
-    c = await Content.open(lambda: (open(path, "rb"), 3 * delivery.CHUNK))  # noqa: SIM115
+    c = await Content.open(lambda: (open(path, "rb"), 3 * delivery_content.CHUNK))  # noqa: SIM115
     try:
-        attempt = await delivery.send(
+        attempt = await send_once(
             settings_for(server.port), "s@example.org", ["a@example.com"], c, [], "relay.test"
         )
     finally:

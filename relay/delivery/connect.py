@@ -1,0 +1,127 @@
+"""Opening a provider connection: connect, EHLO, STARTTLS and AUTH as configured.
+
+Every failure becomes a `Failed` carrying the reply that stands for it, with
+the stage that decides its class (TLS and AUTH faults are deferred, never
+bounced: see `Reply.permanent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+import aiosmtplib
+from aiosmtplib import SMTPException, SMTPResponseException
+
+from relay.config import ProviderSettings
+from relay.delivery._aiosmtplib import SMTP
+from relay.delivery.reply import Failed, Reply, Stage, error_reply
+
+
+@dataclass(eq=False)
+class Session:
+    """An open, greeted (and, as configured, secured and authenticated) connection."""
+
+    smtp: SMTP
+    cfg: ProviderSettings
+    tls: str | None
+    opened: float
+    uses: int = 0
+    dirty: bool = False  # a transaction may still be open there: RSET before the next MAIL
+    idle: asyncio.TimerHandle | None = None
+
+
+def tls_context(cfg: ProviderSettings) -> ssl.SSLContext:
+    """`required`/`implicit` verify certificate and host name; `starttls` does not."""
+    ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    if cfg.tls == "starttls":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def open_session(cfg: ProviderSettings, helo: str) -> Session:
+    """Connect, EHLO, STARTTLS and AUTH as `cfg` says; raise `Failed` otherwise."""
+    smtp = SMTP(
+        hostname=cfg.host,
+        port=cfg.port,
+        local_hostname=helo,
+        timeout=cfg.command_timeout,
+        use_tls=cfg.tls == "implicit",
+        start_tls=False,  # never aiosmtplib's opportunistic default (DESIGN trap 9)
+        tls_context=tls_context(cfg) if cfg.tls != "none" else None,
+    )
+    stage: Stage = "connect"
+    try:
+        await smtp.connect(timeout=cfg.connect_timeout)
+        await _hello(smtp)  # aiosmtplib does not EHLO on connect: no extensions known before
+        stage = "tls"
+        if await _secure(smtp, cfg):
+            await _hello(smtp)  # RFC 3207: forget what was learnt before TLS
+        stage = "auth"
+        await _authenticate(smtp, cfg)
+    except Failed:
+        smtp.close()
+        raise
+    except Exception as exc:  # every failure becomes a reply
+        smtp.close()
+        cause = exc.__cause__
+        if stage == "connect" and isinstance(cause, ssl.SSLError):  # implicit TLS handshake
+            raise Failed(Reply(None, f"TLS failed: {cause}", "tls")) from exc
+        raise Failed(error_reply(exc, stage)) from exc
+    except BaseException:  # cancelled (shutdown)
+        smtp.close()
+        raise
+    return Session(smtp, cfg, _tls_version(smtp), asyncio.get_running_loop().time())
+
+
+async def _hello(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError as exc:
+        if not smtp.is_connected or exc.code == 421:
+            raise
+        await smtp.helo()
+
+
+def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:
+    transport = smtp.transport
+    ssl_obj = transport.get_extra_info("ssl_object") if transport else None
+    return ssl_obj.version() if ssl_obj else None
+
+
+async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> bool:
+    """STARTTLS as `cfg.tls` says; True when the session was upgraded."""
+    if cfg.tls not in ("starttls", "required"):
+        return False  # none: never STARTTLS, even when offered; implicit: already TLS
+    if not smtp.supports_extension("starttls"):
+        if cfg.tls == "required":
+            raise Failed(Reply(None, "STARTTLS not offered (tls: required)", "tls"))
+        return False
+    try:
+        await smtp.starttls(tls_context=tls_context(cfg), server_hostname=cfg.host)
+    except SMTPResponseException as exc:
+        if exc.code < 0:
+            raise Failed(Reply(None, f"TLS failed: {exc.message}", "tls")) from exc
+        # a refused STARTTLS is a TLS failure: retried, never a bounce
+        raise Failed(Reply.from_smtp(exc.code, exc.message, "tls")) from exc
+    except (ssl.SSLError, SMTPException, OSError) as exc:
+        raise Failed(Reply(None, f"TLS failed: {exc}", "tls")) from exc
+    return True
+
+
+async def _authenticate(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:
+    """One mechanism per attempt, so a wrong password cannot lock the account."""
+    if not cfg.username:
+        return
+    if not smtp.supports_extension("auth"):
+        raise Failed(Reply(None, "AUTH not offered by the provider", "auth"))
+    password = cfg.password() or ""
+    try:
+        if cfg.auth_mechanism == "login":
+            await smtp.auth_login(cfg.username, password)
+        else:
+            await smtp.auth_plain(cfg.username, password)
+    except SMTPResponseException as exc:
+        raise Failed(Reply.from_smtp(exc.code, exc.message, "auth")) from None

@@ -1,0 +1,86 @@
+"""A spooled message's content, read back in chunks for streaming to a provider."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import BinaryIO
+
+CHUNK = 256 * 1024  # content read from the spool and written to the provider at a time
+
+
+class ContentError(Exception):
+    """The spool could not give the content back: our fault, never the provider's."""
+
+
+class Content:
+    """A message's content as the spool holds it: CRLF lines, not dot-stuffed.
+
+    `open` opens the spool file and reads the first chunk in one thread hop
+    (for most messages, all of it); later chunks are read by position in a
+    thread, so the event loop never waits on the disk and a transaction
+    retried at once simply reads from the start again. Close it after use.
+    """
+
+    def __init__(self, length: int, head: bytes, fh: BinaryIO | None = None, start: int = 0):
+        self.length = length
+        self._head = head  # the first chunk (without a file: the whole content)
+        self._fh = fh
+        self._start = start
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Content:
+        return cls(len(data), data)
+
+    @classmethod
+    async def open(
+        cls, opener: Callable[[], tuple[BinaryIO, int]], inline: bool = False
+    ) -> Content:
+        """`opener()` gives (file positioned at the content, its length), as
+        `partial(spool.open_content, queue_id)` does. `inline`: open and read on
+        the event loop, for a message known to be small (a page-cache read of a
+        few KiB costs less than a thread hop)."""
+
+        def _open() -> Content:
+            fh, length = opener()
+            try:
+                start = fh.tell()
+                head = _pread(fh, min(length, CHUNK), start)
+            except BaseException:
+                fh.close()
+                raise
+            if length <= CHUNK:  # all of it read: the file is not needed any more
+                fh.close()
+                return cls(length, head)
+            return cls(length, head, fh, start)
+
+        return _open() if inline else await asyncio.to_thread(_open)
+
+    async def read(self, offset: int) -> bytes:
+        """The next at most `CHUNK` bytes from `offset` (0 ≤ offset < length)."""
+        if self._fh is None:
+            return self._head[offset : offset + CHUNK]
+        if offset == 0:
+            return self._head
+        return await asyncio.to_thread(
+            _pread, self._fh, min(CHUNK, self.length - offset), self._start + offset
+        )
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def _pread(fh: BinaryIO, size: int, position: int) -> bytes:
+    """Exactly `size` bytes at `position` (no shared file offset: safe to repeat)."""
+    try:
+        data = os.pread(fh.fileno(), size, position)
+        while len(data) < size:
+            more = os.pread(fh.fileno(), size - len(data), position + len(data))
+            if not more:
+                raise ContentError(f"content truncated at {position + len(data)}")
+            data += more
+    except OSError as exc:
+        raise ContentError(str(exc)) from exc
+    return data

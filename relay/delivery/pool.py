@@ -1,0 +1,148 @@
+"""The delivery agent: transactions over a cache of open provider connections.
+
+It classifies and reports; it decides nothing about retries (that is the
+scheduler's job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiosmtplib
+
+from relay.config import ProviderSettings
+from relay.delivery.connect import Session, open_session
+from relay.delivery.content import Content
+from relay.delivery.reply import Attempt, Failed, fill
+from relay.delivery.transaction import transaction
+
+_Key = tuple[str, int, str, str | None, str]
+
+
+class Agent:
+    """The delivery agent: one transaction per call, over cached connections.
+
+    After a transaction the connection waits (at most `idle` seconds) for the
+    next transaction to the same provider, like Postfix's connection cache
+    (smtp_connection_cache_time_limit 2 s, smtp_connection_reuse_time_limit
+    300 s; like Postfix, no limit on the number of transactions unless
+    `max_uses` sets one; 0 disables the cache). The scheduler runs at most
+    `max_connections` attempts per provider at a time, and a connection is
+    opened only when none is cached, so that is also the most connections a
+    provider sees. A cached connection that turns out to be broken before the
+    final "." of DATA (a reset, an EOF, a 421) is replaced at once by a new one
+    and the transaction sent again: the provider cannot have the message.
+    """
+
+    def __init__(self, idle: float = 2.0, max_uses: int | None = None, max_age: float = 300.0):
+        self.idle = idle
+        self.max_uses = max_uses
+        self.max_age = max_age
+        self._cache: dict[_Key, list[Session]] = {}
+
+    async def send(
+        self,
+        cfg: ProviderSettings,
+        mail_from: str,
+        rcpts: list[str],
+        content: Content | bytes,
+        options: list[str],
+        helo: str,
+    ) -> Attempt:
+        """One transaction carrying `rcpts`; a reply for every one of them.
+
+        Never raises for anything the provider or the network does: every
+        failure becomes a `Reply` (code None when no reply came). Duplicate
+        recipients are sent once and share the reply.
+        """
+        if isinstance(content, bytes):
+            content = Content.from_bytes(content)
+        rcpts = list(dict.fromkeys(rcpts))
+        key: _Key = (cfg.host, cfg.port, cfg.tls, cfg.username, helo)
+        session = self._take(key)
+        if session is not None:
+            attempt = Attempt({}, tls=session.tls)
+            outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
+            if outcome != "stale":
+                self._release(key, session, outcome == "reusable")
+                return attempt
+            session.smtp.close()  # broke before the final ".": once more, at once
+        attempt = Attempt({})
+        try:
+            session = await open_session(cfg, helo)
+        except Failed as failed:
+            fill(attempt.replies, rcpts, failed.reply)
+            return attempt
+        attempt.tls = session.tls
+        outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
+        self._release(key, session, outcome == "reusable")
+        return attempt
+
+    def _take(self, key: _Key) -> Session | None:
+        idle = self._cache.get(key)
+        while idle:
+            session = idle.pop()  # the most recently used: the warmest
+            if session.idle is not None:
+                session.idle.cancel()
+            if session.smtp.is_connected:
+                return session
+            session.smtp.close()
+        return None
+
+    def _release(self, key: _Key, session: Session, reusable: bool) -> None:
+        session.uses += 1
+        loop = asyncio.get_running_loop()
+        if (
+            not reusable
+            or not session.smtp.is_connected
+            or self.max_uses == 0
+            or (self.max_uses is not None and session.uses >= self.max_uses)
+            or loop.time() - session.opened >= self.max_age
+        ):
+            if session.smtp.is_connected:
+                # QUIT after returning: the caller records the outcome a round trip
+                # sooner, which narrows the window in which a crash makes a duplicate.
+                _quit_later(session.smtp, session.cfg)
+            else:
+                session.smtp.close()
+            return
+        session.idle = loop.call_later(self.idle, self._expire, key, session)
+        self._cache.setdefault(key, []).append(session)
+
+    def _expire(self, key: _Key, session: Session) -> None:
+        idle = self._cache.get(key, [])
+        if session in idle:
+            idle.remove(session)
+            _quit_later(session.smtp, session.cfg)
+
+    async def close(self) -> None:
+        """Close every cached connection (QUIT written, not waited for)."""
+        cache, self._cache = self._cache, {}
+        for sessions in cache.values():
+            for session in sessions:
+                if session.idle is not None:
+                    session.idle.cancel()
+                if session.smtp.protocol is not None:
+                    with contextlib.suppress(Exception):
+                        session.smtp.protocol.write(b"QUIT\r\n")
+                session.smtp.close()
+
+
+_quitting: set[asyncio.Task[None]] = set()
+
+
+def _quit_later(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:
+    """QUIT in the background (the task closes `smtp` in the end)."""
+    task = asyncio.create_task(_quit(smtp, cfg))
+    _quitting.add(task)
+    task.add_done_callback(_quitting.discard)
+
+
+async def _quit(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:
+    """QUIT politely; the outcome is already known, so any failure here is ignored."""
+    try:
+        with contextlib.suppress(Exception):
+            await smtp.quit(timeout=min(5.0, cfg.command_timeout))
+    finally:
+        smtp.close()

@@ -1,0 +1,280 @@
+"""One SMTP transaction on an open session: MAIL, RCPT…, DATA, the content.
+
+The transaction is ours rather than aiosmtplib's, because that is where its
+per-round-trip and whole-message paths cost time and memory (DESIGN traps 10
+and 11): MAIL, every RCPT and DATA go in one write when the provider offers
+PIPELINING (RFC 2920), and the content is streamed from the spool file in
+chunks, dot-stuffed on the way and otherwise sent exactly as stored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from relay.delivery._aiosmtplib import Protocol, quote_address
+from relay.delivery.connect import Session
+from relay.delivery.content import Content, ContentError
+from relay.delivery.reply import Attempt, Failed, Reply, Stage, error_reply, fill, remote_id
+
+Outcome = Literal["reusable", "closed", "stale"]
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command line (injection)
+
+
+async def transaction(
+    session: Session,
+    mail_from: str,
+    rcpts: list[str],
+    content: Content,
+    options: list[str],
+    attempt: Attempt,
+) -> Outcome:
+    """MAIL, RCPT…, DATA and the content on an open session, filling `attempt`.
+
+    With PIPELINING (RFC 2920) the commands up to DATA go in one write and
+    their replies are read in order; without it, one round trip each, and
+    no DATA when every recipient was refused. Returns
+
+    - "stale": a reused session broke (or said 421) before the final "." was
+      written; nothing was filled, and the provider cannot have the message;
+    - "reusable": the session is in step and may carry another transaction
+      (after RSET if `session.dirty`);
+    - "closed": the session was closed or must be.
+
+    Cancelled (shutdown), it closes the session before the cancellation goes on.
+    """
+    try:
+        mail_options = _mail_options(session.smtp, options, content.length)
+        mail = _command(b"MAIL FROM:", mail_from, mail_options)
+        rcpt_commands = [_command(b"RCPT TO:", rcpt, []) for rcpt in rcpts]
+    except Failed as failed:
+        fill(attempt.replies, rcpts, failed.reply)
+        return "reusable"  # refused before anything was sent: the session is untouched
+    except ValueError as exc:
+        fill(attempt.replies, rcpts, error_reply(exc, "mail"))
+        return "reusable"
+    return await _Transaction(session, rcpts, attempt).run(mail, rcpt_commands, content)
+
+
+class _Closing(Exception):
+    """The provider answered 421 before the final ".": it is closing the connection."""
+
+    def __init__(self, response: SMTPResponse):
+        self.response = response
+
+
+class _Transaction:
+    """One transaction's progress: the stage reached and the replies so far.
+
+    `stage` is the stage a failure is charged to; `replies` go into the
+    attempt at the end, unless the outcome is "stale" (then nothing does).
+    """
+
+    def __init__(self, session: Session, rcpts: list[str], attempt: Attempt) -> None:
+        self.session = session
+        self.rcpts = rcpts
+        self.attempt = attempt
+        self.stage: Stage = "mail"
+        self.replies: dict[str, Reply] = {}
+        self.accepted: list[str] = []
+
+    async def run(self, mail: bytes, rcpt_commands: list[bytes], content: Content) -> Outcome:
+        """The exchange under aiosmtplib's command lock, every failure a reply."""
+        smtp = self.session.smtp
+        reused = self.session.uses > 0
+        try:
+            proto, lock = smtp.pipeline()
+            async with lock:
+                proto.begin()
+                try:
+                    final = await self._exchange(proto, mail, rcpt_commands, content)
+                finally:
+                    left = proto.end()
+            if final is None:  # nothing to send: every recipient has its reply
+                return self._merge("reusable")
+            done = Reply.from_smtp(final.code, final.message, "after_data")
+            if done.ok:
+                self.attempt.remote_id = remote_id(final.message)
+            fill(self.replies, self.accepted, done)
+            if final.code == 421 or left:  # closing, or out of step (more replies than commands)
+                smtp.close()
+                return self._merge("closed")
+            return self._merge("reusable")
+        except _Closing as closing:
+            smtp.close()
+            if reused:
+                return "stale"
+            r = closing.response
+            fill(self.replies, self.rcpts, Reply.from_smtp(r.code, r.message, self.stage))
+            return self._merge("closed")
+        except ContentError as exc:  # the spool failed us mid-way: never end DATA with "."
+            smtp.close()
+            fill(self.replies, self.rcpts, Reply(None, f"content unreadable: {exc}", self.stage))
+            return self._merge("closed")
+        except Exception as exc:  # every failure becomes a reply
+            smtp.close()
+            broken = isinstance(exc, ConnectionError | aiosmtplib.SMTPServerDisconnected)
+            if reused and broken and self.stage != "after_data":
+                return "stale"
+            fill(self.replies, self.rcpts, error_reply(exc, self.stage))
+            return self._merge("closed")
+        except BaseException:  # cancelled (shutdown): the session is out of step
+            smtp.close()
+            raise
+
+    async def _exchange(
+        self, proto: Protocol, mail: bytes, rcpt_commands: list[bytes], content: Content
+    ) -> SMTPResponse | None:
+        """The commands and the content; the final reply, None when none was sent."""
+        session = self.session
+        reset, session.dirty = session.dirty, True  # clean again after the final reply
+        if session.smtp.supports_extension("pipelining"):
+            first, rcpt_replies, data = await self._pipelined(proto, reset, mail, rcpt_commands)
+        else:
+            first, rcpt_replies, data = await self._stepwise(proto, reset, mail, rcpt_commands)
+        self.accepted = self._classify(first, rcpt_replies, data)
+        if not self.accepted:
+            if data is not None and data.code == 354:
+                # RFC 2920 §3.1: DATA accepted with no recipient: end it, empty.
+                _write(proto, b".")
+                await self._reply(proto)
+                session.dirty = False
+            return None
+        self.stage = "data"
+        await write_content(proto, content, session.cfg.command_timeout)
+        # The final "." is written: from here on a break or timeout is a
+        # deferral, and the provider may already have the message.
+        self.stage = "after_data"
+        final = await proto.read_response(timeout=session.cfg.data_timeout)
+        session.dirty = False
+        return final
+
+    async def _pipelined(
+        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes]
+    ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]:
+        """[RSET,] MAIL, every RCPT and DATA in one write, then their replies in order."""
+        _write(proto, *([b"RSET"] if reset else []), mail, *rcpt_commands, b"DATA")
+        if reset:
+            await self._reply(proto)
+        first = await self._reply(proto)
+        self.stage = "rcpt"
+        rcpt_replies = [await self._reply(proto) for _ in rcpt_commands]
+        self.stage = "data"
+        return first, rcpt_replies, await self._reply(proto)
+
+    async def _stepwise(
+        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes]
+    ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]:
+        """One round trip per command; no RCPT after a refused MAIL, no DATA when
+        every recipient was refused."""
+        if reset:
+            _write(proto, b"RSET")
+            await self._reply(proto)
+        _write(proto, mail)
+        first = await self._reply(proto)
+        rcpt_replies: list[SMTPResponse] = []
+        data: SMTPResponse | None = None
+        if first.code == 250:
+            self.stage = "rcpt"
+            for command in rcpt_commands:
+                _write(proto, command)
+                rcpt_replies.append(await self._reply(proto))
+            if any(r.code in (250, 251) for r in rcpt_replies):
+                self.stage = "data"
+                _write(proto, b"DATA")
+                data = await self._reply(proto)
+        return first, rcpt_replies, data
+
+    async def _reply(self, proto: Protocol) -> SMTPResponse:
+        """The next reply before the final "."; a 421 there ends the connection."""
+        response = await proto.read_response(timeout=self.session.cfg.command_timeout)
+        if response.code == 421:
+            raise _Closing(response)
+        return response
+
+    def _classify(
+        self, first: SMTPResponse, rcpt_replies: list[SMTPResponse], data: SMTPResponse | None
+    ) -> list[str]:
+        """Record the refusals; returns the recipients the content is for."""
+        if first.code != 250:
+            fill(self.replies, self.rcpts, Reply.from_smtp(first.code, first.message, "mail"))
+            return []
+        accepted = []
+        for rcpt, r in zip(self.rcpts, rcpt_replies, strict=True):
+            if r.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                self.replies[rcpt] = Reply.from_smtp(r.code, r.message, "rcpt")
+        if accepted and data is not None and data.code != 354:
+            fill(self.replies, accepted, Reply.from_smtp(data.code, data.message, "data"))
+            return []
+        return accepted
+
+    def _merge(self, outcome: Outcome) -> Outcome:
+        self.attempt.replies.update(self.replies)
+        return outcome
+
+
+def _command(verb: bytes, address: str, options: list[str]) -> bytes:
+    """`MAIL FROM:<a> OPTIONS` / `RCPT TO:<a>`; ValueError for what could inject."""
+    line = b" ".join(
+        [verb + quote_address(address).encode("utf-8"), *(o.encode("ascii") for o in options)]
+    )
+    if _CONTROL.search(line):
+        raise ValueError("control character in a command line")
+    return line
+
+
+def _write(proto: Protocol, *commands: bytes) -> None:
+    proto.write(b"".join(c + b"\r\n" for c in commands))
+
+
+async def write_content(proto: Protocol, content: Content, timeout: float) -> None:
+    """Send the content dot-stuffed, then the final "."; return once "." is written.
+
+    A line starting with "." gets one more (RFC 5321 §4.5.2), across chunk
+    boundaries too. Nothing else changes: the spool holds CRLF lines already
+    (ingress normalised or refused bare newlines), and long lines pass as they
+    are. After each chunk the transport is drained (flow control), so about one
+    chunk per connection is in memory whatever the message size. Any failure
+    raises before the final "." is written: the provider then never takes a
+    partial message as complete.
+    """
+    offset, length = 0, content.length
+    line_start = True  # the next content byte begins a line
+    last2 = b""  # the content's last two bytes so far
+    while offset < length:
+        chunk = await content.read(offset)
+        if not chunk:
+            raise ContentError(f"content ended at {offset} of {length} bytes")
+        offset += len(chunk)
+        data = chunk.replace(b"\n.", b"\n..")
+        if line_start and data[:1] == b".":
+            data = b"." + data
+        line_start = chunk[-1:] == b"\n"
+        last2 = (last2 + chunk[-2:])[-2:]
+        if offset >= length:
+            proto.write(data + (b".\r\n" if last2 == b"\r\n" else b"\r\n.\r\n"))
+            return
+        proto.write(data)
+        await proto.drain(timeout)
+    proto.write(b".\r\n")  # empty content
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, options: list[str], size: int) -> list[str]:
+    """Pass BODY=8BITMIME / SMTPUTF8 on; a provider lacking them is a final failure."""
+    out = []
+    if "BODY=8BITMIME" in options:
+        if not smtp.supports_extension("8bitmime"):
+            raise Failed(Reply(554, "5.6.3 provider does not support 8BITMIME", "mail", "5.6.3"))
+        out.append("BODY=8BITMIME")
+    if "SMTPUTF8" in options:
+        if not smtp.supports_extension("smtputf8"):
+            raise Failed(Reply(554, "5.6.7 provider does not support SMTPUTF8", "mail", "5.6.7"))
+        out.append("SMTPUTF8")
+    if smtp.supports_extension("size"):
+        out.append(f"SIZE={size}")
+    return out

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import trustme
 
-from relay import ingress
-from relay.ingress import RelaySMTP
+from relay.ingress import server as ingress
+from relay.ingress.server import RelaySMTP
 from relay.testing import Provider
 from tests.conftest import PILOTS, write_config
 from tests.helpers_ingress import (
@@ -1017,7 +1017,7 @@ async def test_cached_introspection_builds_the_same_command_tables(tmp_path) -> 
     """RelaySMTP answers aiosmtpd's per-connection introspection from a per-class cache."""
     from aiosmtpd.smtp import SMTP
 
-    from relay.ingress import IngressHandler, RelaySMTP
+    from relay.ingress.server import IngressHandler, RelaySMTP
 
     handler = IngressHandler.__new__(IngressHandler)
     loop = asyncio.get_running_loop()

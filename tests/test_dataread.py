@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dataread import DataError, DataParser
+from relay.ingress.dataread import DataError, DataParser
 
 pytestmark = pytest.mark.timeout(30)
 MAX_LINE = 1000

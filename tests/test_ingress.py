@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import trustme
 
-from relay import ingress
-from relay.ingress import RelaySMTP
+from relay.ingress import policy
+from relay.ingress.protocol import RelaySMTP
 from relay.testing import Provider
 from tests.conftest import PILOTS, write_config
 from tests.helpers_ingress import (
@@ -622,7 +622,7 @@ async def test_internal_error_after_data_is_451_and_stores_nothing(
     def boom(*args: Any) -> Any:
         raise RuntimeError("routing exploded")
 
-    monkeypatch.setattr(env.relay.handler, "plan", boom)
+    monkeypatch.setattr(env.relay.handler.intake, "plan", boom)
     c = await ready(env)
     reply = await send_data(c, BODY)
     expect(reply, 451, "4.3.0")
@@ -656,7 +656,7 @@ async def test_internal_error_at_rcpt(
     def boom(*args: Any) -> Any:
         raise ValueError("resolver bug")
 
-    monkeypatch.setattr(ingress, "resolve_recipient", boom)
+    monkeypatch.setattr(policy, "resolve_recipient", boom)
     c = await ready(env, [])
     reply = await c.cmd("RCPT TO:<alice@example.com>")
     expect(reply, 451, "4.3.0")
@@ -762,9 +762,9 @@ async def test_client_gone_during_commit_message_still_queued(
 
     monkeypatch.setattr(env.relay.spool, "commit", slow_commit)
     scheduled: list[str] = []
-    add = env.relay.handler.on_queued
+    add = env.relay.handler.intake.on_queued
     assert add is not None
-    env.relay.handler.on_queued = lambda qid, rec: (scheduled.append(qid), add(qid, rec))
+    env.relay.handler.intake.on_queued = lambda qid, rec: (scheduled.append(qid), add(qid, rec))
     c = await ready(env)
     expect(await c.cmd("DATA"), 354, None)
     await c.send(BODY + b".\r\n")
@@ -950,7 +950,7 @@ from relay.app import Relay
 
 async def main():
     relay = Relay(config.load(sys.argv[1]))
-    relay.handler.on_queued = None  # ingress only: no delivery reads the message back
+    relay.handler.intake.on_queued = None  # ingress only: no delivery reads the message back
     await relay.start()
     print(relay.port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -1017,11 +1017,15 @@ async def test_cached_introspection_builds_the_same_command_tables(tmp_path) -> 
     """RelaySMTP answers aiosmtpd's per-connection introspection from a per-class cache."""
     from aiosmtpd.smtp import SMTP
 
-    from relay.ingress import IngressHandler, RelaySMTP
+    from relay.ingress.protocol import RelaySMTP, SessionLimits
+    from relay.ingress.server import IngressHandler
 
     handler = IngressHandler.__new__(IngressHandler)
     loop = asyncio.get_running_loop()
-    fast = RelaySMTP(handler, hostname="x", loop=loop)
+    limits = SessionLimits(
+        max_message_size=1, max_line_length=1000, data_timeout=1, reject_bare=False
+    )
+    fast = RelaySMTP(handler, limits, hostname="x", loop=loop)
     stock = RelaySMTP.__new__(RelaySMTP)
     SMTP.__init__(stock, handler, hostname="x", loop=loop)
     assert sorted(fast._smtp_methods) == sorted(stock._smtp_methods)

@@ -1,0 +1,16 @@
+"""Inbound SMTP: check, queue durably, answer. Never talks to a provider.
+
+- `server`: `Ingress` (listening, one session per connection, shutdown) and
+  `IngressHandler`, which wires sessions to the policy and the intake.
+- `protocol`: `RelaySMTP`, the SMTP dialogue of one session.
+- `policy`: connection caps, the relay check, recipient resolution, the
+  `rejected` event.
+- `receiving`: one message into the spool (trace headers, loop check) and
+  its durable enqueue.
+- `dataread`: the streaming DATA parser; `replies`: every reply's code and text.
+- `_aiosmtpd`: the only module that touches aiosmtpd's internals.
+"""
+
+from relay.ingress.server import Ingress, IngressHandler
+
+__all__ = ["Ingress", "IngressHandler"]

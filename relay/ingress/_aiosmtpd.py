@@ -1,0 +1,135 @@
+"""The one place the ingress touches aiosmtpd's internals (checked against aiosmtpd 1.4.6).
+
+aiosmtpd has no API for what the ingress needs around its command loop: a
+streaming DATA reader, command limits per session, a reply on idle timeout
+and a cheaper construction. `AiosmtpdSMTP` gives each private name it uses a
+public method here, with the reason; nothing else in `relay/ingress/` names
+one. pyproject.toml pins `aiosmtpd<1.5`: a new minor version means reading
+this file against its `aiosmtpd/smtp.py` again before raising the bound.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from aiosmtpd import smtp as _smtp_module
+
+# Public in aiosmtpd (its `__all__`), imported here so the ingress has one door to it.
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
+
+__all__ = ["AiosmtpdSMTP", "Envelope", "Session", "TLSSetupException", "syntax"]
+
+
+class _CommandLimits(dict[str, int]):
+    """Per-session command line limits that stay fixed.
+
+    aiosmtpd keeps them in a class-level dict that every new connection clears
+    and every EHLO raises (`['MAIL'] += 26`): after a few EHLOs any MAIL line
+    passed, and one client's EHLO changed every other session's limit.
+    """
+
+    def __init__(self, default: int, mail: int) -> None:
+        super().__init__()
+        self.default = default
+        dict.__setitem__(self, "MAIL", mail)
+
+    def __missing__(self, key: str) -> int:
+        return self.default
+
+    def __setitem__(self, key: str, value: int) -> None:
+        pass  # ignore aiosmtpd's per-EHLO increments
+
+
+class _CachedIntrospection:
+    """What aiosmtpd's `SMTP.__init__` asks `inspect` and `dir` on every connection,
+    computed once per class: it was 18 % of the event loop's time under load
+    (py-spy, bench/dual_bench.sh). Answers are the same: only names starting
+    with `auth_`, `handle_` and `smtp_` are looked up, and those live on classes.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[type, list[str]] = {}
+        self._signatures: dict[Any, inspect.Signature] = {}
+
+    def _class_names(self, obj: object) -> list[str]:
+        cls = type(obj)
+        if cls not in self._names:
+            self._names[cls] = [n for n in dir(cls) if n.startswith(("auth_", "handle_", "smtp_"))]
+        return self._names[cls]
+
+    def getmembers(self, obj: object) -> list[tuple[str, Any]]:
+        return [(n, getattr(obj, n)) for n in self._class_names(obj) if n.startswith("auth_")]
+
+    def dir(self, obj: object) -> list[str]:
+        return self._class_names(obj)
+
+    def signature(self, fn: Any) -> inspect.Signature:
+        key = (type(fn), getattr(fn, "__func__", fn))
+        if key not in self._signatures:
+            self._signatures[key] = inspect.signature(fn)
+        return self._signatures[key]
+
+
+_introspection = _CachedIntrospection()
+
+
+class AiosmtpdSMTP(SMTP):
+    """aiosmtpd's `SMTP` protocol with the private parts the ingress uses behind names."""
+
+    def __init__(
+        self, handler: Any, *, command_limit: int, mail_command_limit: int, **kwargs: Any
+    ) -> None:
+        # Module globals `inspect` and `dir`: `SMTP.__init__` looks them up in
+        # aiosmtpd.smtp's namespace at call time to build its command tables.
+        # Only this (synchronous) construction sees the cached answers.
+        module = vars(_smtp_module)
+        saved = module["inspect"]
+        module["inspect"], module["dir"] = _introspection, _introspection.dir
+        try:
+            super().__init__(handler, **kwargs)
+        finally:
+            module["inspect"] = saved
+            del module["dir"]
+        # `command_size_limits`: read per command by `_handle_client`; the class-level
+        # dict it replaces is shared by all sessions (see `_CommandLimits`).
+        self.command_size_limits = _CommandLimits(command_limit, mail_command_limit)
+
+    @property
+    def tls_active(self) -> bool:
+        """TLS is up on this connection (a second STARTTLS must be refused)."""
+        # `_tls_protocol`: set by `smtp_STARTTLS`; aiosmtpd has no public flag, and
+        # `session.ssl` is only filled in once the handshake is done.
+        return self._tls_protocol is not None
+
+    async def read_some(self, n: int) -> bytes:
+        """Up to `n` octets from the client, as they come (EOF: empty)."""
+        # `_reader`: the StreamReader aiosmtpd's command loop reads from; its own
+        # DATA reads whole lines into memory, this one streams.
+        return await self._reader.read(n)
+
+    def unread(self, data: bytes) -> None:
+        """Give pipelined commands read past the end of DATA back to the command loop."""
+        # `StreamReader._buffer` (asyncio's): the bytearray `readuntil` consumes;
+        # StreamReader has no public way to push data back.
+        self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
+
+    def restart_idle_timer(self) -> None:
+        """The client is active: the idle timeout starts again."""
+        # `_reset_timeout`: what aiosmtpd calls per command line; a long DATA is
+        # many reads of ours, not one command.
+        self._reset_timeout()
+
+    def end_transaction(self) -> None:
+        """After the reply to DATA: a new, empty envelope (what aiosmtpd's DATA does)."""
+        # `_set_post_data_state`: aiosmtpd's own post-DATA reset.
+        self._set_post_data_state()
+
+    def on_idle_timeout(self) -> None:
+        """The idle timer fired; aiosmtpd closes the connection right after."""
+
+    def _timeout_cb(self) -> None:
+        # `_timeout_cb`: aiosmtpd's idle-timer callback; it closes without a reply,
+        # and this override is the only way to send one first.
+        self.on_idle_timeout()
+        super()._timeout_cb()

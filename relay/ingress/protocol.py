@@ -1,0 +1,251 @@
+"""One inbound SMTP session: aiosmtpd's command loop with the relay's dialogue.
+
+`RelaySMTP` puts an enhanced status code on every reply, offers the relay's
+capabilities, keeps command lines to RFC 5321's length, answers the idle and
+DATA timeouts, and reads DATA with our own streaming parser. What to accept
+it asks its `SessionPolicy` (the `IngressHandler`); the DATA limits it is
+given as `SessionLimits`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay.config import RelaySettings
+from relay.ingress._aiosmtpd import AiosmtpdSMTP, TLSSetupException, syntax
+from relay.ingress.dataread import DataParser
+from relay.ingress.replies import Reply, with_enhanced
+from relay.log import oplog
+
+READ_CHUNK = 256 * 1024
+# RFC 5321 §4.5.3.1.4: 512 octets with the CRLF (aiosmtpd compares without it);
+# SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) extend MAIL by 26 and 10.
+COMMAND_LIMIT = 512 - 2
+MAIL_COMMAND_LIMIT = COMMAND_LIMIT + 26 + 10
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What a session enforces by itself while it reads DATA."""
+
+    max_message_size: int
+    max_line_length: int
+    data_timeout: float
+    reject_bare: bool  # bare LF/CR refused (`bare_newline: reject`), not normalised
+
+    @classmethod
+    def of(cls, settings: RelaySettings) -> SessionLimits:
+        limits = settings.limits
+        return cls(
+            max_message_size=limits.max_message_size,
+            max_line_length=limits.max_line_length,
+            data_timeout=limits.data_timeout,
+            reject_bare=settings.bare_newline == "reject",
+        )
+
+
+class MessageSink(Protocol):
+    """Where one message's DATA goes after the 354 (`receiving.Receiving`)."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def abort(self) -> None: ...
+
+    async def finish(self, parser: DataParser) -> str: ...
+
+
+class SessionPolicy(Protocol):
+    """What a session asks the relay (`server.IngressHandler` answers).
+
+    It is also aiosmtpd's handler: its `handle_*` hooks answer MAIL, RCPT, EHLO.
+    """
+
+    shutting_down: bool
+
+    def admit(self, server: RelaySMTP) -> str | None: ...
+
+    def release(self, server: RelaySMTP) -> None: ...
+
+    async def data_refusal(self, server: RelaySMTP) -> str | None: ...
+
+    def begin_message(self, server: RelaySMTP) -> MessageSink: ...
+
+    async def internal_error(self, server: RelaySMTP, error: Exception) -> str: ...
+
+    def log_reject(self, client_ip: str, stage: str, reply: str, reason: str) -> None: ...
+
+
+def capabilities(responses: list[str], max_size: int) -> list[str]:
+    """The EHLO reply: aiosmtpd's, with SIZE, PIPELINING, ENHANCEDSTATUSCODES, no AUTH."""
+    first, *middle, last = responses  # "250-<hostname>", ..., "250 HELP"
+    middle = [r for r in middle if not r.startswith("250-AUTH")]  # an MX has no users
+    extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+    return [first, f"250-SIZE {max_size}", *middle, *extra, last]
+
+
+class RelaySMTP(AiosmtpdSMTP):
+    """One client connection, from the greeting (or a 421) to its close."""
+
+    line_length_limit = 64 * 1024  # stream-reader buffer; commands are still capped at 512
+    command_size_limit = COMMAND_LIMIT
+
+    def __init__(self, policy: SessionPolicy, limits: SessionLimits, **kwargs: Any):
+        super().__init__(
+            policy, command_limit=COMMAND_LIMIT, mail_command_limit=MAIL_COMMAND_LIMIT, **kwargs
+        )
+        self.policy = policy
+        self.limits = limits
+        self.counted = False
+        self.client_ip = ""
+        self._plain_reply = False  # greeting-type replies carry no enhanced code
+
+    @property
+    def in_transaction(self) -> bool:
+        """Between MAIL and the reply after DATA (shutdown lets these finish)."""
+        return self.envelope is not None and bool(self.envelope.mail_from)
+
+    # -- connection accounting ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.counted:  # STARTTLS re-runs connection_made
+            super().connection_made(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        refusal = self.policy.admit(self)
+        if refusal:
+            transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self.counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.policy.release(self)
+        if self.session is not None and self.transport is not None:
+            super().connection_lost(error)
+
+    def on_idle_timeout(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(Reply.IDLE.encode() + b"\r\n")  # type: ignore[attr-defined]
+
+    def close_with(self, reply: str) -> None:
+        """Send a last reply and close (without waiting on a client that does not read)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+
+    # -- replies ----------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        await super().push(raw if self._plain_reply else with_enhanced(raw))
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_reply = bool(hostname)  # RFC 2034: not on the EHLO/HELO reply
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_reply = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_reply = bool(hostname)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_reply = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push(Reply.NO_AUTH)  # the relay takes mail; it has no users to log in
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_active:  # aiosmtpd would start TLS inside TLS
+            await self.push(Reply.TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # the client gave up on the handshake
+            oplog.info("inbound STARTTLS handshake failed", client_ip=self.client_ip,
+                       error=repr(error.__cause__))  # fmt: skip
+            return Reply.INTERNAL  # not sent: aiosmtpd closes the connection
+        return await super().handle_exception(error)
+
+    # -- commands -------------------------------------------------------------------
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.policy.shutting_down:
+            self.close_with(Reply.SHUTDOWN)
+            return
+        await super().smtp_MAIL(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(Reply.NEED_RCPT)
+            return
+        if arg:
+            await self.push(Reply.DATA_SYNTAX)
+            return
+        refusal = await self.policy.data_refusal(self)
+        if refusal:
+            await self.push(refusal)
+            return
+        await self.push(Reply.GO_AHEAD)
+        receiving = self.policy.begin_message(self)
+        limits = self.limits
+        parser = DataParser(
+            max_size=limits.max_message_size,
+            max_line_length=limits.max_line_length,
+            reject_bare=limits.reject_bare,
+        )
+        failure: Exception | None = None
+        try:
+            async with asyncio.timeout(limits.data_timeout):
+                while not parser.done:
+                    chunk = await self.read_some(READ_CHUNK)
+                    if not chunk:
+                        raise ConnectionResetError("client closed during DATA")
+                    self.restart_idle_timer()
+                    out = parser.feed(chunk)
+                    if out and failure is None:
+                        try:
+                            await receiving.write(out)
+                        except Exception as exc:  # a bug: read on to the end, then 451
+                            failure = exc
+        except TimeoutError:
+            await receiving.abort()
+            self.policy.log_reject(self.client_ip, "data", Reply.DATA_SLOW, "data timeout")
+            self.close_with(Reply.DATA_SLOW)
+            return
+        except BaseException:
+            await receiving.abort()
+            raise
+        if parser.rest:  # pipelined commands after the final "."
+            self.unread(parser.rest)
+        if failure is None:
+            try:
+                status = await receiving.finish(parser)
+            except Exception as exc:
+                failure = exc
+            except BaseException:
+                await receiving.abort()  # a no-op once the message went to the spool
+                raise
+        if failure is not None:
+            await receiving.abort()
+            status = await self.policy.internal_error(self, failure)
+        self.end_transaction()
+        await self.push(status)

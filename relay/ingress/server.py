@@ -1,0 +1,183 @@
+"""The listening socket, and the handler that wires each session to the policy.
+
+`Ingress` listens, makes one `RelaySMTP` per connection and drains on
+shutdown. `IngressHandler` is aiosmtpd's handler (the `handle_*` hooks) and
+each session's `SessionPolicy`: it asks `RelayPolicy` and `Connections`,
+logs refusals through `Rejections`, and hands messages to the `Intake`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.config import RelaySettings
+from relay.ingress._aiosmtpd import Envelope, Session
+from relay.ingress.policy import Connections, Rejections, RelayPolicy
+from relay.ingress.protocol import RelaySMTP, SessionLimits, capabilities
+from relay.ingress.receiving import Intake, Receiving
+from relay.ingress.replies import Reply
+from relay.log import DeliveryLog, oplog
+from relay.routing import PilotTable
+from relay.spool import Spool
+
+
+class IngressHandler:
+    """Answers every SMTP command and session question; the one place that decides replies."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        spool: Spool,
+        log: DeliveryLog,
+        pilots: Callable[[], PilotTable],
+        on_queued: Callable[[str, dict[str, Any]], object] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
+        limits = settings.limits
+        self.settings = settings
+        self.rejections = Rejections(log)
+        self.policy = RelayPolicy(settings, spool)
+        self.conns = Connections(limits.max_connections, limits.max_connections_per_ip)
+        self.intake = Intake(settings, spool, log, self.rejections, pilots, on_queued, clock)
+        self.shutting_down = False
+
+    def _refuse(self, server: RelaySMTP, stage: str, reply: str, reason: str) -> str:
+        return self.rejections.refuse(server.client_ip, stage, reply, reason)
+
+    # -- the session's questions (SessionPolicy) --------------------------------------
+
+    def admit(self, server: RelaySMTP) -> str | None:
+        if self.shutting_down:
+            return self._refuse(server, "connect", Reply.SHUTDOWN, "shutting down")
+        refusal = self.conns.refusal(server.client_ip)
+        if refusal:
+            return self._refuse(server, "connect", *refusal)
+        self.conns.add(server)
+        return None
+
+    def release(self, server: RelaySMTP) -> None:
+        self.conns.remove(server)
+
+    async def data_refusal(self, server: RelaySMTP) -> str | None:
+        refusal = await self.policy.room_refusal()
+        return self._refuse(server, "data", *refusal) if refusal else None
+
+    def begin_message(self, server: RelaySMTP) -> Receiving:
+        return self.intake.begin(server)
+
+    async def internal_error(self, server: RelaySMTP, error: Exception) -> str:
+        """A fault while taking a message: the client gets a 4xx and tries again later."""
+        oplog.error("error while receiving a message", error=repr(error), exc_info=error)
+        return self._refuse(server, "data", Reply.INTERNAL, "internal error")
+
+    def log_reject(self, client_ip: str, stage: str, reply: str, reason: str) -> None:
+        self.rejections.refuse(client_ip, stage, reply, reason)
+
+    # -- aiosmtpd hooks ------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        session.host_name = hostname
+        return capabilities(responses, self.settings.limits.max_message_size)
+
+    async def handle_MAIL(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:  # fmt: skip
+        refusal = await self.policy.mail_refusal(options)
+        if refusal:
+            return self._refuse(server, "mail", *refusal)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return Reply.OK_MAIL
+
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:  # fmt: skip
+        refusal = self.policy.rcpt_refusal(address, len(envelope.rcpt_tos), server.client_ip)
+        if refusal:
+            return self._refuse(server, "rcpt", *refusal)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return Reply.OK_RCPT
+
+    async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        return "250 2.0.0 Ok"
+
+    async def handle_exception(self, error: Exception) -> str:
+        oplog.error("smtp session error", error=repr(error), exc_info=error)
+        return Reply.INTERNAL
+
+
+def tls_context(settings: RelaySettings) -> ssl.SSLContext | None:
+    cert, key = settings.listen.tls_cert, settings.listen.tls_key
+    if not (cert and key):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Ingress:
+    """The listening socket and its sessions; drains on shutdown."""
+
+    def __init__(self, handler: IngressHandler, sock: Any = None):
+        self.handler = handler
+        self.settings = handler.settings
+        self.limits = SessionLimits.of(self.settings)
+        self.tls = tls_context(self.settings)
+        self.server: asyncio.Server | None = None
+        self.sock = sock
+
+    def _factory(self) -> RelaySMTP:
+        s = self.settings
+        return RelaySMTP(
+            self.handler,
+            self.limits,
+            data_size_limit=None,  # SIZE is advertised and checked by the handler
+            enable_SMTPUTF8=True,
+            hostname=s.listen.hostname,
+            ident="ESMTP relay",
+            tls_context=self.tls,
+            timeout=s.limits.idle_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self, reuse_port: bool = False) -> int:
+        """Listen; `reuse_port`: worker processes share the port (SO_REUSEPORT)."""
+        loop = asyncio.get_running_loop()
+        if self.sock is not None:
+            self.server = await loop.create_server(self._factory, sock=self.sock)
+        else:
+            self.server = await loop.create_server(
+                self._factory,
+                host=self.settings.listen.host,
+                port=self.settings.listen.port,
+                reuse_port=reuse_port or None,
+            )
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting; let transactions finish up to `timeout`; 421 the rest."""
+        self.handler.shutting_down = True
+        if self.server:
+            self.server.close()
+        sessions = self.handler.conns.sessions
+        for s in list(sessions):
+            if not s.in_transaction:
+                s.close_with(Reply.SHUTDOWN)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(s.in_transaction for s in sessions) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(sessions):
+            s.close_with(Reply.SHUTDOWN)
+        # A commit under way when its session closed still finishes and is scheduled.
+        await self.handler.intake.settle(max(0.5, timeout))

@@ -153,9 +153,9 @@ def relay_yaml(
         metrics: {{host: 127.0.0.1, port: 0}}
         retry: {{schedule: [3600]}}
         limits:
-          min_free_space: 0
         """)
         + textwrap.indent(textwrap.dedent(limits), "  ")
+        + ("" if "min_free_space" in limits else "  min_free_space: 0\n")
         + textwrap.dedent(top)
     )
 

@@ -105,7 +105,7 @@ class Relay:
         self.lock_wait = lock_wait  # seconds to wait for the spool lock (a worker's old self)
         s = cfg.relay
         with starting(f"delivery log {s.log}"):
-            self.log = DeliveryLog(s.log, s.node_name)
+            self.log = DeliveryLog(s.log, s.node_name, s.log_buffer)
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
         self.scheduler = Scheduler(s, self.spool, self.log, clock=clock)
@@ -141,6 +141,7 @@ class Relay:
             "depth": self.scheduler.depth(),
             "connections": self.handler.conns.total,
             "oldest_age": oldest_age(m.received for m in messages),
+            "log_dropped": self.log.dropped_total,
         }
 
     def _gather_workers(self) -> None:
@@ -180,6 +181,7 @@ class Relay:
             self._metrics_server = await self.metrics.serve(m.host, m.port)
         self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.pilots.watch(), name="pilot-watch"))
+        self._tasks.append(asyncio.create_task(self.log.run(), name="log-retry"))
         self._tasks.append(
             asyncio.create_task(serve_control(self.spool, self.scheduler), name="queue-control")
         )

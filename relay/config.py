@@ -112,6 +112,7 @@ class RelaySettings(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     workers: int = Field(1, ge=1, le=64)
     pid_file: Path | None = None
+    log_buffer: int = Field(10_000, ge=0)
 
     @field_validator("domains")
     @classmethod

@@ -10,9 +10,13 @@ Message bodies, subjects and passwords never reach either log.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +40,8 @@ class _ReopenableFile:
     """An O_APPEND descriptor written with one os.write per line; SIGUSR1 swaps it.
 
     One write per event on an O_APPEND file keeps lines whole even when several
-    worker processes append to the same log.
+    worker processes append to the same log. `write` raises OSError (full disk,
+    I/O error) with the number of bytes that did reach the file.
     """
 
     def __init__(self, path: Path):
@@ -57,15 +62,16 @@ class _ReopenableFile:
                 os.write(fd, b"\n")
         return fd
 
-    def write(self, line: str) -> None:
-        data = line.encode("utf-8")
+    def write(self, data: bytes) -> int:
+        """Append `data`; returns len(data), or raises PartialWrite with what got through."""
         with self._lock:
-            written = os.write(self.fd, data)
-            while written < len(data):  # only on a full disk or a signal mid-write
-                written += os.write(self.fd, data[written:])
-
-    def flush(self) -> None:
-        pass
+            written = 0
+            try:
+                while written < len(data):  # short only on a full disk or a signal
+                    written += os.write(self.fd, data[written:])
+            except OSError as exc:
+                raise PartialWrite(written, exc) from exc
+            return written
 
     def reopen(self) -> None:
         with self._lock:
@@ -79,28 +85,122 @@ class _ReopenableFile:
                 self.fd = -1
 
 
-class DeliveryLog:
-    """Writes delivery-log events; every event gets `event`, `ts` and `node`."""
+class PartialWrite(Exception):
+    def __init__(self, written: int, error: OSError):
+        super().__init__(str(error))
+        self.written = written
+        self.error = error
 
-    def __init__(self, path: Path, node: str):
+
+LOG_BUFFER = 10_000  # events kept in memory while the log cannot be written
+RETRY_EVERY = 1.0  # seconds between attempts to write what is kept
+COMPLAIN_EVERY = 60.0  # seconds between operational-log lines while failing
+
+
+class DeliveryLog:
+    """Writes delivery-log events; every event gets `event`, `ts` and `node`.
+
+    A sink that never fails its caller: acceptance, scheduling, delivery and
+    DSNs must not depend on a log write (SPEC Part 2 "Faults"). When a write
+    fails (disk full, I/O error) the event is kept, in order, up to
+    `buffer` events, and written once the file takes writes again (the next
+    event, or `flush_pending` which the running relay calls every second);
+    beyond the bound events are counted in `dropped` and one `log_events_dropped`
+    event says how many once writing resumes. Observers (metrics) see every
+    event whether or not it reached the file.
+    """
+
+    def __init__(self, path: Path, node: str, buffer: int = LOG_BUFFER):
         self.node = node
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # e.g. metrics
         self.file = _ReopenableFile(path)
-        self._log = structlog.wrap_logger(
-            structlog.WriteLogger(self.file),  # type: ignore[arg-type]
-            processors=[_ts, structlog.processors.JSONRenderer(separators=(",", ":"))],
-        )
+        self.buffer = buffer
+        self.pending: deque[bytes] = deque()
+        self.dropped = 0  # since writing last resumed
+        self.dropped_total = 0
+        self._complained = -COMPLAIN_EVERY
+        self._dropped_since: str | None = None
 
     def emit(self, event: str, **fields: Any) -> None:
-        self._log.msg(event, node=self.node, **fields)
+        line = _encode(self.node, event, fields)
+        if self.pending and not self.flush_pending():
+            self._keep(line)
+        else:
+            self._write(line)
         for observe in self.observers:
             observe(event, fields)
 
+    def _write(self, line: bytes) -> bool:
+        try:
+            self.file.write(line)
+            return True
+        except PartialWrite as exc:
+            self._keep(line[exc.written :], first=True)
+            self._failing(exc.error)
+            return False
+
+    def _keep(self, line: bytes, first: bool = False) -> None:
+        if first or len(self.pending) < self.buffer:
+            self.pending.append(line)
+            return
+        if not self.dropped:
+            self._dropped_since = utc_ts()
+        self.dropped += 1
+        self.dropped_total += 1
+
+    def _failing(self, error: OSError) -> None:
+        now = time.monotonic()
+        if now - self._complained >= COMPLAIN_EVERY:
+            self._complained = now
+            oplog.error(
+                "delivery log not writable; events kept in memory",
+                path=str(self.file.path), error=error.strerror or str(error),
+                kept=len(self.pending), dropped=self.dropped_total,
+            )  # fmt: skip
+
+    def flush_pending(self) -> bool:
+        """Write what was kept, in order; True when nothing is left."""
+        while self.pending:
+            line = self.pending[0]
+            try:
+                self.file.write(line)
+            except PartialWrite as exc:
+                self.pending[0] = line[exc.written :]
+                self._failing(exc.error)
+                return False
+            self.pending.popleft()
+        if self.dropped:
+            summary = {"count": self.dropped, "since": self._dropped_since, "until": utc_ts()}
+            self.dropped = 0
+            self.emit("log_events_dropped", **summary)
+            return not self.pending
+        return True
+
+    async def run(self) -> None:
+        """While the relay runs: retry kept events every second."""
+        while True:
+            await asyncio.sleep(RETRY_EVERY)
+            if self.pending:
+                self.flush_pending()
+
     def reopen(self) -> None:
-        self.file.reopen()
+        try:
+            self.file.reopen()
+        except OSError as exc:  # keep the old descriptor; the next SIGUSR1 tries again
+            self._failing(exc)
 
     def close(self) -> None:
+        self.flush_pending()
         self.file.close()
+
+
+def _encode(node: str, event: str, fields: dict[str, Any]) -> bytes:
+    """One JSON line: node first, then the event's fields, then `event` and `ts`
+    (the order structlog's renderer produced before, so old and new lines read alike;
+    one json.dumps instead of a processor chain per event)."""
+    record = {"node": node, **fields, "event": event}
+    record.setdefault("ts", utc_ts())
+    return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
 
 
 def setup_operational_log() -> None:

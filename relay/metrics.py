@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
@@ -26,7 +26,7 @@ class _LiveCollector:
     def __init__(self, snapshot: Callable[[], Mapping[str, Any]]):
         self.snapshot = snapshot
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snap = self.snapshot()
         depth = GaugeMetricFamily(
             "relay_queue_depth",
@@ -44,6 +44,11 @@ class _LiveCollector:
             "relay_oldest_queued_age_seconds",
             "Age of the oldest message still queued (0 when empty)",
             value=snap["oldest_age"],
+        )
+        yield CounterMetricFamily(
+            "relay_log_events_dropped",
+            "Delivery-log events lost because the log stayed unwritable past log_buffer",
+            value=snap.get("log_dropped", 0),
         )
 
 

@@ -17,6 +17,7 @@ sent only after that call returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -55,6 +56,15 @@ class Incoming:
     size: int = 0
     crc: int = 0
     fh: BinaryIO | None = None
+
+    def discard(self) -> None:
+        """Remove the partial file. Closing may fail again on a full disk (the
+        buffered tail cannot be flushed): the file goes all the same, so a full
+        disk never keeps its last free bytes in a `.tmp` until a restart."""
+        if self.fh:
+            with contextlib.suppress(OSError):
+                self.fh.close()
+        self.path.unlink(missing_ok=True)
 
     def _flush(self, data: bytes) -> None:
         if self.fh is None:
@@ -155,12 +165,7 @@ class Spool:
                 raise SpoolError(str(exc)) from exc
 
     async def abort(self, msg: Incoming) -> None:
-        def _abort() -> None:
-            if msg.fh:
-                msg.fh.close()
-            msg.path.unlink(missing_ok=True)
-
-        await asyncio.to_thread(_abort)
+        await asyncio.to_thread(msg.discard)
 
     async def commit(self, msg: Incoming, envelope: dict[str, Any]) -> None:
         """Make message + envelope durable; returns only once they are on disk."""
@@ -260,9 +265,7 @@ class Spool:
             os.fdatasync(fh.fileno())
             self._synced(msg.path)
         except OSError:
-            if msg.fh:
-                msg.fh.close()
-            msg.path.unlink(missing_ok=True)
+            msg.discard()
             raise
         msg.fh.close()
         os.rename(msg.path, self.queue / f"{msg.queue_id}.msg")

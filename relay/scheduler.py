@@ -26,6 +26,10 @@ from relay.spool import Spool, SpoolError, Stored
 FINAL = frozenset({"delivered", "bounced", "expired", "deleted"})
 PROVIDERS = ("legacy", "new", "bounce")
 SMALL_MESSAGE = 64 * 1024  # bytes: read on the event loop rather than in a thread
+# Due times are wall-clock (they are stored, and survive restarts); the waits between
+# them are monotonic slices of at most this long, so after a wall-clock step (NTP,
+# VM resume) no due delivery waits more than MAX_WAIT once the clock is right again.
+MAX_WAIT = 1.0
 
 
 def drain_budget(timeout: float) -> float:
@@ -287,9 +291,9 @@ class Scheduler:
                 self._claimed.add((qid, provider))
                 return msg
             wake.clear()
-            delay = (heap[0][0] - now) if heap else 3600.0
+            delay = (heap[0][0] - now) if heap else MAX_WAIT
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=max(0.0, min(delay, 3600.0)))
+                await asyncio.wait_for(wake.wait(), timeout=max(0.0, min(delay, MAX_WAIT)))
         return None
 
     def _next_seq(self) -> int:

@@ -1,0 +1,68 @@
+"""A wall-clock step (NTP, VM resume) delays no due delivery by more than a second
+once the clock is right again (SPEC Part 2 "Faults")."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from relay import config
+from relay.app import Relay
+from relay.scheduler import Clock
+from relay.testing import Provider, Rule
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class SteppedClock(Clock):
+    """The machine's clock, which an operator (or NTP) can step; nobody is told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
+async def test_deferred_mail_waits_no_longer_after_a_step_back(tmp_path: Path) -> None:
+    legacy, new = Provider("legacy"), Provider("new")
+    legacy.add(Rule("defer", rcpt="zed@example.com", times=1))
+    await legacy.start()
+    await new.start()
+    relay_yaml = (
+        "listen: {port: 0}\nnode: t\ndomains: [example.com, dev.example.com]\n"
+        f"providers:\n  legacy: {{port: {legacy.port}}}\n  new: {{port: {new.port}}}\n"
+        "spool: ../var/spool\nlog: ../var/deliveries.jsonl\nshutdown_timeout: 2\n"
+        "limits: {min_free_space: 0}\nmetrics: {port: 0}\nretry: {schedule: [2]}\n"
+    )
+    clock = SteppedClock()
+    relay = Relay(config.load(write_config(tmp_path / "config", relay_yaml)), clock=clock)
+    await relay.start()
+    try:
+        import aiosmtplib
+
+        await aiosmtplib.send(
+            b"Subject: t\r\n\r\nhi\r\n", sender="s@origin.test", recipients=["zed@example.com"],
+            hostname="127.0.0.1", port=relay.port, start_tls=False,
+        )  # fmt: skip
+        log = relay.cfg.relay.log
+        async with asyncio.timeout(10):  # the deferral and its due time are recorded
+            while b'"outcome":"deferred"' not in (log.read_bytes() if log.exists() else b""):
+                await asyncio.sleep(0.01)
+        clock.offset = -3600.0  # the clock jumps back an hour while the retry waits,
+        await asyncio.sleep(3.0)  # stays wrong past the retry's due time (2 s ± 10 %),
+        assert not legacy.messages
+        clock.offset = 0.0  # and is put right again
+        righted = time.monotonic()
+        await legacy.wait_for_messages(1, timeout=10)
+        late = time.monotonic() - righted
+        assert late < 1.0 + 0.3, late  # MAX_WAIT, plus the attempt itself
+    finally:
+        await relay.stop()
+        await legacy.stop()
+        await new.stop()

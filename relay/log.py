@@ -1,10 +1,11 @@
 """The delivery log (JSON lines, SPEC "Delivery log") and the operational log.
 
-The delivery log is what `relay report` reads, so its vocabulary lives here.
-Each event is appended with one write(2) on an O_APPEND descriptor (a few
-microseconds into the page cache: cheaper than a thread hop), so worker
-processes sharing the file never interleave lines; SIGUSR1 reopens the file
-for logrotate.
+The delivery log is what `relay report` reads; its vocabulary (event names and
+each event's fields) is declared in relay/records.py, and mypy checks every
+`DeliveryLog.emit` against it. Each event is appended with one write(2) on an
+O_APPEND descriptor (a few microseconds into the page cache: cheaper than a
+thread hop), so worker processes sharing the file never interleave lines;
+SIGUSR1 reopens the file for logrotate.
 Message bodies, subjects and passwords never reach either log.
 """
 
@@ -16,9 +17,19 @@ import threading
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Unpack, overload
 
 import structlog
+
+from relay.records import (
+    BounceSentEvent,
+    DeletedEvent,
+    DeliveryEvent,
+    DiscardedEvent,
+    Event,
+    ReceivedEvent,
+    RejectedEvent,
+)
 
 
 def utc_ts(t: datetime | None = None) -> str:
@@ -91,7 +102,20 @@ class DeliveryLog:
             processors=[_ts, structlog.processors.JSONRenderer(separators=(",", ":"))],
         )
 
-    def emit(self, event: str, **fields: Any) -> None:
+    @overload
+    def emit(self, event: Literal["received"], **fields: Unpack[ReceivedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["discarded"], **fields: Unpack[DiscardedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["rejected"], **fields: Unpack[RejectedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["delivery"], **fields: Unpack[DeliveryEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["deleted"], **fields: Unpack[DeletedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["bounce_sent"], **fields: Unpack[BounceSentEvent]) -> None: ...
+
+    def emit(self, event: Event, **fields: Any) -> None:
         self._log.msg(event, node=self.node, **fields)
         for observe in self.observers:
             observe(event, fields)

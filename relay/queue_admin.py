@@ -19,11 +19,11 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from relay.config import RelaySettings
 from relay.log import DeliveryLog, oplog
-from relay.records import PROVIDERS, ControlAnswer, ControlRequest, RecordError
+from relay.records import PROVIDERS, ControlAnswer, ControlRequest, Provider, RecordError
 from relay.scheduler import Message, Scheduler
 from relay.spool import Spool, control
 from relay.spool.locks import spool_lock
@@ -99,10 +99,9 @@ async def execute(sched: Scheduler, req: ControlRequest) -> ControlAnswer:
     if req.op == "delete":
         if not req.queue_id:
             raise QueueError("delete needs a queue id")
-        provider = next((p for p in PROVIDERS if p == req.provider), None)
-        if provider is None and req.provider is not None:
+        if req.provider is not None and req.provider not in PROVIDERS:
             raise QueueError(f"unknown provider {req.provider!r}")
-        return {"count": await sched.delete(req.queue_id, provider)}
+        return {"count": await sched.delete(req.queue_id, cast(Provider | None, req.provider))}
     raise QueueError(f"unknown operation {req.op!r}")
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from relay import config
 from relay.log import DeliveryLog
-from relay.queue_admin import load_scheduler
+from relay.queue_admin import QueueError, execute, load_scheduler
 from relay.records import (
     ControlRequest,
     RecordError,
@@ -25,7 +25,7 @@ from relay.records import (
     parse_envelope,
     parse_state_line,
 )
-from relay.spool import FOOTER, Spool
+from relay.spool import FOOTER, MAGIC, Spool
 from relay.testing import FakeClock
 from tests.conftest import read_content
 from tests.test_delivery import Factory, make_env, until  # noqa: F401
@@ -220,7 +220,7 @@ def test_a_malformed_envelope_is_moved_to_corrupt(tmp_path: Path) -> None:
     content = read_content(spool, E)
     incomplete = json.dumps({k: v for k, v in json.loads(raw).items() if k != "plan"}).encode()
 
-    footer = FOOTER.pack(b"RLY1", len(content), len(incomplete), zlib.crc32(content),
+    footer = FOOTER.pack(MAGIC, len(content), len(incomplete), zlib.crc32(content),
                          zlib.crc32(incomplete))  # fmt: skip
     spool.msg_path(E).write_bytes(content + incomplete + footer)
     good, bad = spool.recover()
@@ -239,6 +239,17 @@ def test_a_malformed_envelope_is_moved_to_corrupt(tmp_path: Path) -> None:
 def test_control_request(raw: bytes, expected: ControlRequest) -> None:
     assert parse_control_request(raw) == expected
     assert parse_control_request(expected.to_json()) == expected
+
+
+async def test_control_request_for_an_unknown_provider(tmp_path: Path) -> None:
+    spool = Spool(copy_v1(tmp_path))
+    log = DeliveryLog(tmp_path / "deliveries.jsonl", "t1")
+    try:
+        sched = load_scheduler(config.RelaySettings(), spool, log)
+        with pytest.raises(QueueError, match="unknown provider 'other'"):
+            await execute(sched, ControlRequest("delete", A, "other"))
+    finally:
+        log.close()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import Message as EmailMessage
@@ -18,9 +18,11 @@ from email.mime.nonmultipart import MIMENonMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime, make_msgid
-from typing import Any
 
+from relay.delivery import Reply
 from relay.log import DeliveryLog, utc_ts
+from relay.records import Envelope, PlanEntry
+from relay.scheduler import DeliveryState
 from relay.spool import Spool, new_queue_id
 
 HEADER_LIMIT = 256 * 1024
@@ -138,13 +140,14 @@ class Bouncer:
         hostname: str,
         remote_mta: Callable[[str], str],
         clock: Callable[[], float],
+        enqueue: Callable[[str, Envelope], object],
     ):
         self.spool = spool
         self.log = log
         self.hostname = hostname
         self.remote_mta = remote_mta  # provider name → host, for Remote-MTA
         self.clock = clock  # the scheduler's: expiry and latency use the same time
-        self.enqueue: Any = None  # set by the app: scheduler.add
+        self.enqueue = enqueue  # schedules the queued DSN: the scheduler's add
 
     def _head(self, queue_id: str) -> bytes:
         """The start of the message, enough for its header (never the whole body)."""
@@ -153,21 +156,21 @@ class Bouncer:
             return fh.read(min(length, HEADER_LIMIT))
 
     async def bounce(
-        self, queue_id: str, envelope: dict[str, Any], failed: list[Any]
+        self, queue_id: str, envelope: Envelope, failed: Sequence[tuple[DeliveryState, Reply]]
     ) -> str | None:
         """Queue one DSN for these failures; returns its queue id (None: no DSN due)."""
-        sender = envelope.get("mail_from", "")
-        if not sender or envelope.get("dsn"):
+        sender = envelope.mail_from
+        if not sender or envelope.dsn:
             return None
         failures = [
             Failure(
-                d.plan["rcpt"],
+                d.plan.rcpt,
                 failure_status(d.status, reply.code, reply.enhanced),
-                self.remote_mta(d.plan["provider"]),
+                self.remote_mta(d.plan.provider),
                 f"{reply.code} {reply.text}" if reply.code else reply.text,
             )
             for d, reply in failed
-            if d.plan["role"] == "primary"
+            if d.plan.role == "primary"
         ]
         if not failures:
             return None
@@ -176,28 +179,23 @@ class Bouncer:
             hostname=self.hostname,
             sender=sender,
             queue_id=queue_id,
-            arrival=datetime.fromtimestamp(envelope["received_epoch"], UTC),
+            arrival=datetime.fromtimestamp(envelope.received_epoch, UTC),
             failures=failures,
             headers=original_headers(content),
         )
         dsn_id = new_queue_id()
         now = datetime.fromtimestamp(self.clock(), UTC)
-        plan = [
-            {"rcpt": sender, "provider": "bounce", "delivered_to": sender, "role": "primary",
-             "group": None, "mode": None, "pilot": False}
-        ]  # fmt: skip
-        record = {
-            "queue_id": dsn_id, "received": utc_ts(now), "received_epoch": now.timestamp(),
-            "mail_from": "", "rcpts": [sender],
-            "options": [] if sender.isascii() else ["SMTPUTF8"], "client_ip": None,
-            "message_id": None, "size": len(dsn), "forwarded": False, "plan": plan, "dsn": True,
-            "dsn_for": queue_id,
-        }  # fmt: skip
+        record = Envelope(
+            queue_id=dsn_id, received=utc_ts(now), received_epoch=now.timestamp(),
+            mail_from="", rcpts=(sender,), options=() if sender.isascii() else ("SMTPUTF8",),
+            client_ip=None, message_id=None, size=len(dsn), forwarded=False,
+            plan=(PlanEntry(sender, "bounce", sender, "primary", None, None, False),),
+            dsn=True, dsn_for=queue_id,
+        )  # fmt: skip
         incoming = self.spool.begin(dsn_id)
         await self.spool.write(incoming, dsn)
         await self.spool.commit(incoming, record)
         for f in failures:
             self.log.emit("bounce_sent", queue_id=queue_id, rcpt=f.rcpt, dsn_queue_id=dsn_id)
-        if self.enqueue:
-            self.enqueue(dsn_id, record)
+        self.enqueue(dsn_id, record)
         return dsn_id

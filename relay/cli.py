@@ -176,7 +176,7 @@ def _queue_settings(config_path: str) -> config_mod.RelaySettings:
 @click.option("--json", "as_json", is_flag=True)
 def queue_list(config_path: str, as_json: bool) -> None:
     """One line per queued message: id, age, sender, states per provider, next attempt."""
-    from relay import queue as q
+    from relay import queue_admin as q
 
     settings = _queue_settings(config_path)
     views = q.list_messages(settings)
@@ -202,7 +202,7 @@ def queue_list(config_path: str, as_json: bool) -> None:
 @click.argument("queue_id")
 def queue_show(config_path: str, queue_id: str) -> None:
     """Envelope, plan, each delivery's state and last reply (JSON)."""
-    from relay import queue as q
+    from relay import queue_admin as q
 
     view = q.show_message(_queue_settings(config_path), queue_id)
     if view is None:
@@ -229,7 +229,7 @@ def queue_delete(config_path: str, queue_id: str, provider: str | None) -> None:
 
 
 def _queue_manage(config_path: str, op: str, queue_id: str | None, provider: str | None) -> None:
-    from relay import queue as q
+    from relay import queue_admin as q
 
     try:
         answer = q.manage(_queue_settings(config_path), op, queue_id, provider)

@@ -1,10 +1,11 @@
 """The delivery log (JSON lines, SPEC "Delivery log") and the operational log.
 
-The delivery log is what `relay report` reads, so its vocabulary lives here.
-Each event is appended with one write(2) on an O_APPEND descriptor (a few
-microseconds into the page cache: cheaper than a thread hop), so worker
-processes sharing the file never interleave lines; SIGUSR1 reopens the file
-for logrotate.
+The delivery log is what `relay report` reads; its vocabulary (event names and
+each event's fields) is declared in relay/records.py, and mypy checks every
+`DeliveryLog.emit` against it. Each event is appended with one write(2) on an
+O_APPEND descriptor (a few microseconds into the page cache: cheaper than a
+thread hop), so worker processes sharing the file never interleave lines;
+SIGUSR1 reopens the file for logrotate.
 Message bodies, subjects and passwords never reach either log.
 """
 
@@ -20,9 +21,20 @@ from collections import deque
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Unpack, overload
 
 import structlog
+
+from relay.records import (
+    BounceSentEvent,
+    DeletedEvent,
+    DeliveryEvent,
+    DiscardedEvent,
+    Event,
+    LogEventsDroppedEvent,
+    ReceivedEvent,
+    RejectedEvent,
+)
 
 
 def utc_ts(t: datetime | None = None) -> str:
@@ -121,7 +133,25 @@ class DeliveryLog:
         self._complained = -COMPLAIN_EVERY
         self._dropped_since: str | None = None
 
-    def emit(self, event: str, **fields: Any) -> None:
+    @overload
+    def emit(self, event: Literal["received"], **fields: Unpack[ReceivedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["discarded"], **fields: Unpack[DiscardedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["rejected"], **fields: Unpack[RejectedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["delivery"], **fields: Unpack[DeliveryEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["deleted"], **fields: Unpack[DeletedEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["bounce_sent"], **fields: Unpack[BounceSentEvent]) -> None: ...
+
+    @overload
+    def emit(
+        self, event: Literal["log_events_dropped"], **fields: Unpack[LogEventsDroppedEvent]
+    ) -> None: ...
+
+    def emit(self, event: Event, **fields: Any) -> None:
         line = _encode(self.node, event, fields)
         if self.pending and not self.flush_pending():
             self._keep(line)
@@ -170,9 +200,8 @@ class DeliveryLog:
                 return False
             self.pending.popleft()
         if self.dropped:
-            summary = {"count": self.dropped, "since": self._dropped_since, "until": utc_ts()}
-            self.dropped = 0
-            self.emit("log_events_dropped", **summary)
+            count, self.dropped = self.dropped, 0
+            self.emit("log_events_dropped", count=count, since=self._dropped_since, until=utc_ts())
             return not self.pending
         return True
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from relay.config import PilotEntry, PilotFile, RelaySettings
+from relay.config import PilotEntry, PilotFile, PilotMode, RelaySettings
+from relay.records import Role
 
-Provider = Literal["legacy", "new"]
-Role = Literal["primary", "shadow"]
+Provider = Literal["legacy", "new"]  # routed to; DSNs go to the bounce host
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Delivery:
     delivered_to: str
     role: Role
     group: str | None
-    mode: str | None
+    mode: PilotMode | None
     pilot: bool
 
 
@@ -92,7 +92,7 @@ def lookup(local: str, domain: str, table: PilotTable) -> PilotEntry | None:
     return table.wildcard.get(domain)
 
 
-def effective_mode(entry: PilotEntry, now: datetime) -> str:
+def effective_mode(entry: PilotEntry, now: datetime) -> PilotMode:
     if entry.mode == "dual" and entry.cutover_at is not None and now >= entry.cutover_at:
         return "new-only"
     return entry.mode

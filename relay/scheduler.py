@@ -14,17 +14,16 @@ import functools
 import heapq
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from relay import retry
 from relay.config import ProviderSettings, RelaySettings
 from relay.delivery import Agent, Attempt, Content, Reply
 from relay.log import DeliveryLog, oplog
+from relay.records import FINAL, PROVIDERS, Envelope, PlanEntry, Provider, StateLine, Status
 from relay.spool import Spool, SpoolError, Stored
 
-FINAL = frozenset({"delivered", "bounced", "expired", "deleted"})
-PROVIDERS = ("legacy", "new", "bounce")
 SMALL_MESSAGE = 64 * 1024  # bytes: read on the event loop rather than in a thread
 # Due times are wall-clock (they are stored, and survive restarts); the waits between
 # them are monotonic slices of at most this long, so after a wall-clock step (NTP,
@@ -39,7 +38,7 @@ def drain_budget(timeout: float) -> float:
 
 
 class Clock:
-    """Wall-clock seconds; tests substitute `FakeClock` to skip real backoff."""
+    """Wall-clock seconds; tests substitute `relay.testing.FakeClock` to skip real backoff."""
 
     def __init__(self) -> None:
         self.listeners: list[Callable[[], None]] = []
@@ -48,42 +47,43 @@ class Clock:
         return time.time()
 
 
-class FakeClock(Clock):
-    def __init__(self, start: float | None = None) -> None:
-        super().__init__()
-        self.t = time.time() if start is None else start
-
-    def now(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-        for wake in self.listeners:
-            wake()
-
-
-@dataclass
+@dataclass(slots=True)
 class DeliveryState:
+    """One plan entry's progress, as the state lines replayed so far say."""
+
     index: int
-    plan: dict[str, Any]
-    status: str = "pending"  # pending | deferred | delivered | bounced | expired | deleted
+    plan: PlanEntry
+    status: Status = "pending"
     attempts: int = 0
     due: float = 0.0
-    last: str | None = None
+    last: str | None = None  # the last reply, as text
 
     @property
     def final(self) -> bool:
         return self.status in FINAL
 
     @property
-    def provider(self) -> str:
-        return str(self.plan["provider"])
+    def provider(self) -> Provider:
+        return self.plan.provider
+
+    def apply(self, line: StateLine) -> None:
+        """Replay a recorded state change."""
+        self.status = line.status
+        if line.attempts is not None:
+            self.attempts = line.attempts
+        self.due = 0.0 if line.due is None else line.due
+        if line.reply is not None:
+            self.last = line.reply
+
+    def line(self) -> StateLine:
+        """The state change to record for what this delivery is now."""
+        return StateLine(self.index, self.status, self.attempts, self.due, self.last)
 
 
 @dataclass
 class Message:
     queue_id: str
-    envelope: dict[str, Any]
+    envelope: Envelope
     deliveries: list[DeliveryState]
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # attempts (and deletes) working on it: the last one out removes a finished
@@ -92,12 +92,12 @@ class Message:
 
     @property
     def received(self) -> float:
-        return float(self.envelope["received_epoch"])
+        return self.envelope.received_epoch
 
-    def open(self, provider: str) -> list[DeliveryState]:
+    def open(self, provider: Provider) -> list[DeliveryState]:
         return [d for d in self.deliveries if d.provider == provider and not d.final]
 
-    def lock(self, provider: str) -> asyncio.Lock:
+    def lock(self, provider: Provider) -> asyncio.Lock:
         return self.locks.setdefault(provider, asyncio.Lock())
 
     @property
@@ -118,7 +118,10 @@ class Scheduler:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         sender: Sender | None = None,
+        on_final_failure: FinalFailure | None = None,
     ):
+        """`on_final_failure`: called after a primary delivery bounced or expired (the
+        app queues a DSN); None where nothing is sent (`relay queue`)."""
         self.settings = settings
         self.spool = spool
         self.log = log
@@ -126,7 +129,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.agent = Agent()  # cached provider connections (the default sender)
         self.sender: Sender = sender or self.agent.send
-        self.on_final_failure: FinalFailure | None = None
+        self.on_final_failure = on_final_failure
         self.messages: dict[str, Message] = {}
         self._heaps: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PROVIDERS}
         self._wake = {p: asyncio.Event() for p in PROVIDERS}
@@ -149,18 +152,14 @@ class Scheduler:
 
     # -- queue contents ----------------------------------------------------------
 
-    def add(
-        self, queue_id: str, envelope: dict[str, Any], states: list[dict[str, Any]] | None = None
-    ) -> bool:
+    def add(self, queue_id: str, envelope: Envelope, states: Iterable[StateLine] = ()) -> bool:
         """Queue a committed message (new, or recovered with its state history).
 
         Returns False for a message whose deliveries are all final already.
         """
-        deliveries = [DeliveryState(i, p) for i, p in enumerate(envelope["plan"])]
-        for s in states or []:
-            d = deliveries[s["i"]]
-            d.status, d.attempts = s["s"], s.get("n", d.attempts)
-            d.due, d.last = s.get("due", 0.0), s.get("r", d.last)
+        deliveries = [DeliveryState(i, p) for i, p in enumerate(envelope.plan)]
+        for line in states:  # parse_state_line checked each index against the plan
+            deliveries[line.index].apply(line)
         msg = Message(queue_id, envelope, deliveries)
         for d in deliveries:
             if d.status == "pending":  # never tried: due since it arrived (FIFO with retries)
@@ -178,7 +177,7 @@ class Scheduler:
             if not self.add(s.queue_id, s.envelope, s.states):
                 self.spool.remove(s.queue_id)
 
-    def _push(self, msg: Message, provider: str) -> None:
+    def _push(self, msg: Message, provider: Provider) -> None:
         open_ = msg.open(provider)
         if not open_:
             return
@@ -227,7 +226,7 @@ class Scheduler:
         self._workers.clear()
         await self.agent.close()
 
-    async def _worker(self, provider: str) -> None:
+    async def _worker(self, provider: Provider) -> None:
         """One connection slot: takes a due message, hands it to an attempt, repeats.
 
         The slot is free again as soon as the provider has answered: recording the
@@ -251,7 +250,7 @@ class Scheduler:
                 # drain() cancels this worker: attempts in flight may finish.
                 await asyncio.wait((task, sent), return_when=asyncio.FIRST_COMPLETED)
 
-    def _slot(self, provider: str) -> asyncio.Semaphore:
+    def _slot(self, provider: Provider) -> asyncio.Semaphore:
         """Connection slots per destination: with `bounce: null` DSNs go to the legacy
         host through the same `max_connections` as legacy's own mail."""
         cfg = self.provider_settings(provider)
@@ -269,7 +268,7 @@ class Scheduler:
             oplog.error("delivery attempt failed", queue_id=queue_id, error=repr(exc),
                         exc_info=exc)  # fmt: skip
 
-    async def _take(self, provider: str) -> Message | None:
+    async def _take(self, provider: Provider) -> Message | None:
         """The next due message for `provider`, claimed; None when stopping."""
         heap, wake = self._heaps[provider], self._wake[provider]
         while not self._stopping:
@@ -303,7 +302,7 @@ class Scheduler:
     # -- one attempt -------------------------------------------------------------------
 
     async def attempt(
-        self, msg: Message, provider: str, sent: asyncio.Future[None] | None = None
+        self, msg: Message, provider: Provider, sent: asyncio.Future[None] | None = None
     ) -> None:
         """One transaction at `provider` for the message's open deliveries there.
 
@@ -339,20 +338,20 @@ class Scheduler:
         if msg.done and msg.busy == 0 and self.messages.pop(msg.queue_id, None) is not None:
             await asyncio.to_thread(self.spool.remove, msg.queue_id)
 
-    async def _send(self, msg: Message, provider: str, batch: list[DeliveryState]) -> Attempt:
-        rcpts = [d.plan["delivered_to"] for d in batch]
+    async def _send(self, msg: Message, provider: Provider, batch: list[DeliveryState]) -> Attempt:
+        rcpts = [d.plan.delivered_to for d in batch]
         env = msg.envelope
         try:
             # Streamed from the spool file in chunks, never whole (SPEC: bounded memory);
             # a small message is read on the loop, cheaper than a thread hop.
             content = await Content.open(
                 functools.partial(self.spool.open_content, msg.queue_id),
-                inline=0 <= int(env.get("size", -1)) <= SMALL_MESSAGE,
+                inline=env.size <= SMALL_MESSAGE,
             )
             try:
                 return await self.sender(
-                    self.provider_settings(provider), env["mail_from"], rcpts, content,
-                    list(env.get("options", [])), self.settings.listen.hostname,
+                    self.provider_settings(provider), env.mail_from, rcpts, content,
+                    list(env.options), self.settings.listen.hostname,
                 )  # fmt: skip
             finally:
                 content.close()
@@ -362,44 +361,30 @@ class Scheduler:
             reply = Reply(None, f"internal error: {type(exc).__name__}: {exc}", "connect")
             return Attempt({r: reply for r in rcpts})
 
-    def backoff(self, attempts: int, factor: float | None = None) -> float:
-        """Seconds before attempt `attempts + 1`: `retry.schedule`'s entry (the last
-        one repeats) times a jitter factor in [0.9, 1.1]."""
-        schedule = self.settings.retry.schedule
-        base = schedule[min(attempts - 1, len(schedule) - 1)]
-        return base * (self.rng.uniform(0.9, 1.1) if factor is None else factor)
-
     async def _record(
-        self, msg: Message, provider: str, batch: list[DeliveryState], result: Attempt
+        self, msg: Message, provider: Provider, batch: list[DeliveryState], result: Attempt
     ) -> None:
         """Apply an attempt's replies: durable in the spool first, then logged."""
         now = self.clock.now()
-        expired_age = now - msg.received >= self.settings.retry.max_age
-        factor = self.rng.uniform(0.9, 1.1)  # one per attempt: its deferrals stay together
-        # "452 4.5.3 Too many recipients" next to accepted ones is a per-transaction
-        # limit, not a failure: the rest go at once in the next transaction (as
-        # Postfix does). Some recipient got through, so this cannot loop.
+        factor = retry.jitter(self.rng)
         progress = any(r.ok for r in result.replies.values())
         states, events, failed = [], [], []
         for d in batch:
-            reply = result.replies.get(d.plan["delivered_to"]) or Reply(
+            reply = result.replies.get(d.plan.delivered_to) or Reply(
                 None, "no reply recorded for this recipient", "connect"
             )
             d.attempts += 1
-            if reply.ok:
-                d.status = "delivered"
-            elif reply.permanent:
-                d.status = "bounced"
-            elif expired_age:
-                d.status = "expired"
-            else:
-                d.status = "deferred"
-                too_many = reply.code == 452 and reply.enhanced == "4.5.3"
-                d.due = now if too_many and progress else now + self.backoff(d.attempts, factor)
+            outcome = retry.classify(reply, progress)
+            decision = retry.decide(
+                outcome, d.attempts, msg.received, now, self.settings.retry, factor
+            )
+            d.status = decision.status
+            if decision.due is not None:
+                d.due = decision.due
             d.last = _reply_text(reply)
-            states.append({"i": d.index, "s": d.status, "n": d.attempts, "due": d.due, "r": d.last})
+            states.append(d.line())
             events.append((d, reply))
-            if d.status in ("bounced", "expired") and d.plan["role"] == "primary":
+            if d.status in ("bounced", "expired") and d.plan.role == "primary":
                 failed.append((d, reply))
         try:
             await self.spool.record(msg.queue_id, states)
@@ -410,14 +395,12 @@ class Scheduler:
         latency = round((now - msg.received) * 1000)
         for d, reply in events:
             self.log.emit(
-                "delivery", queue_id=msg.queue_id, rcpt=d.plan["rcpt"], provider=provider,
-                delivered_to=d.plan["delivered_to"], role=d.plan["role"], group=d.plan["group"],
-                mode=d.plan["mode"], pilot=d.plan["pilot"], outcome=d.status,
+                "delivery", queue_id=msg.queue_id, **d.plan.to_dict(), outcome=d.status,
                 smtp_code=reply.code, enhanced_code=reply.enhanced,
                 smtp_response=reply.text, attempt=d.attempts, latency_ms=max(0, latency),
                 tls=result.tls, remote_id=result.remote_id if reply.ok else None,
             )  # fmt: skip
-        if failed and self.on_final_failure and not msg.envelope.get("dsn"):
+        if failed and self.on_final_failure and not msg.envelope.dsn:
             try:
                 await self.on_final_failure(msg, failed)
             except Exception as exc:  # the delivery outcome stands; say so loudly
@@ -437,19 +420,13 @@ class Scheduler:
             due = [d for d in msg.deliveries if not d.final]
             for d in due:
                 d.due = now
-            await self.spool.record(
-                msg.queue_id,
-                [
-                    {"i": d.index, "s": d.status, "n": d.attempts, "due": now, "r": d.last}
-                    for d in due
-                ],
-            )
+            await self.spool.record(msg.queue_id, [d.line() for d in due])
             for provider in {d.provider for d in due}:
                 self._push(msg, provider)
             count += len(due)
         return count
 
-    async def delete(self, queue_id: str, provider: str | None = None) -> int:
+    async def delete(self, queue_id: str, provider: Provider | None = None) -> int:
         """Remove open deliveries without a DSN; waits for an attempt in flight."""
         msg = self.messages.get(queue_id)
         if msg is None:
@@ -465,11 +442,10 @@ class Scheduler:
                         d.status = "deleted"
                     if batch:
                         await self.spool.record(
-                            queue_id,
-                            [{"i": d.index, "s": "deleted", "n": d.attempts} for d in batch],
+                            queue_id, [StateLine(d.index, "deleted", d.attempts) for d in batch]
                         )
                     for d in batch:
-                        self.log.emit("deleted", queue_id=queue_id, rcpt=d.plan["rcpt"], provider=p)
+                        self.log.emit("deleted", queue_id=queue_id, rcpt=d.plan.rcpt, provider=p)
                     count += len(batch)
         finally:
             msg.busy -= 1

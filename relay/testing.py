@@ -35,6 +35,7 @@ import re
 import secrets
 import ssl
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -49,7 +50,10 @@ from aiosmtpd.smtp import (
     TLSSetupException,
 )
 
+from relay.scheduler import Clock
+
 __all__ = [
+    "FakeClock",
     "Provider",
     "ProviderThread",
     "ReceivedMessage",
@@ -917,3 +921,19 @@ class ProviderThread:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class FakeClock(Clock):
+    """The relay's time, moved by hand: backoff and expiry without sleeping."""
+
+    def __init__(self, start: float | None = None) -> None:
+        super().__init__()
+        self.t = time.time() if start is None else start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        for wake in self.listeners:
+            wake()

@@ -16,6 +16,7 @@ import trustme
 
 from relay import config
 from relay.app import Relay
+from relay.spool import Spool
 from relay.testing import Provider
 
 PILOTS = """\
@@ -38,6 +39,13 @@ pilots:
     group: support
     mode: legacy-only
 """
+
+
+def read_content(spool: Spool, queue_id: str) -> bytes:
+    """A queued message's content, whole (the relay itself only ever streams it)."""
+    fh, length = spool.open_content(queue_id)
+    with fh:
+        return fh.read(length)
 
 
 def write_config(folder: Path, relay: str = "", pilots: str = PILOTS) -> Path:

@@ -24,7 +24,7 @@ import trustme
 from relay.ingress import policy
 from relay.ingress.protocol import RelaySMTP
 from relay.testing import Provider
-from tests.conftest import PILOTS, write_config
+from tests.conftest import PILOTS, read_content, write_config
 from tests.helpers_ingress import (
     HOSTNAME,
     NODE,
@@ -43,7 +43,7 @@ BODY = b"Subject: hello\r\nMessage-ID: <m1@origin.test>\r\n\r\nbody line\r\n"
 
 
 def stored(env: RelayEnv, qid: str) -> bytes:
-    return env.relay.spool.read_content(qid)
+    return read_content(env.relay.spool, qid)
 
 
 def queue_id(reply: Any) -> str:
@@ -175,8 +175,8 @@ async def test_accepted_message_is_stored_with_two_headers_and_logged(
     assert head and head.group(1) == head.group(2) == qid.encode()
     assert data[head.end() :] == content  # nothing else changed
     env_rec = env.relay.spool.load(qid).envelope
-    assert env_rec["mail_from"] == SENDER and env_rec["rcpts"] == ["alice@example.com"]
-    assert [(p["provider"], p["delivered_to"], p["role"]) for p in env_rec["plan"]] == [
+    assert env_rec.mail_from == SENDER and env_rec.rcpts == ("alice@example.com",)
+    assert [(p.provider, p.delivered_to, p.role) for p in env_rec.plan] == [
         ("legacy", "alice@example.com", "primary"),
         ("new", "alice@example-new.com", "shadow"),
     ]
@@ -185,7 +185,8 @@ async def test_accepted_message_is_stored_with_two_headers_and_logged(
     assert ev["message_id"] == "<fid@origin.test>" and ev["mail_from"] == SENDER
     assert ev["client_ip"] == "127.0.0.1" and ev["size"] == len(wire)
     assert ev["rcpts"] == ["alice@example.com"] and ev["forwarded"] is False
-    assert ev["plan"] == env_rec["plan"] and all("pilot" in p for p in ev["plan"])
+    assert ev["plan"] == [p.to_dict() for p in env_rec.plan]
+    assert all("pilot" in p for p in ev["plan"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ev["ts"])
 
 
@@ -287,8 +288,8 @@ async def test_source_route_is_taken_as_the_bare_address(relay_factory: RelayFac
     expect(await c.cmd("RCPT TO:<@a.example.org,@b.example.org:alice@example.com>"), 250, "2.1.5")
     qid = queue_id(await send_data(c, BODY))
     rec = env.relay.spool.load(qid).envelope
-    assert rec["rcpts"] == ["alice@example.com"]
-    assert {p["delivered_to"] for p in rec["plan"]} == {
+    assert rec.rcpts == ("alice@example.com",)
+    assert {p.delivered_to for p in rec.plan} == {
         "alice@example.com",
         "alice@example-new.com",
     }
@@ -315,8 +316,8 @@ async def test_mixed_case_domain_is_ours(relay_factory: RelayFactory) -> None:
     env = await relay_factory()
     c = await ready(env, ["Alice@EXAMPLE.Com"])
     qid = queue_id(await send_data(c, BODY))
-    plan = env.relay.spool.load(qid).envelope["plan"]
-    assert [p["delivered_to"] for p in plan] == ["Alice@example.com", "Alice@example-new.com"]
+    plan = env.relay.spool.load(qid).envelope.plan
+    assert [p.delivered_to for p in plan] == ["Alice@example.com", "Alice@example-new.com"]
 
 
 # -- limits ---------------------------------------------------------------------------
@@ -327,7 +328,7 @@ async def test_too_many_recipients(relay_factory: RelayFactory) -> None:
     c = await ready(env, ["a@example.com", "b@example.com"])
     expect(await c.cmd("RCPT TO:<c@example.com>"), 452, "4.5.3", "Too many recipients")
     qid = queue_id(await send_data(c, BODY))
-    assert env.relay.spool.load(qid).envelope["rcpts"] == ["a@example.com", "b@example.com"]
+    assert env.relay.spool.load(qid).envelope.rcpts == ("a@example.com", "b@example.com")
     assert rejected(env) == [("rcpt", 452, "4.5.3")]
 
 
@@ -800,7 +801,7 @@ async def test_pipelined_transaction_in_one_write(relay_factory: RelayFactory) -
     got = [await c.reply() for _ in want]
     assert [(r.code, r.enhanced) for r in got] == want
     first, second_id = queue_id(got[5]), queue_id(got[9])
-    assert env.relay.spool.load(first).envelope["rcpts"] == ["alice@example.com", "zed@example.com"]
+    assert env.relay.spool.load(first).envelope.rcpts == ("alice@example.com", "zed@example.com")
     assert stored(env, second_id).endswith(b"X-Relay-Trace: test-node " + second_id.encode()
                                            + b"\r\n.two\r\n")  # fmt: skip
 
@@ -898,10 +899,10 @@ async def plan_for(env: RelayEnv, rcpt: str) -> list[tuple[str, str]]:
     c = await ready(env, [rcpt])
     qid = queue_id(await send_data(c, BODY))
     await c.cmd("QUIT")
-    stored_plan = env.relay.spool.load(qid).envelope["plan"]
+    stored_plan = env.relay.spool.load(qid).envelope.plan
     logged = next(e for e in env.events("received") if e["queue_id"] == qid)["plan"]
-    assert logged == stored_plan
-    return [(p["provider"], p["role"]) for p in stored_plan]
+    assert logged == [p.to_dict() for p in stored_plan]
+    return [(p.provider, p.role) for p in stored_plan]
 
 
 async def test_pilot_edit_changes_the_next_plan_within_2s(relay_factory: RelayFactory) -> None:

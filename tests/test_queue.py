@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from relay import queue
+from relay import queue_admin
 from relay.app import Relay
 from relay.testing import Rule
 from tests.conftest import RelayEnv
@@ -92,7 +92,7 @@ async def test_queue_commands_work_without_a_running_relay(relay_env) -> None:
 
 
 async def test_delete_and_retry_race_completing_attempts(relay_env, monkeypatch) -> None:
-    monkeypatch.setattr(queue, "POLL", 0.01)
+    monkeypatch.setattr(queue_admin, "POLL", 0.01)
     env = await relay_env("retry: {schedule: [0.01]}\n")
     rng = random.Random(1234)
     rounds, deleted_first, delivered_first = 60, 0, 0
@@ -104,8 +104,8 @@ async def test_delete_and_retry_race_completing_attempts(relay_env, monkeypatch)
         await asyncio.sleep(rng.random() * 0.02)
         spool = env.relay.spool
         results = await asyncio.gather(
-            asyncio.to_thread(queue.request, spool, "retry", qid, None),
-            asyncio.to_thread(queue.request, spool, "delete", qid, "legacy"),
+            asyncio.to_thread(queue_admin.request, spool, "retry", qid, None),
+            asyncio.to_thread(queue_admin.request, spool, "delete", qid, "legacy"),
         )
         await env.wait_for(lambda q=qid: q not in env.relay.scheduler.messages, what=qid)
         events = [e for e in env.events() if e.get("queue_id") == qid]

@@ -12,16 +12,20 @@ from typing import Any
 
 import pytest
 
+from relay.records import Envelope, PlanEntry, StateLine
 from relay.spool import FOOTER, WRITE_THRESHOLD, Spool, SpoolError, new_queue_id
+from tests.conftest import read_content
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def envelope(qid: str, **extra: Any) -> dict[str, Any]:
-    plan = [{"rcpt": "a@example.com", "provider": "legacy", "delivered_to": "a@example.com",
-             "role": "primary", "group": None, "mode": None, "pilot": False}]  # fmt: skip
-    return {"queue_id": qid, "mail_from": "s@origin.test", "rcpts": ["a@example.com"],
-            "plan": plan, **extra}  # fmt: skip
+def envelope(qid: str) -> Envelope:
+    plan = (PlanEntry("a@example.com", "legacy", "a@example.com", "primary", None, None, False),)
+    return Envelope(
+        queue_id=qid, received="2030-01-01T00:00:00.000Z", received_epoch=1893456000.0,
+        mail_from="s@origin.test", rcpts=("a@example.com",), options=(), client_ip="127.0.0.1",
+        message_id=None, size=0, forwarded=False, plan=plan, dsn=False,
+    )  # fmt: skip
 
 
 async def enqueue(spool: Spool, content: bytes, pieces: int = 3) -> str:
@@ -47,9 +51,10 @@ async def test_commit_then_load_round_trip(spool: Spool) -> None:
     qid = await enqueue(spool, content)
     assert [p.name for p in spool.queue.iterdir()] == [f"{qid}.msg"]  # no .tmp left
     stored = spool.load(qid)
-    assert stored.envelope["v"] == 1 and stored.envelope["queue_id"] == qid
+    assert b'{"v":1,"queue_id":"' + qid.encode() in spool.msg_path(qid).read_bytes()
+    assert stored.envelope == envelope(qid)
     assert stored.content_length == len(content) and stored.states == []
-    assert spool.read_content(qid) == content
+    assert read_content(spool, qid) == content
 
 
 async def test_large_message_streams_through_the_file(spool: Spool) -> None:
@@ -96,9 +101,9 @@ async def test_sync_order_and_group_commit(spool: Spool) -> None:
 
 async def test_state_records_round_trip(spool: Spool) -> None:
     qid = await enqueue(spool, b"x\r\n")
-    await spool.record(qid, [{"i": 0, "s": "deferred", "n": 1}])
-    await spool.record(qid, [{"i": 0, "s": "delivered", "n": 2}])
-    assert [s["s"] for s in spool.load(qid).states] == ["deferred", "delivered"]
+    await spool.record(qid, [StateLine(0, "deferred", 1)])
+    await spool.record(qid, [StateLine(0, "delivered", 2)])
+    assert [s.status for s in spool.load(qid).states] == ["deferred", "delivered"]
 
 
 async def test_stop_commits_what_was_submitted_then_refuses(tmp_path: Path) -> None:
@@ -120,7 +125,7 @@ async def test_stop_commits_what_was_submitted_then_refuses(tmp_path: Path) -> N
 # -- recovery -------------------------------------------------------------------------
 
 
-def committed(tmp_path: Path, content: bytes, states: list[dict[str, Any]]) -> tuple[Path, str]:
+def committed(tmp_path: Path, content: bytes, states: list[StateLine]) -> tuple[Path, str]:
     async def go() -> str:
         s = Spool(tmp_path / "src")
         await s.start()
@@ -146,7 +151,7 @@ def offsets(total: int, rng: random.Random, n: int) -> Iterator[int]:
 def test_recover_never_takes_a_torn_message(tmp_path: Path) -> None:
     rng = random.Random(1234)
     content = b"Received: x\r\n\r\n" + os.urandom(3000)
-    states = [{"i": 0, "s": "deferred", "n": k, "due": 1.5 * k} for k in range(1, 6)]
+    states = [StateLine(0, "deferred", k, 1.5 * k) for k in range(1, 6)]
     src, qid = committed(tmp_path, content, states)
     msg_size = (src / "queue" / f"{qid}.msg").stat().st_size
 
@@ -162,8 +167,8 @@ def test_recover_never_takes_a_torn_message(tmp_path: Path) -> None:
 
 
 def test_recover_keeps_only_whole_state_lines(tmp_path: Path) -> None:
-    states = [{"i": 0, "s": "deferred", "n": k, "due": 10.0 * k, "r": "451 x"} for k in (1, 2)]
-    states += [{"i": 0, "s": "delivered", "n": 3, "r": "250 2.0.0 ok"}]
+    states = [StateLine(0, "deferred", k, 10.0 * k, "451 x") for k in (1, 2)]
+    states += [StateLine(0, "delivered", 3, reply="250 2.0.0 ok")]
     src, qid = committed(tmp_path, b"hello\r\n", states)
     raw = (src / "queue" / f"{qid}.state").read_bytes()
     line_ends = [i + 1 for i, b in enumerate(raw) if b == ord("\n")]
@@ -177,7 +182,7 @@ def test_recover_keeps_only_whole_state_lines(tmp_path: Path) -> None:
 
 
 def test_state_appended_after_a_torn_line_is_kept(tmp_path: Path) -> None:
-    src, qid = committed(tmp_path, b"hello\r\n", [{"i": 0, "s": "deferred", "n": 1}])
+    src, qid = committed(tmp_path, b"hello\r\n", [StateLine(0, "deferred", 1)])
     s = copy_spool(src, tmp_path / "torn")
     state = s.queue / f"{qid}.state"
     state.write_bytes(state.read_bytes() + b'{"i":0,"s":"defe')  # a crash mid-append
@@ -185,11 +190,11 @@ def test_state_appended_after_a_torn_line_is_kept(tmp_path: Path) -> None:
 
     async def append() -> None:
         await s.start()
-        await s.record(qid, [{"i": 0, "s": "delivered", "n": 2}])
+        await s.record(qid, [StateLine(0, "delivered", 2)])
         await s.stop()
 
     asyncio.run(append())
-    assert [x["s"] for x in s.load(qid).states] == ["deferred", "delivered"]
+    assert [x.status for x in s.load(qid).states] == ["deferred", "delivered"]
 
 
 def test_recover_rejects_flipped_bits_and_unknown_versions(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.conftest import read_content
 from tests.helpers_ingress import (
     HOSTNAME,
     RelayEnv,
@@ -53,7 +54,7 @@ async def test_swaks_pilot_gets_250(relay_factory: RelayFactory) -> None:
         ("legacy", "primary"),
         ("new", "shadow"),
     ]
-    assert b"Subject: swaks test" in env.relay.spool.read_content(qid)
+    assert b"Subject: swaks test" in read_content(env.relay.spool, qid)
 
 
 async def test_swaks_pipelining(relay_factory: RelayFactory) -> None:
@@ -92,4 +93,4 @@ async def test_swaks_starttls_with_verified_certificate(
     assert code == 0, out
     assert "TLS started" in out, out
     qid = queued(out)
-    assert b" with ESMTPS id " + qid.encode() in env.relay.spool.read_content(qid)
+    assert b" with ESMTPS id " + qid.encode() in read_content(env.relay.spool, qid)

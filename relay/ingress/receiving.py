@@ -13,7 +13,6 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
 
 from relay.config import RelaySettings
 from relay.ingress._aiosmtpd import Envelope, Session
@@ -22,6 +21,8 @@ from relay.ingress.policy import Refusal, Rejections
 from relay.ingress.protocol import RelaySMTP
 from relay.ingress.replies import Reply
 from relay.log import DeliveryLog, oplog, utc_ts
+from relay.records import Envelope as Record
+from relay.records import PlanEntry
 from relay.routing import PilotTable, resolve_recipient, route
 from relay.spool import Spool, SpoolError, new_queue_id
 
@@ -141,7 +142,7 @@ class Intake:
         log: DeliveryLog,
         rejections: Rejections,
         pilots: Callable[[], PilotTable],
-        on_queued: Callable[[str, dict[str, Any]], object] | None,
+        on_queued: Callable[[str, Record], object] | None,
         clock: Callable[[], datetime],
     ):
         self.settings = settings
@@ -159,12 +160,12 @@ class Intake:
     def begin(self, server: RelaySMTP) -> Receiving:
         return Receiving(self, server)
 
-    def plan(self, msg: Receiving, size: int) -> tuple[dict[str, Any], list[str]]:
+    def plan(self, msg: Receiving, size: int) -> tuple[Record, list[str]]:
         """The envelope record to store (routing plan included) and the discarded rcpts."""
         env = msg.envelope
         table = self.pilots()
         now = self.clock()
-        plan: list[dict[str, Any]] = []
+        plan: list[PlanEntry] = []
         discarded: list[str] = []
         forwarded_any = False
         for rcpt in env.rcpt_tos:
@@ -177,23 +178,22 @@ class Intake:
                 discarded.append(rcpt)
             for d in r.deliveries:
                 plan.append(
-                    {"rcpt": rcpt, "provider": d.provider, "delivered_to": d.delivered_to,
-                     "role": d.role, "group": d.group, "mode": d.mode, "pilot": d.pilot}
-                )  # fmt: skip
-        record = {
-            "queue_id": msg.queue_id,
-            "received": utc_ts(now),
-            "received_epoch": now.timestamp(),
-            "mail_from": "" if env.mail_from == "<>" else (env.mail_from or ""),
-            "rcpts": list(env.rcpt_tos),
-            "options": [o for o in env.mail_options if o in ("BODY=8BITMIME", "SMTPUTF8")],
-            "client_ip": msg.server.client_ip,
-            "message_id": msg.message_id(),
-            "size": size,
-            "forwarded": forwarded_any,
-            "plan": plan,
-            "dsn": False,
-        }
+                    PlanEntry(rcpt, d.provider, d.delivered_to, d.role, d.group, d.mode, d.pilot)
+                )
+        record = Record(
+            queue_id=msg.queue_id,
+            received=utc_ts(now),
+            received_epoch=now.timestamp(),
+            mail_from="" if env.mail_from == "<>" else (env.mail_from or ""),
+            rcpts=tuple(env.rcpt_tos),
+            options=tuple(o for o in env.mail_options if o in ("BODY=8BITMIME", "SMTPUTF8")),
+            client_ip=msg.server.client_ip,
+            message_id=msg.message_id(),
+            size=size,
+            forwarded=forwarded_any,
+            plan=tuple(plan),
+            dsn=False,
+        )
         return record, discarded
 
     async def enqueue(self, msg: Receiving, size: int) -> str:
@@ -203,7 +203,7 @@ class Intake:
         cancelled (client gone): a message on disk is always also scheduled.
         """
         record, discarded = self.plan(msg, size)
-        if not record["plan"]:
+        if not record.plan:
             await msg.abort()
             self._accepted(msg, record, discarded)
             return Reply.queued(msg.queue_id)
@@ -224,7 +224,7 @@ class Intake:
             exc = task.exception()
             oplog.error("error while queuing a message", error=repr(exc), exc_info=exc)
 
-    async def _store(self, msg: Receiving, record: dict[str, Any], discarded: list[str]) -> str:
+    async def _store(self, msg: Receiving, record: Record, discarded: list[str]) -> str:
         try:
             await self.spool.commit(msg.incoming, record)
         except SpoolError as exc:
@@ -239,16 +239,17 @@ class Intake:
                         error=repr(exc), exc_info=exc)  # fmt: skip
         return Reply.queued(msg.queue_id)
 
-    def _accepted(self, msg: Receiving, record: dict[str, Any], discarded: list[str]) -> None:
+    def _accepted(self, msg: Receiving, record: Record, discarded: list[str]) -> None:
         self.log.emit(
-            "received", queue_id=msg.queue_id, message_id=record["message_id"],
-            mail_from=record["mail_from"], client_ip=record["client_ip"], size=record["size"],
-            rcpts=record["rcpts"], plan=record["plan"], forwarded=record["forwarded"],
+            "received", queue_id=msg.queue_id, message_id=record.message_id,
+            mail_from=record.mail_from, client_ip=record.client_ip, size=record.size,
+            rcpts=list(record.rcpts), plan=[p.to_dict() for p in record.plan],
+            forwarded=record.forwarded,
         )  # fmt: skip
         for rcpt in discarded:
             self.log.emit(
                 "discarded", queue_id=msg.queue_id, rcpt=rcpt,
                 reason="forwarded copy of a non-pilot: legacy holds the original",
             )  # fmt: skip
-        if record["plan"] and self.on_queued:
+        if record.plan and self.on_queued:
             self.on_queued(msg.queue_id, record)

@@ -21,6 +21,7 @@ from relay.ingress.protocol import RelaySMTP, SessionLimits, capabilities
 from relay.ingress.receiving import Intake, Receiving
 from relay.ingress.replies import Reply
 from relay.log import DeliveryLog, oplog
+from relay.records import Envelope as Record
 from relay.routing import PilotTable
 from relay.spool import Spool
 
@@ -34,7 +35,7 @@ class IngressHandler:
         spool: Spool,
         log: DeliveryLog,
         pilots: Callable[[], PilotTable],
-        on_queued: Callable[[str, dict[str, Any]], object] | None = None,
+        on_queued: Callable[[str, Record], object] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ):
         limits = settings.limits

@@ -1,12 +1,12 @@
-"""The queue on disk: the only module that touches the spool directory.
+"""The queue of one spool directory: messages in, state changes, recovery, removal.
 
 Layout (see docs/spool.md for why):
 
     queue/<id>.tmp     a message being received (discarded at start-up)
-    queue/<id>.msg     content, then the envelope/plan record, then a footer
+    queue/<id>.msg     content, then the envelope record (relay.records), then a footer
     queue/<id>.state   append-only JSON lines: one per delivery state change
     corrupt/           torn or unreadable records moved aside, never delivered
-    control/           requests from `relay queue` to the running relay
+    control/           requests from `relay queue` to the running relay (control.py)
 
 Durability is by group commit: every message that finished DATA while the
 previous batch was being synced is written, fdatasync'd and renamed in one
@@ -29,11 +29,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
+
+from relay.records import Envelope, RecordError, StateLine, parse_envelope, parse_state_line
 
 FOOTER = struct.Struct(">4sQIII")  # magic, content length, envelope length, crcs
 MAGIC = b"RLY1"
-ENVELOPE_VERSION = 1
 WRITE_THRESHOLD = 1 << 20  # bytes buffered in memory before a threaded write
 
 
@@ -77,9 +78,9 @@ class Stored:
     """A committed message as recovered from disk."""
 
     queue_id: str
-    envelope: dict[str, Any]
+    envelope: Envelope
     content_length: int
-    states: list[dict[str, Any]]
+    states: list[StateLine]
 
 
 @dataclass
@@ -167,14 +168,15 @@ class Spool:
     async def abort(self, msg: Incoming) -> None:
         await asyncio.to_thread(msg.discard)
 
-    async def commit(self, msg: Incoming, envelope: dict[str, Any]) -> None:
+    async def commit(self, msg: Incoming, envelope: Envelope) -> None:
         """Make message + envelope durable; returns only once they are on disk."""
-        env = json.dumps({"v": ENVELOPE_VERSION, **envelope}, separators=(",", ":")).encode()
-        await self._submit(_Job("msg", self._future(), incoming=msg, envelope=env))
+        await self._submit(_Job("msg", self._future(), incoming=msg, envelope=envelope.to_json()))
 
-    async def record(self, queue_id: str, states: list[dict[str, Any]]) -> None:
+    async def record(self, queue_id: str, states: list[StateLine]) -> None:
         """Append delivery state changes durably (batched like commits)."""
-        lines = b"".join(json.dumps(s, separators=(",", ":")).encode() + b"\n" for s in states)
+        lines = b"".join(
+            json.dumps(s.to_dict(), separators=(",", ":")).encode() + b"\n" for s in states
+        )
         await self._submit(_Job("state", self._future(), queue_id=queue_id, lines=lines))
 
     def _future(self) -> asyncio.Future[None]:
@@ -241,11 +243,7 @@ class Spool:
 
         list(self._sync_pool.map(run, units.values()))
         if len(failed) < len(jobs):
-            fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.queue)
             self._synced(self.queue)
         return [failed.get(id(job)) for job in jobs]
 
@@ -291,13 +289,9 @@ class Spool:
         fh.seek(0)
         return fh, length
 
-    def read_content(self, queue_id: str) -> bytes:
-        fh, length = self.open_content(queue_id)
-        with fh:
-            return fh.read(length)
-
     def load(self, queue_id: str) -> Stored:
-        """Read one committed message; raise ValueError when torn or corrupt."""
+        """Read one committed message; raise ValueError (RecordError: a malformed
+        envelope) when it is torn or corrupt."""
         path = self.msg_path(queue_id)
         with open(path, "rb") as fh:
             total = os.fstat(fh.fileno()).st_size
@@ -319,13 +313,12 @@ class Spool:
             env = fh.read(elen)
             if crc != ccrc or zlib.crc32(env) != ecrc:
                 raise ValueError("checksum mismatch")
-        envelope = json.loads(env)
-        if envelope.get("v") != ENVELOPE_VERSION:
-            raise ValueError(f"unknown envelope version {envelope.get('v')!r}")
-        return Stored(queue_id, envelope, clen, self._read_states(queue_id))
+        envelope = parse_envelope(env)
+        return Stored(queue_id, envelope, clen, self._read_states(queue_id, len(envelope.plan)))
 
-    def _read_states(self, queue_id: str) -> list[dict[str, Any]]:
-        """The recorded state changes; a torn or garbled line is simply not recorded."""
+    def _read_states(self, queue_id: str, plan_size: int) -> list[StateLine]:
+        """The recorded state changes; a torn, garbled or malformed line is simply not
+        recorded (at worst a delivery is tried again: at-least-once)."""
         path = self.queue / f"{queue_id}.state"
         try:
             raw = path.read_bytes()
@@ -334,11 +327,9 @@ class Spool:
         states = []
         for line in raw.split(b"\n")[:-1]:  # the part after the last LF is torn
             try:
-                state = json.loads(line)
-            except ValueError:
+                states.append(parse_state_line(line, plan_size))
+            except RecordError:
                 continue
-            if isinstance(state, dict) and isinstance(state.get("i"), int) and "s" in state:
-                states.append(state)
         return states
 
     def queue_ids(self) -> Iterator[str]:
@@ -386,3 +377,12 @@ class Spool:
         """Every delivery is final: the message leaves the queue."""
         (self.queue / f"{queue_id}.msg").unlink(missing_ok=True)
         (self.queue / f"{queue_id}.state").unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and unlinks in the directory durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,345 @@
+"""The relay's records, declared once: what the spool stores and the delivery log says.
+
+On disk (docs/spool.md): the envelope at the end of `<id>.msg` (with its routing
+plan), the JSON lines of `<id>.state`, the requests in `control/`. Each has one
+`parse_*` function that every reader goes through and that raises `RecordError`
+for anything malformed, so the rest of the code sees typed values only. The
+JSON is envelope version 1's, byte for byte (but for the `"r": null` it wrote
+when a never-tried delivery was retried, now left out): spools written before
+these types existed read back unchanged (tests/test_records.py).
+
+Frozen slotted dataclasses written with the json module, not pydantic models:
+addresses can hold lone surrogates (aiosmtpd decodes with surrogateescape),
+which pydantic's JSON reader and writer refuse and json escapes. Measured here
+for a two-delivery envelope: built and serialised in 9.8 µs (6.5 µs as the plain
+dict before), parsed and validated in 16 µs (json.loads alone: 4.4 µs), which
+happens only when a spool is read back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict, TypeVar, cast, get_args
+
+from relay.config import PilotMode
+
+ENVELOPE_VERSION = 1
+
+Provider = Literal["legacy", "new", "bounce"]
+Role = Literal["primary", "shadow"]
+Status = Literal["pending", "deferred", "delivered", "bounced", "expired", "deleted"]
+PROVIDERS: tuple[Provider, ...] = get_args(Provider)
+ROLES: tuple[Role, ...] = get_args(Role)
+MODES: tuple[PilotMode, ...] = get_args(PilotMode)
+STATUSES: tuple[Status, ...] = get_args(Status)
+FINAL: frozenset[Status] = frozenset({"delivered", "bounced", "expired", "deleted"})
+_T = TypeVar("_T")
+
+
+class RecordError(ValueError):
+    """A stored record that is not what its type says: wrong shape, type or value."""
+
+
+class PlanDict(TypedDict):
+    """A plan entry as JSON (in the envelope, the `received` event and `relay queue show`)."""
+
+    rcpt: str
+    provider: Provider
+    delivered_to: str
+    role: Role
+    group: str | None
+    mode: PilotMode | None
+    pilot: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlanEntry:
+    """One delivery the routing decided at acceptance: a recipient at one provider."""
+
+    rcpt: str  # as the client wrote it
+    provider: Provider
+    delivered_to: str  # the address given to the provider
+    role: Role
+    group: str | None
+    mode: PilotMode | None
+    pilot: bool
+
+    def to_dict(self) -> PlanDict:
+        return {
+            "rcpt": self.rcpt, "provider": self.provider, "delivered_to": self.delivered_to,
+            "role": self.role, "group": self.group, "mode": self.mode, "pilot": self.pilot,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the spool keeps with a message's content: the SMTP envelope and the plan."""
+
+    queue_id: str
+    received: str  # RFC 3339 UTC, as in the delivery log
+    received_epoch: float
+    mail_from: str  # "" for the null sender
+    rcpts: tuple[str, ...]
+    options: tuple[str, ...]  # MAIL parameters passed on: BODY=8BITMIME, SMTPUTF8
+    client_ip: str | None  # None for a DSN
+    message_id: str | None
+    size: int
+    forwarded: bool
+    plan: tuple[PlanEntry, ...]
+    dsn: bool
+    dsn_for: str | None = None  # a DSN's original message (the key exists only then)
+
+    def to_json(self) -> bytes:
+        """The stored form; the keys in version 1's order."""
+        record: dict[str, Any] = {
+            "v": ENVELOPE_VERSION, "queue_id": self.queue_id, "received": self.received,
+            "received_epoch": self.received_epoch, "mail_from": self.mail_from,
+            "rcpts": list(self.rcpts), "options": list(self.options),
+            "client_ip": self.client_ip, "message_id": self.message_id, "size": self.size,
+            "forwarded": self.forwarded, "plan": [p.to_dict() for p in self.plan],
+            "dsn": self.dsn,
+        }  # fmt: skip
+        if self.dsn_for is not None:
+            record["dsn_for"] = self.dsn_for
+        return json.dumps(record, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class StateLine:
+    """One delivery's state change, a line of `<id>.state`; later lines win.
+
+    `n`, `due` and `r` may be absent (None here; a delete records neither due
+    time nor reply): the delivery keeps its attempts and last reply, and its due
+    time is 0. Version 1 also wrote `"r": null`, which reads the same.
+    """
+
+    index: int  # the delivery's position in the plan
+    status: Status
+    attempts: int | None = None
+    due: float | None = None
+    reply: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        line: dict[str, Any] = {"i": self.index, "s": self.status}
+        for key, value in (("n", self.attempts), ("due", self.due), ("r", self.reply)):
+            if value is not None:
+                line[key] = value
+        return line
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    """`relay queue retry|delete` asking the running relay (a file in `control/`)."""
+
+    op: str  # checked by the relay, which answers an unknown one with an error
+    queue_id: str | None
+    provider: str | None
+
+    def to_json(self) -> str:
+        return json.dumps({"op": self.op, "queue_id": self.queue_id, "provider": self.provider})
+
+
+class ControlAnswer(TypedDict, total=False):
+    count: int  # deliveries made due, or deleted
+    error: str
+
+
+# -- the delivery log's events (SPEC "Delivery log"); DeliveryLog.emit checks them ------
+
+Event = Literal[
+    "received", "discarded", "rejected", "delivery", "deleted", "bounce_sent",
+    "log_events_dropped",
+]  # fmt: skip
+EVENTS: tuple[Event, ...] = get_args(Event)
+
+
+class ReceivedEvent(TypedDict):
+    queue_id: str
+    message_id: str | None
+    mail_from: str
+    client_ip: str | None
+    size: int
+    rcpts: list[str]
+    plan: list[PlanDict]
+    forwarded: bool
+
+
+class DiscardedEvent(TypedDict):
+    queue_id: str
+    rcpt: str
+    reason: str
+
+
+class RejectedEvent(TypedDict):
+    client_ip: str
+    stage: str
+    smtp_code: int
+    enhanced_code: str
+    reason: str
+
+
+class DeliveryEvent(PlanDict):
+    queue_id: str
+    outcome: Status
+    smtp_code: int | None
+    enhanced_code: str | None
+    smtp_response: str
+    attempt: int
+    latency_ms: int
+    tls: str | None
+    remote_id: str | None
+
+
+class DeletedEvent(TypedDict):
+    queue_id: str
+    rcpt: str
+    provider: str
+
+
+class BounceSentEvent(TypedDict):
+    queue_id: str
+    rcpt: str
+    dsn_queue_id: str
+
+
+class LogEventsDroppedEvent(TypedDict):
+    """Written by the log itself once writing resumes (relay/log.py)."""
+
+    count: int
+    since: str | None
+    until: str
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+
+def _object(raw: bytes | str | Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    if isinstance(raw, bytes | str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise RecordError(f"{what}: not JSON ({exc})") from None
+    if not isinstance(raw, Mapping):
+        raise RecordError(f"{what}: not a JSON object")
+    return raw
+
+
+class _Fields:
+    """Typed reads of one JSON object's fields; every failure is a RecordError."""
+
+    def __init__(self, obj: Mapping[str, Any], what: str):
+        self.obj = obj
+        self.what = what
+
+    def value(self, key: str, kinds: tuple[type, ...], optional: bool = False) -> Any:
+        """The field, of one of `kinds`; None when absent and `optional`."""
+        if key not in self.obj:
+            if optional:
+                return None
+            raise RecordError(f"{self.what}: {key!r} missing")
+        value = self.obj[key]
+        # a bool is an int to Python, never to a record
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise RecordError(f"{self.what}: {key!r} is {value!r}, not {names}")
+        return value
+
+    def text(self, key: str) -> str:
+        return cast(str, self.value(key, (str,)))
+
+    def text_or_none(self, key: str, optional: bool = False) -> str | None:
+        return cast(str | None, self.value(key, (str, type(None)), optional))
+
+    def flag(self, key: str) -> bool:
+        return cast(bool, self.value(key, (bool,)))
+
+    def count(self, key: str, optional: bool = False) -> int | None:
+        value = self.value(key, (int,), optional)
+        if value is not None and value < 0:
+            raise RecordError(f"{self.what}: {key!r} is negative ({value})")
+        return cast(int | None, value)
+
+    def number(self, key: str, optional: bool = False) -> float | None:
+        value = self.value(key, (int, float), optional)
+        if value is not None and not math.isfinite(value):
+            raise RecordError(f"{self.what}: {key!r} is {value!r}, not a finite number")
+        return None if value is None else float(value)
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        value = self.value(key, (list,))
+        if not all(isinstance(v, str) for v in value):
+            raise RecordError(f"{self.what}: {key!r} holds a non-string")
+        return tuple(value)
+
+    def choice(self, key: str, choices: tuple[str | None, ...]) -> Any:
+        value = self.value(key, (str, type(None)))
+        if value not in choices:
+            raise RecordError(f"{self.what}: {key!r} is {value!r}, not one of {choices}")
+        return value
+
+
+def _required(value: _T | None) -> _T:
+    assert value is not None  # a field read without optional=True is never None
+    return value
+
+
+def parse_plan_entry(raw: Mapping[str, Any], what: str = "plan entry") -> PlanEntry:
+    f = _Fields(_object(raw, what), what)
+    return PlanEntry(
+        f.text("rcpt"), f.choice("provider", PROVIDERS), f.text("delivered_to"),
+        f.choice("role", ROLES), f.text_or_none("group"), f.choice("mode", (*MODES, None)),
+        f.flag("pilot"),
+    )  # fmt: skip
+
+
+def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
+    """The envelope record of a `.msg` file: of a known version, complete, well typed."""
+    obj = _object(raw, "envelope")
+    version = obj.get("v")
+    if version != ENVELOPE_VERSION or isinstance(version, bool):
+        raise RecordError(f"unknown envelope version {version!r}")
+    f = _Fields(obj, "envelope")
+    plan = f.value("plan", (list,))
+    return Envelope(
+        queue_id=f.text("queue_id"), received=f.text("received"),
+        received_epoch=_required(f.number("received_epoch")), mail_from=f.text("mail_from"),
+        rcpts=f.texts("rcpts"), options=f.texts("options"), client_ip=f.text_or_none("client_ip"),
+        message_id=f.text_or_none("message_id"), size=_required(f.count("size")),
+        forwarded=f.flag("forwarded"),
+        plan=tuple(parse_plan_entry(p, f"envelope plan[{i}]") for i, p in enumerate(plan)),
+        dsn=f.flag("dsn"), dsn_for=cast(str | None, f.value("dsn_for", (str,), optional=True)),
+    )  # fmt: skip
+
+
+def parse_state_line(raw: bytes | str | Mapping[str, Any], plan_size: int) -> StateLine:
+    """One line of a `.state` file of a message whose plan has `plan_size` deliveries."""
+    f = _Fields(_object(raw, "state line"), "state line")
+    index = _required(f.count("i"))
+    if index >= plan_size:
+        raise RecordError(f"state line: delivery {index} is not in the plan of {plan_size}")
+    return StateLine(
+        index, f.choice("s", STATUSES), f.count("n", optional=True),
+        f.number("due", optional=True), f.text_or_none("r", optional=True),
+    )  # fmt: skip
+
+
+def parse_control_answer(raw: bytes | str | Mapping[str, Any]) -> ControlAnswer:
+    """The running relay's answer to a request: a count, or an error."""
+    f = _Fields(_object(raw, "answer"), "answer")
+    count, error = f.count("count", optional=True), f.value("error", (str,), optional=True)
+    if (count is None) == (error is None):
+        raise RecordError("answer: neither a count nor an error")
+    return {"count": count} if count is not None else {"error": error}
+
+
+def parse_control_request(raw: bytes | str | Mapping[str, Any]) -> ControlRequest:
+    """A request file of `control/` (the operation is checked by who carries it out)."""
+    f = _Fields(_object(raw, "request"), "request")
+    return ControlRequest(
+        f.text("op"),
+        f.text_or_none("queue_id", optional=True),
+        f.text_or_none("provider", optional=True),
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar, cast, get_args
@@ -128,6 +129,16 @@ class StateLine:
             if value is not None:
                 line[key] = value
         return line
+
+    def to_line(self) -> bytes:
+        """The line as written: JSON with a CRC-32 of itself in `c`, and LF.
+
+        A line that fails its checksum is a flipped bit, not a torn write (that is
+        the tail after the last LF), so its message is set aside in corrupt/:
+        without it, `"i":0` flipped to `"i":1` would mark the wrong delivery done.
+        """
+        body = json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        return body[:-1] + b',"c":%d}\n' % zlib.crc32(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,8 +326,19 @@ def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
 
 
 def parse_state_line(raw: bytes | str | Mapping[str, Any], plan_size: int) -> StateLine:
-    """One line of a `.state` file of a message whose plan has `plan_size` deliveries."""
-    f = _Fields(_object(raw, "state line"), "state line")
+    """One line of a `.state` file of a message whose plan has `plan_size` deliveries.
+
+    Lines since version 2 carry their CRC-32 in `c` (see StateLine.to_line); a
+    version-1 line has none and is read as it was written."""
+    obj = _object(raw, "state line")
+    if "c" in obj:
+        body = dict(obj)
+        crc = body.pop("c")
+        expected = zlib.crc32(json.dumps(body, separators=(",", ":")).encode())
+        if type(crc) is not int or crc != expected:
+            raise RecordError("state line: checksum mismatch")
+        obj = body
+    f = _Fields(obj, "state line")
     index = _required(f.count("i"))
     if index >= plan_size:
         raise RecordError(f"state line: delivery {index} is not in the plan of {plan_size}")

@@ -29,6 +29,13 @@ SMALL_MESSAGE = 64 * 1024  # bytes: read on the event loop rather than in a thre
 # them are monotonic slices of at most this long, so after a wall-clock step (NTP,
 # VM resume) no due delivery waits more than MAX_WAIT once the clock is right again.
 MAX_WAIT = 1.0
+# A safety net under the retry policy: more than LOOP_LIMIT attempts of one message
+# at one provider within LOOP_WINDOW seconds (in this process) means a bug is
+# re-sending it; the message is held for the first retry step and it is logged.
+# Legitimate quick attempts (a `452 4.5.3` split, a reused connection found broken)
+# stay far below: at most max_recipients / recipients-per-transaction.
+LOOP_LIMIT = 20
+LOOP_WINDOW = 60.0
 
 
 def drain_budget(timeout: float) -> float:
@@ -89,6 +96,8 @@ class Message:
     # attempts (and deletes) working on it: the last one out removes a finished
     # message, so no state line is appended after its files are gone
     busy: int = 0
+    # monotonic start times of this process's recent attempts, per provider (LOOP_*)
+    recent: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def received(self) -> float:
@@ -319,10 +328,16 @@ class Scheduler:
                 batch = msg.open(provider)
                 if not batch:
                     return
+                if self._looping(msg, provider):
+                    self._hold(msg, batch, "attempt loop: more than LOOP_LIMIT attempts")
+                    return
                 result = await self._send(msg, provider, batch)
                 if sent is not None and not sent.done():
                     sent.set_result(None)
-                await self._record(msg, provider, batch, result)
+                try:
+                    await self._record(msg, provider, batch, result)
+                except Exception as exc:  # never an immediate resend: back off instead
+                    self._hold(msg, batch, f"recording the outcome failed: {exc!r}", exc)
         finally:
             if sent is not None and not sent.done():
                 sent.set_result(None)
@@ -332,6 +347,25 @@ class Scheduler:
                 await self._finish(msg)
             elif msg.queue_id in self.messages:
                 self._push(msg, provider)
+
+    def _looping(self, msg: Message, provider: Provider) -> bool:
+        now = time.monotonic()
+        recent = [t for t in msg.recent.get(provider, ()) if now - t < LOOP_WINDOW]
+        recent.append(now)
+        msg.recent[provider] = recent
+        return len(recent) > LOOP_LIMIT
+
+    def _hold(
+        self, msg: Message, batch: list[DeliveryState], why: str, exc: Exception | None = None
+    ) -> None:
+        """Defer the batch's open deliveries by at least the first retry step (in memory:
+        the spool may be what failed; after a restart they are simply due)."""
+        due = self.clock.now() + retry.backoff(self.settings.retry, 1, retry.jitter(self.rng))
+        for d in batch:
+            if not d.final:
+                d.due = max(d.due, due)
+        oplog.error("delivery held", queue_id=msg.queue_id, reason=why,
+                    retry_in=round(due - self.clock.now(), 1), exc_info=exc)  # fmt: skip
 
     async def _finish(self, msg: Message) -> None:
         """Remove a message whose deliveries are all final, once nothing records for it."""

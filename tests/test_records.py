@@ -201,15 +201,34 @@ def test_state_line_optional_fields(line: bytes, expected: StateLine) -> None:
     assert parse_state_line(line, 2) == expected
 
 
-def test_a_malformed_state_line_is_not_recorded(tmp_path: Path) -> None:
-    """As a torn line: the message recovers, with the lines that are whole and valid."""
+@pytest.mark.parametrize(
+    "bad",
+    [b'{"i":7,"s":"delivered","n":1}\n', b'{"i":0,"s":"gone"}\n', b'{"i":0,"s":"deferred"\n'],
+    ids=["index-out-of-range", "unknown-status", "garbled"],
+)
+def test_a_malformed_whole_state_line_sets_the_message_aside(tmp_path: Path, bad: bytes) -> None:
+    """SPEC Part 2 "Faults": a whole line that cannot be used makes the message's state
+    unknown; it goes to corrupt/, the others recover (only the tail after the last LF
+    is a torn append, cut and forgotten)."""
     spool = Spool(copy_v1(tmp_path))
     state = spool.queue / f"{D}.state"
-    state.write_bytes(b'{"i":7,"s":"delivered","n":1}\n{"i":0,"s":"gone"}\n' + state.read_bytes())
-    good, bad = spool.recover()
-    assert bad == []
-    [d] = [s for s in good if s.queue_id == D]
-    assert [(s.index, s.status) for s in d.states] == [(0, "deferred"), (1, "bounced")]
+    state.write_bytes(bad + state.read_bytes())
+    good, bad_ids = spool.recover()
+    assert bad_ids == [D]
+    assert D not in {s.queue_id for s in good} and len(good) == 6
+    assert sorted(p.name for p in spool.corrupt.iterdir()) == [f"{D}.msg", f"{D}.state"]
+
+
+def test_state_lines_carry_a_checksum(tmp_path: Path) -> None:
+    """One flipped bit in a v2 line (`"i":0` → `"i":1`, both in the plan) is caught."""
+    line = StateLine(0, "delivered", 1, 12.5, "250 2.0.0 Ok").to_line()
+    assert line.endswith(b"}\n") and b',"c":' in line
+    assert parse_state_line(line.rstrip(b"\n"), 2) == StateLine(
+        0, "delivered", 1, 12.5, "250 2.0.0 Ok"
+    )
+    flipped = line.replace(b'"i":0', b'"i":1')
+    with pytest.raises(RecordError, match="checksum"):
+        parse_state_line(flipped.rstrip(b"\n"), 2)
 
 
 def test_a_malformed_envelope_is_moved_to_corrupt(tmp_path: Path) -> None:

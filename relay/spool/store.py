@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from relay.records import Envelope, RecordError, StateLine, parse_envelope, parse_state_line
+from relay.records import Envelope, StateLine, parse_envelope, parse_state_line
 
 FOOTER = struct.Struct(">4sQIII")  # magic, content length, envelope length, crcs
 MAGIC = b"RLY1"
@@ -174,9 +173,7 @@ class Spool:
 
     async def record(self, queue_id: str, states: list[StateLine]) -> None:
         """Append delivery state changes durably (batched like commits)."""
-        lines = b"".join(
-            json.dumps(s.to_dict(), separators=(",", ":")).encode() + b"\n" for s in states
-        )
+        lines = b"".join(s.to_line() for s in states)
         await self._submit(_Job("state", self._future(), queue_id=queue_id, lines=lines))
 
     def _future(self) -> asyncio.Future[None]:
@@ -317,20 +314,16 @@ class Spool:
         return Stored(queue_id, envelope, clen, self._read_states(queue_id, len(envelope.plan)))
 
     def _read_states(self, queue_id: str, plan_size: int) -> list[StateLine]:
-        """The recorded state changes; a torn, garbled or malformed line is simply not
-        recorded (at worst a delivery is tried again: at-least-once)."""
+        """The recorded state changes. The part after the last LF is a torn append
+        (a crash mid-write) and is not recorded; a whole line that does not parse,
+        fails its checksum or names a delivery not in the plan raises RecordError:
+        the message's state is unknown, so it is set aside (SPEC Part 2 "Faults")."""
         path = self.queue / f"{queue_id}.state"
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return []
-        states = []
-        for line in raw.split(b"\n")[:-1]:  # the part after the last LF is torn
-            try:
-                states.append(parse_state_line(line, plan_size))
-            except RecordError:
-                continue
-        return states
+        return [parse_state_line(line, plan_size) for line in raw.split(b"\n")[:-1]]
 
     def queue_ids(self) -> Iterator[str]:
         for p in sorted(self.queue.glob("*.msg")):

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import idna
 import yaml
 from pydantic import (
     BaseModel,
@@ -26,6 +27,33 @@ from pydantic import (
 
 TlsMode = Literal["none", "starttls", "required", "implicit"]
 PilotMode = Literal["dual", "new-only", "legacy-only"]
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_domain(domain: str) -> str:
+    """The form domains compare in: ASCII letters lowercased, U-labels as IDNA 2008 A-labels.
+
+    Only ASCII is case-folded: a name that matches a listed domain only after
+    Unicode folding (U+212A KELVIN SIGN for `k`, `Ü` for `ü`) is not that
+    domain. A name that is not valid IDNA comes back as given (not ASCII), so
+    it matches no listed domain.
+    """
+    d = domain.translate(_ASCII_LOWER).rstrip(".")
+    if d.isascii():
+        return d
+    try:
+        return idna.encode(d, uts46=False).decode("ascii")
+    except idna.IDNAError:
+        return d
+
+
+def _listed_domain(domain: str) -> str:
+    d = ascii_domain(domain)
+    if not d.isascii():
+        raise ValueError(f"{domain!r} is not a valid domain name (IDNA 2008)")
+    return d
 
 
 class _Strict(BaseModel):
@@ -73,6 +101,8 @@ class LimitsSettings(_Strict):
     max_hops: int = Field(100, ge=1)
     max_line_length: int = Field(65_536, ge=1000)
     min_free_space: int = Field(104_857_600, ge=0)
+    hard_error_limit: int = Field(20, ge=1)  # error replies in a session, then 421 and close
+    junk_command_limit: int = Field(100, ge=0)  # NOOP, RSET... that still reset the idle timer
 
 
 class RetrySettings(_Strict):
@@ -119,12 +149,12 @@ class RelaySettings(_Strict):
     def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
             raise ValueError("at least one domain is needed")
-        return tuple(d.lower().rstrip(".") for d in v)
+        return tuple(_listed_domain(d) for d in v)
 
     @field_validator("forward_domains")
     @classmethod
     def _fwd(cls, v: dict[str, str]) -> dict[str, str]:
-        return {k.lower().rstrip("."): d.lower().rstrip(".") for k, d in v.items()}
+        return {_listed_domain(k): _listed_domain(d) for k, d in v.items()}
 
     @field_validator("forward_networks")
     @classmethod
@@ -159,8 +189,8 @@ class PilotFile(_Strict):
 
     @field_validator("new_domains")
     @classmethod
-    def _lower(cls, v: dict[str, str]) -> dict[str, str]:
-        return {k.lower(): d.lower() for k, d in v.items()}
+    def _ascii(cls, v: dict[str, str]) -> dict[str, str]:
+        return {_listed_domain(k): _listed_domain(d) for k, d in v.items()}
 
 
 # --- errors with file:line -------------------------------------------------
@@ -472,7 +502,7 @@ def _pilot_issues(
     domains = set(relay.domains)
     for i, e in zip(indexes, entries, strict=True):
         local, _, domain = e.address.rpartition("@")
-        domain = domain.lower().rstrip(".")
+        domain = ascii_domain(domain)
         key = e.address.lower()
         if key in seen:
             first = doc.line_of(("pilots", seen[key]))

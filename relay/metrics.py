@@ -80,7 +80,8 @@ class Metrics:
         if event == "received":
             self.received.inc()
         elif event == "rejected":
-            self.rejections.labels(fields["stage"], fields["reason"]).inc()
+            # a session's summary event stands for `count` refusals
+            self.rejections.labels(fields["stage"], fields["reason"]).inc(fields.get("count", 1))
         elif event == "delivery":
             self.deliveries.labels(fields["provider"], fields["outcome"]).inc()
             if fields["outcome"] == "delivered":

@@ -23,7 +23,7 @@ import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict, TypeVar, cast, get_args
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast, get_args
 
 from relay.config import PilotMode
 
@@ -190,6 +190,12 @@ class RejectedEvent(TypedDict):
     smtp_code: int
     enhanced_code: str
     reason: str
+    # what the session had said, escaped (SPEC Part 2 "Hostile input")
+    helo: NotRequired[str]
+    mail_from: NotRequired[str]
+    rcpt: NotRequired[str]
+    rcpts: NotRequired[list[str]]
+    count: NotRequired[int]  # a session's summary of refusals not logged one by one
 
 
 class DeliveryEvent(PlanDict):

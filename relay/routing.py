@@ -2,7 +2,8 @@
 
 Matching follows Postfix lookup tables: the full address (with its extension),
 then the address without it, then `*@domain`; case-insensitive; the domain is
-lowercased in `delivered_to` while the local part keeps the client's spelling.
+in its ASCII form (`config.ascii_domain`) in `delivered_to` while the local
+part keeps the client's spelling.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from relay.config import PilotEntry, PilotFile, PilotMode, RelaySettings
+from relay.config import PilotEntry, PilotFile, PilotMode, RelaySettings, ascii_domain
 from relay.records import Role
 
 Provider = Literal["legacy", "new"]  # routed to; DSNs go to the bounce host
@@ -56,7 +57,7 @@ class PilotTable:
         wildcard: dict[str, PilotEntry] = {}
         for e in pilots.pilots:
             local, _, domain = e.address.rpartition("@")
-            domain = domain.lower().rstrip(".")
+            domain = ascii_domain(domain)
             if local == "*":
                 wildcard.setdefault(domain, e)
             else:
@@ -67,11 +68,11 @@ class PilotTable:
 
 
 def split_address(address: str, default_domain: str) -> tuple[str, str]:
-    """(local part as written, lowercased domain); bare `postmaster` gets the default domain."""
+    """(local part as written, domain in its ASCII form); bare `postmaster`: the default domain."""
     local, at, domain = address.rpartition("@")
     if not at:
         return address, default_domain
-    return local, domain.lower().rstrip(".")
+    return local, ascii_domain(domain)
 
 
 def _split_tag(local: str, delimiter: str) -> tuple[str, str]:

@@ -136,13 +136,14 @@ def relay_yaml(
     top: str = "",
     spool: str = "../var/spool",
     listen: str = "",
+    domains: str = "[example.com, dev.example.com]",
 ) -> str:
     """relay.yaml for tests: `limits` lines go under `limits:`, `top` lines at the top level."""
     return (
         textwrap.dedent(f"""\
         listen: {{host: 127.0.0.1, port: 0, hostname: {HOSTNAME}{listen}}}
         node: {NODE}
-        domains: [example.com, dev.example.com]
+        domains: {domains}
         forward_domains: {{fwd.example.com: example.com}}
         providers:
           legacy: {{port: {legacy_port}, connect_timeout: 1}}
@@ -213,6 +214,7 @@ async def relay_factory(tmp_path: Path) -> AsyncIterator[RelayFactory]:
         name: str = "relay",
         spool: str = "../var/spool",
         listen: str = "",
+        domains: str = "[example.com, dev.example.com]",
         start: bool = True,
     ) -> RelayEnv:
         dead: list[socket.socket] = []
@@ -223,7 +225,10 @@ async def relay_factory(tmp_path: Path) -> AsyncIterator[RelayFactory]:
             s, new_port = dead_port()
             dead.append(s)
         folder = tmp_path / name / "config"
-        text = relay_yaml(legacy_port, new_port, limits=limits, top=top, spool=spool, listen=listen)
+        text = relay_yaml(
+            legacy_port, new_port, limits=limits, top=top, spool=spool, listen=listen,
+            domains=domains,
+        )  # fmt: skip
         path = write_config(folder, text, pilots)
         relay = Relay(config.load(path))
         env = RelayEnv(relay, folder, dead)

@@ -1024,8 +1024,9 @@ async def test_cached_introspection_builds_the_same_command_tables(tmp_path) -> 
     handler = IngressHandler.__new__(IngressHandler)
     loop = asyncio.get_running_loop()
     limits = SessionLimits(
-        max_message_size=1, max_line_length=1000, data_timeout=1, reject_bare=False
-    )
+        max_message_size=1, max_line_length=1000, data_timeout=1, reject_bare=False,
+        hard_error_limit=20, junk_command_limit=100,
+    )  # fmt: skip
     fast = RelaySMTP(handler, limits, hostname="x", loop=loop)
     stock = RelaySMTP.__new__(RelaySMTP)
     SMTP.__init__(stock, handler, hostname="x", loop=loop)

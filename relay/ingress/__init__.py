@@ -4,10 +4,12 @@
   `IngressHandler`, which wires sessions to the policy and the intake.
 - `protocol`: `RelaySMTP`, the SMTP dialogue of one session.
 - `policy`: connection caps, the relay check, recipient resolution, the
-  `rejected` event.
+  `rejected` event (bounded per session).
 - `receiving`: one message into the spool (trace headers, loop check) and
   its durable enqueue.
 - `dataread`: the streaming DATA parser; `replies`: every reply's code and text.
+- `clienttext`: envelope addresses no provider could take, and the escaping of
+  client text for headers and logs.
 - `_aiosmtpd`: the only module that touches aiosmtpd's internals.
 """
 

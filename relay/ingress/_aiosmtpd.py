@@ -1,8 +1,10 @@
 """The one place the ingress touches aiosmtpd's internals (checked against aiosmtpd 1.4.6).
 
 aiosmtpd has no API for what the ingress needs around its command loop: a
-streaming DATA reader, command limits per session, a reply on idle timeout
-and a cheaper construction. `AiosmtpdSMTP` gives each private name it uses a
+streaming DATA reader, command limits per session, a reply on idle timeout,
+the name of each command as it starts, an idle timer that a junk command
+does not restart, ending a session from inside a command, and a cheaper
+construction. `AiosmtpdSMTP` gives each private name it uses a
 public method here, with the reason; nothing else in `relay/ingress/` names
 one. pyproject.toml pins `aiosmtpd<1.5`: a new minor version means reading
 this file against its `aiosmtpd/smtp.py` again before raising the bound.
@@ -10,7 +12,11 @@ this file against its `aiosmtpd/smtp.py` again before raising the bound.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
+import types
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiosmtpd import smtp as _smtp_module
@@ -18,7 +24,34 @@ from aiosmtpd import smtp as _smtp_module
 # Public in aiosmtpd (its `__all__`), imported here so the ingress has one door to it.
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
-__all__ = ["AiosmtpdSMTP", "Envelope", "Session", "TLSSetupException", "syntax"]
+from relay.ingress.clienttext import printable
+from relay.log import oplog
+
+__all__ = [
+    "AiosmtpdSMTP", "Envelope", "Session", "TLSSetupException", "route_library_log", "syntax"
+]  # fmt: skip
+# The logger aiosmtpd writes to; its messages quote client commands raw.
+_LIBRARY_LOGGER = "mail.log"
+
+
+class _EscapedLog(logging.Handler):
+    """aiosmtpd's warnings and errors as operational-log events, client text escaped.
+
+    Without it Python's last-resort handler prints them raw on stderr: a
+    command of terminal escapes or a TLS record would reach the terminal as is.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = oplog.error if record.levelno >= logging.ERROR else oplog.warning
+        log("aiosmtpd", message=printable(record.getMessage()))
+
+
+def route_library_log() -> None:
+    """Send aiosmtpd's log (WARNING and up) to the operational log, escaped; once per process."""
+    logger = logging.getLogger(_LIBRARY_LOGGER)
+    if not any(isinstance(h, _EscapedLog) for h in logger.handlers):
+        logger.addHandler(_EscapedLog(logging.WARNING))
+        logger.propagate = False
 
 
 class _CommandLimits(dict[str, int]):
@@ -72,6 +105,31 @@ class _CachedIntrospection:
 
 
 _introspection = _CachedIntrospection()
+_Command = Callable[[Any, str | None], Awaitable[None]]
+_announcing_by_class: dict[type, dict[str, _Command]] = {}
+
+
+def _announcing(server: AiosmtpdSMTP) -> dict[str, _Command]:
+    """Each `smtp_*` function of the server's class, calling `on_command` first.
+
+    Built once per class: wrapping per connection doubled what a connection
+    costs to set up (17 → 37 µs); binding the cached functions costs 1.6 µs.
+    """
+    cls = type(server)
+    if cls not in _announcing_by_class:
+        _announcing_by_class[cls] = {
+            name: _announced(name, method.__func__) for name, method in server._smtp_methods.items()
+        }
+    return _announcing_by_class[cls]
+
+
+def _announced(name: str, fn: _Command) -> _Command:
+    @functools.wraps(fn)  # keeps `@syntax`'s attributes, which HELP reads
+    async def run(self: AiosmtpdSMTP, arg: str | None) -> None:
+        self.on_command(name)
+        await fn(self, arg)
+
+    return run
 
 
 class AiosmtpdSMTP(SMTP):
@@ -94,6 +152,16 @@ class AiosmtpdSMTP(SMTP):
         # `command_size_limits`: read per command by `_handle_client`; the class-level
         # dict it replaces is shared by all sessions (see `_CommandLimits`).
         self.command_size_limits = _CommandLimits(command_limit, mail_command_limit)
+        # `_smtp_methods`: the table `_handle_client` dispatches each command from,
+        # built by `SMTP.__init__` (bound `smtp_*` methods); replaced by the same
+        # methods wrapped so that `on_command` sees every command start.
+        self._smtp_methods = {
+            name: types.MethodType(fn, self) for name, fn in _announcing(self).items()
+        }
+        self._replaced_deadline: float | None = None
+
+    def on_command(self, name: str) -> None:
+        """A recognised command starts; the idle timer has just been restarted for it."""
 
     @property
     def tls_active(self) -> bool:
@@ -124,6 +192,38 @@ class AiosmtpdSMTP(SMTP):
         """After the reply to DATA: a new, empty envelope (what aiosmtpd's DATA does)."""
         # `_set_post_data_state`: aiosmtpd's own post-DATA reset.
         self._set_post_data_state()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # `_reset_timeout`: aiosmtpd restarts its idle timer here before every command;
+        # the deadline it replaces is kept for `keep_idle_deadline`.
+        replaced = self._timeout_handle
+        super()._reset_timeout(duration)
+        self._replaced_deadline = replaced.when() if replaced is not None else None
+
+    def keep_idle_deadline(self) -> None:
+        """The command just started is no sign of life: the idle deadline stays what it was."""
+        # `_timeout_handle`, `_timeout_cb`: the idle timer aiosmtpd arms and what it calls.
+        if self._replaced_deadline is None or self._timeout_handle is None:
+            return
+        self._timeout_handle.cancel()
+        self._timeout_handle = self.loop.call_at(self._replaced_deadline, self._timeout_cb)
+
+    def close_with(self, reply: str) -> None:
+        """Send a last reply and close (without waiting on a client that does not read)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+
+    def end_session(self, reply: str) -> None:
+        """From inside a command: `close_with`, and nothing the client pipelined after it runs."""
+        self.close_with(reply)
+        # `_reader._buffer`: commands already read from the socket (see `unread`);
+        # `_handler_coroutine`: the command loop, cancelled as aiosmtpd's own QUIT does.
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     def on_idle_timeout(self) -> None:
         """The idle timer fired; aiosmtpd closes the connection right after."""

@@ -1,17 +1,21 @@
 """Who may send what through this relay, and the log line for every refusal.
 
 `Connections` caps the open sessions, `RelayPolicy` decides MAIL, RCPT and
-DATA (size, spool room, the relay check, recipient resolution, forward
-networks), `Rejections` writes the `rejected` event. Each decision is a
-(reply, reason for the log) pair, or None to go on.
+DATA (address octets, size, spool room, the relay check, recipient
+resolution, forward networks), `Rejections` writes the `rejected` event.
+Each decision is a (reply, reason for the log) pair, or None to go on.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
 from relay.config import RelaySettings
+from relay.ingress.clienttext import address_refusal, printable
 from relay.ingress.protocol import RelaySMTP
 from relay.ingress.replies import Reply
 from relay.log import DeliveryLog
@@ -19,22 +23,82 @@ from relay.routing import resolve_recipient
 from relay.spool import Spool
 
 Refusal = tuple[str, str]  # (reply, reason for the `rejected` event)
+# `rejected` events one by one per session; the rest become one summary at its end. Equal
+# to the default `hard_error_limit`: at the defaults a session is closed before it needs one.
+LOGGED_PER_SESSION = 20
+
+
+@dataclass
+class _Unlogged:
+    count: int = 0  # refusals past LOGGED_PER_SESSION
+    last: dict[str, Any] | None = None  # the last of them, as it would have been logged
 
 
 class Rejections:
-    """The `rejected` log event: one per refused connection, command or message."""
+    """The `rejected` log event: one per refused connection, command or message.
+
+    Each carries what is known of the transaction (`helo`, `mail_from`,
+    `rcpt`, escaped by `printable`), as Postfix's `NOQUEUE: reject:` line.
+    After LOGGED_PER_SESSION in one session the rest are counted, and the
+    session's end writes one more event: the last of them with `count`.
+    """
 
     def __init__(self, log: DeliveryLog):
         self.log = log
+        self._logged: weakref.WeakKeyDictionary[RelaySMTP, int] = weakref.WeakKeyDictionary()
+        self._unlogged: weakref.WeakKeyDictionary[RelaySMTP, _Unlogged] = (
+            weakref.WeakKeyDictionary()
+        )
 
-    def refuse(self, client_ip: str, stage: str, reply: str, reason: str) -> str:
-        """Log the refusal; the reply to send."""
+    def refuse(
+        self, server: RelaySMTP, stage: str, reply: str, reason: str, *,
+        mail_from: str | None = None, rcpt: str | None = None,
+    ) -> str:  # fmt: skip
+        """Log the refusal (`mail_from`, `rcpt`: the address refused); the reply to send."""
         code, enhanced, _ = reply.split(" ", 2)
-        self.log.emit(
-            "rejected", client_ip=client_ip, stage=stage, smtp_code=int(code),
-            enhanced_code=enhanced, reason=reason,
-        )  # fmt: skip
+        fields = {
+            "client_ip": server.client_ip, "stage": stage, "smtp_code": int(code),
+            "enhanced_code": enhanced, "reason": reason,
+            **_transaction(server, stage, mail_from, rcpt),
+        }  # fmt: skip
+        logged = self._logged.get(server, 0)
+        if logged < LOGGED_PER_SESSION:
+            self._logged[server] = logged + 1
+            self.log.emit("rejected", **fields)
+        else:
+            unlogged = self._unlogged.setdefault(server, _Unlogged())
+            unlogged.count += 1
+            unlogged.last = fields
         return reply
+
+    def session_end(self, server: RelaySMTP) -> None:
+        """The summary of what was not logged one by one; a later refusal is logged again."""
+        self._logged.pop(server, None)
+        unlogged = self._unlogged.pop(server, None)
+        if unlogged is not None and unlogged.last is not None:
+            self.log.emit("rejected", **unlogged.last, count=unlogged.count)
+
+
+def _transaction(
+    server: RelaySMTP, stage: str, mail_from: str | None, rcpt: str | None
+) -> dict[str, Any]:
+    """`helo`, `mail_from`, `rcpt` (at DATA the first recipient, `rcpts` when several)."""
+    known: dict[str, Any] = {}
+    session, envelope = server.session, server.envelope
+    if session is not None and session.host_name:
+        known["helo"] = printable(session.host_name)
+    if mail_from is None and envelope is not None:
+        mail_from = envelope.mail_from
+    if mail_from:
+        known["mail_from"] = "" if mail_from == "<>" else printable(mail_from)
+    rcpts = [rcpt] if rcpt is not None else []
+    if not rcpts and stage == "data" and envelope is not None:
+        rcpts = envelope.rcpt_tos
+    if rcpts:
+        known["rcpt"] = printable(rcpts[0])
+    if len(rcpts) > 1:
+        known["rcpts"] = [printable(r) for r in rcpts]
+    return known
 
 
 class Connections:
@@ -78,14 +142,22 @@ class RelayPolicy:
             ipaddress.ip_network(n, strict=False) for n in settings.forward_networks
         ]
 
-    async def mail_refusal(self, options: list[str]) -> Refusal | None:
+    async def mail_refusal(self, address: str, options: list[str]) -> Refusal | None:
+        refusal = address_refusal(address, smtputf8="SMTPUTF8" in options)
+        if refusal:
+            return refusal
         size = next((o[5:] for o in options if o.startswith("SIZE=")), "")
         if size.isdigit() and int(size) > self.limits.max_message_size:
             return Reply.TOO_BIG, "declared size too big"
         return await self.room_refusal()
 
-    def rcpt_refusal(self, address: str, rcpts_so_far: int, client_ip: str) -> Refusal | None:
+    def rcpt_refusal(
+        self, address: str, smtputf8: bool, rcpts_so_far: int, client_ip: str
+    ) -> Refusal | None:
         """The relay check: only listed domains; forward domains only from forward_networks."""
+        refusal = address_refusal(address, smtputf8)
+        if refusal:
+            return refusal
         if address == "<>" or ("@" not in address and address.lower() != "postmaster"):
             return Reply.BAD_ADDRESS, "malformed address"
         if rcpts_so_far >= self.limits.max_recipients:

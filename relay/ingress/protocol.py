@@ -2,9 +2,10 @@
 
 `RelaySMTP` puts an enhanced status code on every reply, offers the relay's
 capabilities, keeps command lines to RFC 5321's length, answers the idle and
-DATA timeouts, and reads DATA with our own streaming parser. What to accept
-it asks its `SessionPolicy` (the `IngressHandler`); the DATA limits it is
-given as `SessionLimits`.
+DATA timeouts, ends a session that makes too many errors, lets junk commands
+keep it alive only so long, and reads DATA with our own streaming parser.
+What to accept it asks its `SessionPolicy` (the `IngressHandler`); its limits
+it is given as `SessionLimits`.
 """
 
 from __future__ import annotations
@@ -24,16 +25,23 @@ READ_CHUNK = 256 * 1024
 # SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) extend MAIL by 26 and 10.
 COMMAND_LIMIT = 512 - 2
 MAIL_COMMAND_LIMIT = COMMAND_LIMIT + 26 + 10
+# Commands that do nothing for a transaction (Postfix's junk commands, plus HELP and
+# repeated greetings): past `junk_command_limit` they no longer restart the idle timer.
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO"})
+# The stage a session-level refusal (too many errors) is logged under, by last command.
+_STAGE_OF_COMMAND = {"MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
 
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """What a session enforces by itself while it reads DATA."""
+    """What a session enforces by itself: DATA limits, error and junk-command limits."""
 
     max_message_size: int
     max_line_length: int
     data_timeout: float
     reject_bare: bool  # bare LF/CR refused (`bare_newline: reject`), not normalised
+    hard_error_limit: int  # error replies, then 421 and close (reset by an accepted message)
+    junk_command_limit: int  # junk commands that still restart the idle timer
 
     @classmethod
     def of(cls, settings: RelaySettings) -> SessionLimits:
@@ -43,6 +51,8 @@ class SessionLimits:
             max_line_length=limits.max_line_length,
             data_timeout=limits.data_timeout,
             reject_bare=settings.bare_newline == "reject",
+            hard_error_limit=limits.hard_error_limit,
+            junk_command_limit=limits.junk_command_limit,
         )
 
 
@@ -74,7 +84,7 @@ class SessionPolicy(Protocol):
 
     async def internal_error(self, server: RelaySMTP, error: Exception) -> str: ...
 
-    def log_reject(self, client_ip: str, stage: str, reply: str, reason: str) -> None: ...
+    def log_reject(self, server: RelaySMTP, stage: str, reply: str, reason: str) -> None: ...
 
 
 def capabilities(responses: list[str], max_size: int) -> list[str]:
@@ -100,6 +110,9 @@ class RelaySMTP(AiosmtpdSMTP):
         self.counted = False
         self.client_ip = ""
         self._plain_reply = False  # greeting-type replies carry no enhanced code
+        self.command = ""  # the last recognised command
+        self.errors = 0  # 4xx/5xx replies since the session began or last queued a message
+        self.junk = 0  # JUNK_COMMANDS so far
 
     @property
     def in_transaction(self) -> bool:
@@ -133,19 +146,25 @@ class RelaySMTP(AiosmtpdSMTP):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(Reply.IDLE.encode() + b"\r\n")  # type: ignore[attr-defined]
 
-    def close_with(self, reply: str) -> None:
-        """Send a last reply and close (without waiting on a client that does not read)."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
-        transport.close()
-
     # -- replies ----------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8") if isinstance(status, str) else status
-        await super().push(raw if self._plain_reply else with_enhanced(raw))
+        reply = raw if self._plain_reply else with_enhanced(raw)
+        await super().push(reply)
+        if reply[:1] in (b"4", b"5"):
+            self.errors += 1
+            if self.errors >= self.limits.hard_error_limit:  # Postfix smtpd_hard_error_limit
+                stage = _STAGE_OF_COMMAND.get(self.command, "connect")
+                self.policy.log_reject(self, stage, Reply.TOO_MANY_ERRORS, "too many errors")
+                self.end_session(Reply.TOO_MANY_ERRORS)
+
+    def on_command(self, name: str) -> None:
+        self.command = name
+        if name in JUNK_COMMANDS:
+            self.junk += 1
+            if self.junk > self.limits.junk_command_limit:
+                self.keep_idle_deadline()
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -228,7 +247,7 @@ class RelaySMTP(AiosmtpdSMTP):
                             failure = exc
         except TimeoutError:
             await receiving.abort()
-            self.policy.log_reject(self.client_ip, "data", Reply.DATA_SLOW, "data timeout")
+            self.policy.log_reject(self, "data", Reply.DATA_SLOW, "data timeout")
             self.close_with(Reply.DATA_SLOW)
             return
         except BaseException:
@@ -248,4 +267,6 @@ class RelaySMTP(AiosmtpdSMTP):
             await receiving.abort()
             status = await self.policy.internal_error(self, failure)
         self.end_transaction()
+        if status.startswith("250"):
+            self.errors = 0  # "errors without delivering mail", as Postfix counts them
         await self.push(status)

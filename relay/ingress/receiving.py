@@ -16,6 +16,7 @@ from email.utils import format_datetime
 
 from relay.config import RelaySettings
 from relay.ingress._aiosmtpd import Envelope, Session
+from relay.ingress.clienttext import printable
 from relay.ingress.dataread import DataError, DataParser
 from relay.ingress.policy import Refusal, Rejections
 from relay.ingress.protocol import RelaySMTP
@@ -27,7 +28,6 @@ from relay.routing import PilotTable, resolve_recipient, route
 from relay.spool import Spool, SpoolError, new_queue_id
 
 HEADER_SCAN_LIMIT = 1 << 20
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def scan_trace(header: bytes) -> tuple[int, set[str]]:
@@ -59,17 +59,17 @@ class Receiving:
 
     def received_header(self) -> bytes:
         rcpts = self.envelope.rcpt_tos
-        helo = _CONTROL.sub("?", self.session.host_name or "unknown")
+        helo = printable(self.session.host_name or "unknown")
         proto = (
             "ESMTPS" if self.session.ssl else ("ESMTP" if self.session.extended_smtp else "SMTP")
         )
         when = format_datetime(datetime.now(UTC))
-        for_clause = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+        for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
         return (
             f"Received: from {helo} ([{self.server.client_ip}])\r\n"
             f"\tby {self.intake.hostname} (relay) with {proto} id {self.queue_id}{for_clause};"
             f" {when}\r\nX-Relay-Trace: {self.intake.node} {self.queue_id}\r\n"
-        ).encode("utf-8", "surrogateescape")
+        ).encode()
 
     async def write(self, data: bytes) -> None:
         if not self.header_done:
@@ -102,7 +102,7 @@ class Receiving:
         refusal = self._content_refusal(parser)
         if refusal:
             await self.abort()
-            return self.intake.rejections.refuse(self.server.client_ip, "data", *refusal)
+            return self.intake.rejections.refuse(self.server, "data", *refusal)
         if not self.started:  # an empty message still gets its trace headers
             await self.write(b"")
         return await self.intake.enqueue(self, parser.size)
@@ -229,9 +229,7 @@ class Intake:
             await self.spool.commit(msg.incoming, record)
         except SpoolError as exc:
             oplog.error("spool commit failed", error=str(exc))
-            return self.rejections.refuse(
-                msg.server.client_ip, "data", Reply.NO_SPACE, "spool write failed"
-            )
+            return self.rejections.refuse(msg.server, "data", Reply.NO_SPACE, "spool write failed")
         try:
             self._accepted(msg, record, discarded)
         except Exception as exc:  # the message is safe on disk: still a 250

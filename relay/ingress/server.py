@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay.config import RelaySettings
-from relay.ingress._aiosmtpd import Envelope, Session
+from relay.ingress._aiosmtpd import Envelope, Session, route_library_log
 from relay.ingress.policy import Connections, Rejections, RelayPolicy
 from relay.ingress.protocol import RelaySMTP, SessionLimits, capabilities
 from relay.ingress.receiving import Intake, Receiving
@@ -46,8 +46,8 @@ class IngressHandler:
         self.intake = Intake(settings, spool, log, self.rejections, pilots, on_queued, clock)
         self.shutting_down = False
 
-    def _refuse(self, server: RelaySMTP, stage: str, reply: str, reason: str) -> str:
-        return self.rejections.refuse(server.client_ip, stage, reply, reason)
+    def _refuse(self, server: RelaySMTP, stage: str, reply: str, reason: str, **known: str) -> str:
+        return self.rejections.refuse(server, stage, reply, reason, **known)
 
     # -- the session's questions (SessionPolicy) --------------------------------------
 
@@ -62,6 +62,7 @@ class IngressHandler:
 
     def release(self, server: RelaySMTP) -> None:
         self.conns.remove(server)
+        self.rejections.session_end(server)
 
     async def data_refusal(self, server: RelaySMTP) -> str | None:
         refusal = await self.policy.room_refusal()
@@ -75,8 +76,8 @@ class IngressHandler:
         oplog.error("error while receiving a message", error=repr(error), exc_info=error)
         return self._refuse(server, "data", Reply.INTERNAL, "internal error")
 
-    def log_reject(self, client_ip: str, stage: str, reply: str, reason: str) -> None:
-        self.rejections.refuse(client_ip, stage, reply, reason)
+    def log_reject(self, server: RelaySMTP, stage: str, reply: str, reason: str) -> None:
+        self.rejections.refuse(server, stage, reply, reason)
 
     # -- aiosmtpd hooks ------------------------------------------------------------
 
@@ -91,9 +92,9 @@ class IngressHandler:
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
         options: list[str],
     ) -> str:  # fmt: skip
-        refusal = await self.policy.mail_refusal(options)
+        refusal = await self.policy.mail_refusal(address, options)
         if refusal:
-            return self._refuse(server, "mail", *refusal)
+            return self._refuse(server, "mail", *refusal, mail_from=address)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return Reply.OK_MAIL
@@ -102,9 +103,11 @@ class IngressHandler:
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
         options: list[str],
     ) -> str:  # fmt: skip
-        refusal = self.policy.rcpt_refusal(address, len(envelope.rcpt_tos), server.client_ip)
+        refusal = self.policy.rcpt_refusal(
+            address, envelope.smtp_utf8, len(envelope.rcpt_tos), server.client_ip
+        )
         if refusal:
-            return self._refuse(server, "rcpt", *refusal)
+            return self._refuse(server, "rcpt", *refusal, rcpt=address)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return Reply.OK_RCPT
@@ -136,6 +139,7 @@ class Ingress:
         self.tls = tls_context(self.settings)
         self.server: asyncio.Server | None = None
         self.sock = sock
+        route_library_log()  # aiosmtpd's own log would print client commands raw
 
     def _factory(self) -> RelaySMTP:
         s = self.settings

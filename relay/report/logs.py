@@ -213,11 +213,14 @@ class _Builder:
             return False
         if kind == "rejected":
             self.stats.events += 1
+            count = ev.get("count", 1)  # a session's summary event stands for `count` refusals
+            if type(count) is not int or count < 1:
+                count = 1
             if self.group is None and self._ts_in_window(ts):
-                self.totals.relay_rejections += 1
+                self.totals.relay_rejections += count
                 hour = self._hour(ts)
                 if hour is not None:
-                    hour[4] += 1
+                    hour[4] += count
             return True
         qid = ev.get("queue_id")
         if type(qid) is not str:

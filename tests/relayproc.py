@@ -238,6 +238,7 @@ class Tally:
     duplicates: int  # extra transactions carrying a (message, provider) already received
     copies: int  # deliveries expected (accepted messages × destinations)
     extra_seqs: int  # messages at a provider that never got a 250 (allowed)
+    max_copies: int = 0  # most transactions carrying one (message, provider)
 
 
 def tally(accepted: dict[int, set[tuple[str, str]]], providers: dict[str, Provider]) -> Tally:
@@ -254,7 +255,8 @@ def tally(accepted: dict[int, set[tuple[str, str]]], providers: dict[str, Provid
                 lost.append((seq, provider, rcpt))
     duplicates = sum(len(v) - 1 for v in got.values())
     extra = len({seq for seq, _ in got} - set(accepted))
-    return Tally(lost, duplicates, sum(len(w) for w in accepted.values()), extra)
+    most = max((len(v) for v in got.values()), default=0)
+    return Tally(lost, duplicates, sum(len(w) for w in accepted.values()), extra, most)
 
 
 def logged_remote_ids(log_path: Path) -> set[str]:

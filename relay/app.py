@@ -111,7 +111,7 @@ class Relay:
         self.scheduler = Scheduler(s, self.spool, self.log, clock=clock)
         self.bouncer = Bouncer(
             self.spool, self.log, s.listen.hostname,
-            lambda p: self.scheduler.provider_settings(p).host, self.scheduler.clock.now,
+            lambda p: self.scheduler.provider_settings(p).nexthop, self.scheduler.clock.now,
         )  # fmt: skip
         self.bouncer.enqueue = self.scheduler.add
         self.scheduler.on_final_failure = self._bounce

@@ -18,9 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.authhold import AuthHold
 from relay.config import ProviderSettings, RelaySettings
-from relay.delivery import Agent, Attempt, Content, Reply
+from relay.delivery import Agent, Attempt, Content, Hosts, Reply
 from relay.log import DeliveryLog, oplog
+from relay.resolver import Resolver
 from relay.spool import Spool, SpoolError, Stored
 
 FINAL = frozenset({"delivered", "bounced", "expired", "deleted"})
@@ -120,7 +122,8 @@ class Scheduler:
         self.log = log
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
-        self.agent = Agent()  # cached provider connections (the default sender)
+        # cached provider connections (the default sender)
+        self.agent = Agent(hosts=Hosts(Resolver(settings.dns)))
         self.sender: Sender = sender or self.agent.send
         self.on_final_failure: FinalFailure | None = None
         self.messages: dict[str, Message] = {}
@@ -128,7 +131,8 @@ class Scheduler:
         self._wake = {p: asyncio.Event() for p in PROVIDERS}
         self._seq = 0
         self._workers: list[asyncio.Task[None]] = []
-        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, tuple[str, ...], int], asyncio.Semaphore] = {}
+        self._holds: dict[tuple[tuple[str, tuple[str, ...], int], str | None], AuthHold] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
         # (queue id, provider) taken by a worker and not yet finished: at most one
         # attempt per message and provider, whatever stray heap entries exist.
@@ -251,10 +255,18 @@ class Scheduler:
         """Connection slots per destination: with `bounce: null` DSNs go to the legacy
         host through the same `max_connections` as legacy's own mail."""
         cfg = self.provider_settings(provider)
-        key = (cfg.host, cfg.port)
+        key = cfg.destination
         if key not in self._slots:
             self._slots[key] = asyncio.Semaphore(cfg.max_connections)
         return self._slots[key]
+
+    def _hold(self, provider: str) -> AuthHold:
+        """The AUTH hold of the account `provider` logs in with (shared, like slots)."""
+        cfg = self.provider_settings(provider)
+        key = (cfg.destination, cfg.username)
+        if key not in self._holds:
+            self._holds[key] = AuthHold(cfg)
+        return self._holds[key]
 
     def _attempt_done(self, queue_id: str, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -270,7 +282,9 @@ class Scheduler:
         heap, wake = self._heaps[provider], self._wake[provider]
         while not self._stopping:
             now = self.clock.now()
-            while heap:
+            hold = self._hold(provider)
+            pause = hold.pause(now)
+            while heap and pause is None:
                 due, _, qid = heap[0]
                 msg = self.messages.get(qid)
                 open_ = msg.open(provider) if msg else []
@@ -285,9 +299,10 @@ class Scheduler:
                     break
                 heapq.heappop(heap)
                 self._claimed.add((qid, provider))
+                hold.taken()
                 return msg
             wake.clear()
-            delay = (heap[0][0] - now) if heap else 3600.0
+            delay = pause if pause is not None else (heap[0][0] - now) if heap else 3600.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=max(0.0, min(delay, 3600.0)))
         return None
@@ -311,16 +326,20 @@ class Scheduler:
         key = (msg.queue_id, provider)
         self._claimed.add(key)
         msg.busy += 1
+        replies: list[Reply] = []
         try:
             async with msg.lock(provider):
                 batch = msg.open(provider)
                 if not batch:
                     return
                 result = await self._send(msg, provider, batch)
+                replies = list(result.replies.values())
                 if sent is not None and not sent.done():
                     sent.set_result(None)
                 await self._record(msg, provider, batch, result)
         finally:
+            if self._hold(provider).settle(replies, self.clock.now()):
+                self.wake()  # the probe is back: the others may go, or wait for the hold
             if sent is not None and not sent.done():
                 sent.set_result(None)
             self._claimed.discard(key)
@@ -355,7 +374,9 @@ class Scheduler:
         except Exception as exc:  # our fault, not the provider's: retried, never bounced
             oplog.error("delivery attempt failed", queue_id=msg.queue_id, provider=provider,
                         error=repr(exc), exc_info=exc)  # fmt: skip
-            reply = Reply(None, f"internal error: {type(exc).__name__}: {exc}", "connect")
+            reply = Reply(
+                None, f"internal error: {type(exc).__name__}: {exc}", "connect", by="relay"
+            )
             return Attempt({r: reply for r in rcpts})
 
     def backoff(self, attempts: int, factor: float | None = None) -> float:
@@ -372,9 +393,10 @@ class Scheduler:
         now = self.clock.now()
         expired_age = now - msg.received >= self.settings.retry.max_age
         factor = self.rng.uniform(0.9, 1.1)  # one per attempt: its deferrals stay together
-        # "452 4.5.3 Too many recipients" next to accepted ones is a per-transaction
-        # limit, not a failure: the rest go at once in the next transaction (as
-        # Postfix does). Some recipient got through, so this cannot loop.
+        # "452 4.5.3 Too many recipients" (or Exim's bare "452 too many recipients")
+        # next to accepted ones is a per-transaction limit, not a failure: the rest
+        # go at once in the next transaction (as Postfix does). Some recipient got
+        # through, so this cannot loop.
         progress = any(r.ok for r in result.replies.values())
         states, events, failed = [], [], []
         for d in batch:
@@ -390,8 +412,8 @@ class Scheduler:
                 d.status = "expired"
             else:
                 d.status = "deferred"
-                too_many = reply.code == 452 and reply.enhanced == "4.5.3"
-                d.due = now if too_many and progress else now + self.backoff(d.attempts, factor)
+                again = reply.too_many_recipients and progress
+                d.due = now if again else now + self.backoff(d.attempts, factor)
             d.last = _reply_text(reply)
             states.append({"i": d.index, "s": d.status, "n": d.attempts, "due": d.due, "r": d.last})
             events.append((d, reply))
@@ -412,6 +434,7 @@ class Scheduler:
                 smtp_code=reply.code, enhanced_code=reply.enhanced,
                 smtp_response=reply.text, attempt=d.attempts, latency_ms=max(0, latency),
                 tls=result.tls, remote_id=result.remote_id if reply.ok else None,
+                **({"by": reply.by} if reply.by else {}),
             )  # fmt: skip
         if failed and self.on_final_failure and not msg.envelope.get("dsn"):
             try:

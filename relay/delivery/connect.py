@@ -16,6 +16,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 
 from relay.config import ProviderSettings
 from relay.delivery._aiosmtplib import SMTP
+from relay.delivery.hosts import Host
 from relay.delivery.reply import Failed, Reply, Stage, error_reply
 
 
@@ -25,6 +26,7 @@ class Session:
 
     smtp: SMTP
     cfg: ProviderSettings
+    host: Host
     tls: str | None
     opened: float
     uses: int = 0
@@ -41,10 +43,14 @@ def tls_context(cfg: ProviderSettings) -> ssl.SSLContext:
     return ctx
 
 
-async def open_session(cfg: ProviderSettings, helo: str) -> Session:
-    """Connect, EHLO, STARTTLS and AUTH as `cfg` says; raise `Failed` otherwise."""
+async def open_session(cfg: ProviderSettings, host: Host, helo: str) -> Session:
+    """Connect to `host`, EHLO, STARTTLS and AUTH as `cfg` says; raise `Failed` otherwise.
+
+    TLS certificates are verified against the host's name, never its address.
+    """
     smtp = SMTP(
-        hostname=cfg.host,
+        hostname=host.address,
+        server_hostname=host.name,
         port=cfg.port,
         local_hostname=helo,
         timeout=cfg.command_timeout,
@@ -57,7 +63,7 @@ async def open_session(cfg: ProviderSettings, helo: str) -> Session:
         await smtp.connect(timeout=cfg.connect_timeout)
         await _hello(smtp)  # aiosmtplib does not EHLO on connect: no extensions known before
         stage = "tls"
-        if await _secure(smtp, cfg):
+        if await _secure(smtp, cfg, host.name):
             await _hello(smtp)  # RFC 3207: forget what was learnt before TLS
         stage = "auth"
         await _authenticate(smtp, cfg)
@@ -73,7 +79,7 @@ async def open_session(cfg: ProviderSettings, helo: str) -> Session:
     except BaseException:  # cancelled (shutdown)
         smtp.close()
         raise
-    return Session(smtp, cfg, _tls_version(smtp), asyncio.get_running_loop().time())
+    return Session(smtp, cfg, host, _tls_version(smtp), asyncio.get_running_loop().time())
 
 
 async def _hello(smtp: aiosmtplib.SMTP) -> None:
@@ -91,7 +97,7 @@ def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:
     return ssl_obj.version() if ssl_obj else None
 
 
-async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> bool:
+async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings, name: str) -> bool:
     """STARTTLS as `cfg.tls` says; True when the session was upgraded."""
     if cfg.tls not in ("starttls", "required"):
         return False  # none: never STARTTLS, even when offered; implicit: already TLS
@@ -100,7 +106,7 @@ async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> bool:
             raise Failed(Reply(None, "STARTTLS not offered (tls: required)", "tls"))
         return False
     try:
-        await smtp.starttls(tls_context=tls_context(cfg), server_hostname=cfg.host)
+        await smtp.starttls(tls_context=tls_context(cfg), server_hostname=name)
     except SMTPResponseException as exc:
         if exc.code < 0:
             raise Failed(Reply(None, f"TLS failed: {exc.message}", "tls")) from exc

@@ -12,7 +12,7 @@ import socket
 from types import TracebackType
 from typing import Any
 
-from dnslib import QTYPE, DNSHeader, DNSRecord
+from dnslib import QTYPE, RCODE, DNSHeader, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 from dnslib.zoneresolver import ZoneResolver
 
@@ -39,9 +39,14 @@ class _Counting(ZoneResolver):
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+        """The zone's answer; a name that exists without records of the type asked
+        for is NODATA (NOERROR, no answer), where dnslib would say NXDOMAIN."""
         q = request.q
         self.queries[(str(q.qname).rstrip(".").lower(), QTYPE[q.qtype])] += 1
-        return super().resolve(request, handler)
+        reply: DNSRecord = super().resolve(request, handler)
+        if reply.header.rcode == RCODE.NXDOMAIN and any(q.qname == n for n, _, _ in self.zone):
+            reply.header.rcode = RCODE.NOERROR
+        return reply
 
 
 class LoopbackDNS:

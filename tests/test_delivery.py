@@ -193,7 +193,7 @@ def provider_yaml(p: Provider, **overrides: Any) -> dict[str, Any]:
         "data_timeout": 5, "max_connections": 4,
     }  # fmt: skip
     base.update(overrides)
-    return base
+    return {k: v for k, v in base.items() if v is not None}  # None: leave the key out
 
 
 Factory = Callable[..., Awaitable[Env]]
@@ -201,7 +201,8 @@ Factory = Callable[..., Awaitable[Env]]
 
 @pytest.fixture
 async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
-    """make_env(legacy=Provider(...), new=..., legacy_cfg={...}, retry={...}) → Env."""
+    """make_env(legacy=Provider(...), new=..., legacy_cfg={...}, retry={...}, extra={...})
+    → Env; `extra`: more top-level relay.yaml keys."""
     stack = contextlib.AsyncExitStack()
     counter = [0]
 
@@ -215,6 +216,7 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
         start_legacy: bool = True,
         clock: Clock | None = None,
         root: Path | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Env:
         legacy = legacy or Provider("legacy")
         new = new or Provider("new")
@@ -242,6 +244,7 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
             "limits": {"min_free_space": 0},
             "shutdown_timeout": 2,
             "metrics": {"port": 0},
+            **(extra or {}),
         }
         cfg = config.load(write_config(root / "config", yaml.safe_dump(settings)))
         clock = clock or FakeClock()
@@ -656,8 +659,12 @@ async def test_provider_lacking_extension_is_final_never_downgraded(
         # SPEC Part 2 "Corrections": nothing in the copy needs the extension
         ({"smtputf8": False}, ["SMTPUTF8"], b"plain\r\n", set()),
         ({"eight_bit_mime": False}, ["BODY=8BITMIME"], b"plain\r\n", set()),
-        ({"smtputf8": False, "eight_bit_mime": False}, ["SMTPUTF8", "BODY=8BITMIME"],
-         b"plain\r\n", set()),  # fmt: skip
+        (
+            {"smtputf8": False, "eight_bit_mime": False},
+            ["SMTPUTF8", "BODY=8BITMIME"],
+            b"plain\r\n",
+            set(),
+        ),
         # an ASCII header and envelope with an 8-bit body: 8BITMIME covers it
         ({"smtputf8": False}, ["SMTPUTF8"], "Grüße\r\n".encode(), {"BODY=8BITMIME"}),
     ],
@@ -685,8 +692,12 @@ async def test_parameter_left_out_when_nothing_needs_it(
     [
         ({"smtputf8": False}, "Subject: Grüße\r\n", (b"x" * 998 + b"\r\n") * 600, "5.6.7"),
         # 8-bit only at the end of a body far longer than one read chunk
-        ({"smtputf8": False, "eight_bit_mime": False}, "",
-         (b"x" * 998 + b"\r\n") * 600 + "é\r\n".encode(), "5.6.3"),  # fmt: skip
+        (
+            {"smtputf8": False, "eight_bit_mime": False},
+            "",
+            (b"x" * 998 + b"\r\n") * 600 + "é\r\n".encode(),
+            "5.6.3",
+        ),
     ],
 )
 async def test_a_copy_that_needs_the_extension_is_final(

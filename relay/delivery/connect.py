@@ -2,7 +2,8 @@
 
 Every failure becomes a `Failed` carrying the reply that stands for it, with
 the stage that decides its class (TLS and AUTH faults are deferred, never
-bounced: see `Reply.permanent`).
+bounced: see `Reply.permanent`). A TLS failure without a provider's reply,
+and AUTH not offered, are the relay's own policy at work: `by="relay"`.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ async def open_session(cfg: ProviderSettings, host: Host, helo: str) -> Session:
         smtp.close()
         cause = exc.__cause__
         if stage == "connect" and isinstance(cause, ssl.SSLError):  # implicit TLS handshake
-            raise Failed(Reply(None, f"TLS failed: {cause}", "tls")) from exc
+            raise Failed(Reply(None, f"TLS failed: {cause}", "tls", by="relay")) from exc
         raise Failed(error_reply(exc, stage)) from exc
     except BaseException:  # cancelled (shutdown)
         smtp.close()
@@ -103,17 +104,17 @@ async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings, name: str) -> bo
         return False  # none: never STARTTLS, even when offered; implicit: already TLS
     if not smtp.supports_extension("starttls"):
         if cfg.tls == "required":
-            raise Failed(Reply(None, "STARTTLS not offered (tls: required)", "tls"))
+            raise Failed(Reply(None, "STARTTLS not offered (tls: required)", "tls", by="relay"))
         return False
     try:
         await smtp.starttls(tls_context=tls_context(cfg), server_hostname=name)
     except SMTPResponseException as exc:
         if exc.code < 0:
-            raise Failed(Reply(None, f"TLS failed: {exc.message}", "tls")) from exc
+            raise Failed(Reply(None, f"TLS failed: {exc.message}", "tls", by="relay")) from exc
         # a refused STARTTLS is a TLS failure: retried, never a bounce
         raise Failed(Reply.from_smtp(exc.code, exc.message, "tls")) from exc
     except (ssl.SSLError, SMTPException, OSError) as exc:
-        raise Failed(Reply(None, f"TLS failed: {exc}", "tls")) from exc
+        raise Failed(Reply(None, f"TLS failed: {exc}", "tls", by="relay")) from exc
     return True
 
 
@@ -122,7 +123,7 @@ async def _authenticate(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:
     if not cfg.username:
         return
     if not smtp.supports_extension("auth"):
-        raise Failed(Reply(None, "AUTH not offered by the provider", "auth"))
+        raise Failed(Reply(None, "AUTH not offered by the provider", "auth", by="relay"))
     password = cfg.password() or ""
     try:
         if cfg.auth_mechanism == "login":

@@ -42,7 +42,10 @@ class Resolver:
         self.settings = settings
         self._system = not settings.nameservers
         if self._system:
-            self._dns = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            try:
+                self._dns = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            except dns.resolver.NoResolverConfiguration:  # none: MX lookups fail, deferred
+                self._dns = dns.asyncresolver.Resolver(configure=False)
         else:
             self._dns = dns.asyncresolver.Resolver(configure=False)
             self._dns.nameservers = list(settings.nameservers)
@@ -60,8 +63,9 @@ class Resolver:
         ]
 
     async def addresses(self, name: str) -> list[str]:
-        """The addresses of host `name`: its A, then its AAAA records (an IP literal
-        is itself); [] when it has none."""
+        """The addresses of host `name`: its A, then its AAAA records (from the
+        system's resolver: getaddrinfo's order); an IP literal is itself; [] when
+        it has none."""
         try:
             ipaddress.ip_address(name)
             return [name]

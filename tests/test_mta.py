@@ -21,6 +21,7 @@ import trustme
 from relay import config
 from relay.delivery import Hosts
 from relay.delivery.reply import Failed, Reply, remote_id
+from relay.report.logs import build_report
 from relay.resolver import Resolver
 from relay.testing import Provider, Rule
 from tests import test_delivery
@@ -425,3 +426,15 @@ async def test_bare_452_too_many_recipients_goes_at_once(make_env: Factory) -> N
     )
     got = copies(env.legacy, sent.marker)
     assert [m.rcpts for m in got] == [["r1@example.com", "r2@example.com"], ["r3@example.com"]]
+
+
+async def test_report_charges_a_relay_made_refusal_to_the_relay(make_env: Factory) -> None:
+    env = await make_env(new=Provider("new", smtputf8=False))
+    await env.send(["alice@example.com"], sender="jörg@example.org", options=["SMTPUTF8"])
+    await env.wait_events(1, provider="new", outcome="bounced")
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+    rep = build_report([str(env.log_path)])
+    rejections = rep.providers["new"].rejections
+    assert rejections["relay"] == 1 and sum(rejections.values()) == 1
+    [d] = rep.divergences
+    assert (d.refused_by, d.new.reason, d.new.enhanced_code) == ("new", "relay", "5.6.7")

@@ -412,6 +412,10 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
     issues = []
     for loc, p in _providers(settings):
         issues += _provider_issues(p, loc, doc)
+        if p.mx is not None and p.mx.lower().rstrip(".") in settings.domains:
+            sub = (*loc, "mx")
+            msg = f"{p.mx} is in domains: its MX is this relay (a mail loop)"
+            issues.append(ConfigIssue(doc.path, doc.line_of(sub), _dotted(sub), msg))
     if (settings.listen.tls_cert is None) != (settings.listen.tls_key is None):
         loc = ("listen", "tls_cert" if settings.listen.tls_cert else "tls_key")
         issues.append(

@@ -25,6 +25,7 @@ from relay.report.logs import build_report
 from relay.resolver import Resolver
 from relay.testing import Provider, Rule
 from tests import test_delivery
+from tests.conftest import write_config
 from tests.helpers_dns import LoopbackDNS
 from tests.test_delivery import SENDER, Env, Factory, copies, message, until
 
@@ -299,6 +300,18 @@ def test_host_and_mx_settings() -> None:
         config.ProviderSettings(host="a.example.com", mx="example.com")
     with pytest.raises(ValueError, match="at least one host"):
         config.ProviderSettings(host=[])
+
+
+def test_mx_of_an_own_domain_is_a_config_error(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, "domains: [example.com]\nproviders:\n  new:\n    mx: Example.COM\n"
+    )
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(err.value).endswith(
+        "relay.yaml:4: providers.new.mx: Example.COM is in domains: "
+        "its MX is this relay (a mail loop)"
+    )
 
 
 # ---------------------------------------------------------------------- AUTH failure hold

@@ -210,7 +210,9 @@ async def test_password_never_in_logs_errors_or_queue_show(
     await legacy.start()
     await new.start()
     port = free_port()
-    auth = {"username": "relayuser", "password_env": "RELAY_TEST_SECRET"}
+    # SPEC Part 2 holds a provider after an AUTH failure (auth_failure_hold): off
+    # here, so that the retried logins are seen to leak nothing either.
+    auth = {"username": "relayuser", "password_env": "RELAY_TEST_SECRET", "auth_failure_hold": 0}
     cfg = write_relay_config(tmp_path, port, legacy, new, {"legacy": auth})
     relay = RelayProcess(cfg, port, tmp_path / "relay-stderr.log")
     log = tmp_path / "var" / "deliveries.jsonl"

@@ -19,8 +19,9 @@ import json
 import re
 import socket
 import ssl
+import subprocess
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,25 @@ def relay_settings(
 def write_relay(folder: Path, settings: Mapping[str, Any], pilots: str = PILOTS) -> Path:
     """Write `settings` as relay.yaml (plus the pilot file) into `folder`."""
     return write_config(folder, yaml.safe_dump(dict(settings)), pilots)
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: str, options: str = "") -> Iterator[Path]:
+    """A small tmpfs at `mountpoint` (a full or read-only disk for fault tests; root
+    may mount one, else the test is skipped), unmounted afterwards."""
+    import pytest
+
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    opts = ",".join(o for o in (options, f"size={size}") if o)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mountpoint)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 def free_port() -> int:

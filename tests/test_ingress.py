@@ -25,7 +25,7 @@ from relay.ingress import policy
 from relay.ingress.protocol import RelaySMTP
 from relay.testing import Provider
 from tests.conftest import PILOTS, read_content
-from tests.harness import write_relay
+from tests.harness import tmpfs, write_relay
 from tests.helpers_ingress import (
     HOSTNAME,
     NODE,
@@ -487,14 +487,8 @@ async def test_received_lines_in_the_body_are_not_hops(relay_factory: RelayFacto
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Any:
-    mnt = tmp_path / "relay" / "var"
-    mnt.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "relay" / "var", "1m") as mnt:
+        yield mnt
 
 
 async def test_spool_below_min_free_space_at_mail(

@@ -1,0 +1,230 @@
+"""Authentication verdicts at ingress (SPEC Part 2 "Judging fairly"): a real DNS
+server on loopback with a zone per test, clients on 127.0.0.2 (authorised by
+SPF) and 127.0.0.3 (not), DKIM keys made per run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import dkim
+import pytest
+
+from relay.records import parse_envelope
+from tests.harness import RelayEnv
+from tests.helpers_auth import AUTHORISED, UNAUTHORISED, key, message, send_from, signed, zone
+from tests.helpers_dns import LoopbackDNS
+
+MakeEnv = Callable[..., Awaitable[RelayEnv]]
+AUTHSERV = "relay.example.com"  # the relay_env fixture's listen.hostname
+
+
+@pytest.fixture
+def dns() -> Iterator[LoopbackDNS]:
+    with LoopbackDNS(zone(), silent=("slow.example",)) as server:
+        yield server
+
+
+def auth_yaml(server: LoopbackDNS, **auth: Any) -> dict[str, Any]:
+    settings = {"verify": True, "add_authentication_results": True, "timeout": 3} | auth
+    return {
+        "dns": {"nameservers": ["127.0.0.1"], "port": server.port, "timeout": 2},
+        "auth": settings,
+    }
+
+
+async def copies(env: RelayEnv, qid: str) -> dict[str, bytes]:
+    """Each provider's copy of message `qid` (alice@example.com is a dual pilot)."""
+    assert env.legacy is not None and env.new is not None
+    trace = f"X-Relay-Trace: test-node {qid}".encode()
+
+    def found() -> dict[str, bytes]:
+        return {
+            p.name: m.data for p in (env.legacy, env.new) for m in p.messages if trace in m.data
+        }
+
+    await env.wait_for(lambda: len(found()) == 2, what="both copies")
+    return found()
+
+
+def dkim_of(domain: str, result: str) -> list[dict[str, str]]:
+    return [{"domain": domain, "result": result}]
+
+
+CASES = {
+    "aligned_pass": (
+        AUTHORISED, "a@example.org", signed(message("a@example.org")),
+        {"spf": "pass", "spf_domain": "example.org", "dkim": dkim_of("example.org", "pass"),
+         "dmarc": "pass", "dmarc_policy": "reject", "arc": "none",
+         "from_domain": "example.org", "class": "aligned_pass"},
+    ),
+    "aligned_pass_by_dkim_alone": (
+        UNAUTHORISED, "bounces@example.org", signed(message("a@example.org")),
+        {"spf": "fail", "spf_domain": "example.org", "dkim": dkim_of("example.org", "pass"),
+         "dmarc": "pass", "dmarc_policy": "reject", "arc": "none",
+         "from_domain": "example.org", "class": "aligned_pass"},
+    ),
+    "auth_no_policy": (
+        AUTHORISED, "n@nopolicy.example.net", message("n@nopolicy.example.net"),
+        {"spf": "pass", "spf_domain": "nopolicy.example.net", "dkim": [], "dmarc": "none",
+         "dmarc_policy": None, "arc": "none", "from_domain": "nopolicy.example.net",
+         "class": "auth_no_policy"},
+    ),
+    "none": (
+        AUTHORISED, "p@plain.example", message("p@plain.example"),
+        {"spf": "none", "spf_domain": "plain.example", "dkim": [], "dmarc": "none",
+         "dmarc_policy": None, "arc": "none", "from_domain": "plain.example", "class": "none"},
+    ),
+    "fail": (
+        UNAUTHORISED, "a@example.org", message("a@example.org"),
+        {"spf": "fail", "spf_domain": "example.org", "dkim": [], "dmarc": "fail",
+         "dmarc_policy": "reject", "arc": "none", "from_domain": "example.org",
+         "class": "fail"},
+    ),
+    "dkim_broken_by_a_changed_body": (
+        UNAUTHORISED, "a@example.org",
+        signed(message("a@example.org")).replace(b"Hello", b"Jello"),
+        {"spf": "fail", "spf_domain": "example.org", "dkim": dkim_of("example.org", "fail"),
+         "dmarc": "fail", "dmarc_policy": "reject", "arc": "none",
+         "from_domain": "example.org", "class": "fail"},
+    ),
+    "temperror": (
+        AUTHORISED, "t@slow.example", message("t@slow.example"),
+        {"spf": "temperror", "spf_domain": "slow.example", "dkim": [], "dmarc": "temperror",
+         "dmarc_policy": None, "arc": "none", "from_domain": "slow.example",
+         "class": "temperror"},
+    ),
+}  # fmt: skip
+
+EXPECTED_HEADER = {
+    "aligned_pass": (
+        "Authentication-Results: relay.example.com;\r\n\tspf=pass smtp.mailfrom=example.org;"
+        "\r\n\tdkim=pass header.d=example.org;\r\n\tdmarc=pass (p=reject) header.from="
+        "example.org;\r\n\tarc=none\r\n"
+    ),
+    "none": (
+        "Authentication-Results: relay.example.com;\r\n\tspf=none smtp.mailfrom=plain.example;"
+        "\r\n\tdkim=none;\r\n\tdmarc=none header.from=plain.example;\r\n\tarc=none\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_each_verdict_is_what_the_zone_implies(
+    relay_env: MakeEnv, dns: LoopbackDNS, case: str
+) -> None:
+    """The verdict in the received event and the spool record, and our header on top
+    of both copies, are the zone's; the message is queued (never refused)."""
+    source, sender, data, expected = CASES[case]
+    env = await relay_env(auth_yaml(dns))
+    qid = await send_from(source, env.port, sender, ["alice@example.com"], data)
+    [event] = env.events("received")
+    assert event["auth"] == expected
+    assert event["client_ip"] == source
+    for name, copy in (await copies(env, qid)).items():
+        header = copy.split(b"\r\n\r\n", 1)[0].decode()
+        assert header.startswith("Authentication-Results: relay.example.com;\r\n"), name
+        assert header.index("Authentication-Results:") < header.index("Received:")
+        assert f"dmarc={expected['dmarc']}" in header
+        if case in EXPECTED_HEADER:
+            assert header.startswith(EXPECTED_HEADER[case] + "Received: from client.test")
+        assert copy.endswith(data.split(b"\r\n\r\n", 1)[1]), "the body is the client's"
+
+
+async def test_the_spool_record_holds_the_verdict_and_the_fields_to_add(
+    relay_env: MakeEnv, dns: LoopbackDNS
+) -> None:
+    env = await relay_env(auth_yaml(dns))
+    intake = env.relay.handler.intake
+    stored: list[Any] = []
+    queued = intake.on_queued
+    assert queued is not None
+
+    def spy(qid: str, record: Any) -> object:
+        stored.append(env.relay.spool.load(qid).envelope)  # committed before on_queued
+        return queued(qid, record)
+
+    intake.on_queued = spy
+    source, sender, data, expected = CASES["aligned_pass"]
+    await send_from(source, env.port, sender, ["alice@example.com"], data)
+    [envelope] = stored
+    assert envelope.auth is not None and envelope.auth.to_dict() == expected
+    assert envelope.prepended("legacy") == envelope.prepended("new")
+    assert envelope.prepended("new").decode() == EXPECTED_HEADER["aligned_pass"]
+    assert parse_envelope(envelope.to_json()) == envelope
+
+
+async def test_a_dead_nameserver_never_delays_the_250_past_auth_timeout(
+    relay_env: MakeEnv, dns: LoopbackDNS
+) -> None:
+    """Every lookup of slow.example goes unanswered and dns.timeout (5 s) is longer
+    than auth.timeout (1 s): the verdict is temperror and the 250 comes in ~1 s."""
+    settings = auth_yaml(dns, timeout=1)
+    settings["dns"]["timeout"] = 5
+    env = await relay_env(settings)
+    started = time.monotonic()
+    await send_from(AUTHORISED, env.port, "t@slow.example", ["alice@example.com"],
+                    message("t@slow.example"))  # fmt: skip
+    elapsed = time.monotonic() - started
+    [event] = env.events("received")
+    assert event["auth"]["class"] == "temperror"
+    assert (event["auth"]["spf"], event["auth"]["dmarc"]) == ("temperror", "temperror")
+    assert 0.9 < elapsed < 2.5, elapsed
+    assert dns.queries[("slow.example", "TXT")] >= 1  # asked, never answered
+
+
+async def test_a_forged_authentication_results_of_our_id_is_removed(
+    relay_env: MakeEnv, dns: LoopbackDNS
+) -> None:
+    """RFC 8601 §5: an incoming field claiming our authserv-id (any case, with a
+    comment or version) goes; another ADMD's stays; ours is on top."""
+    forged = (
+        b"Authentication-Results: (upstream) RELAY.example.com 1; spf=pass\r\n"
+        b"\tsmtp.mailfrom=example.org; dmarc=pass header.from=example.org\r\n"
+        b"Authentication-Results: mx.other.example; spf=pass smtp.mailfrom=example.org\r\n"
+    )
+    env = await relay_env(auth_yaml(dns))
+    data = message("a@example.org", extra=forged)
+    qid = await send_from(UNAUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
+    for copy in (await copies(env, qid)).values():
+        header = copy.split(b"\r\n\r\n", 1)[0]
+        assert b"RELAY.example.com 1" not in header and b"(upstream)" not in header
+        assert header.count(b"Authentication-Results:") == 2
+        assert header.startswith(b"Authentication-Results: relay.example.com;\r\n\tspf=fail")
+        assert b"Authentication-Results: mx.other.example; spf=pass" in header
+    [event] = env.events("received")
+    assert event["auth"]["class"] == "fail"  # the forgery changed nothing
+
+
+async def test_verify_without_our_header_leaves_the_copies_as_before(
+    relay_env: MakeEnv, dns: LoopbackDNS
+) -> None:
+    """auth.add_authentication_results false: the verdict is logged, the copies are
+    the client's message behind our Received: and X-Relay-Trace: only, forged
+    fields and all."""
+    env = await relay_env(auth_yaml(dns, add_authentication_results=False))
+    data = message("a@example.org", extra=b"Authentication-Results: relay.example.com; x=y\r\n")
+    qid = await send_from(AUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
+    for copy in (await copies(env, qid)).values():
+        assert copy.startswith(b"Received: from client.test ([127.0.0.2])")
+        assert copy.endswith(f"X-Relay-Trace: test-node {qid}\r\n".encode() + data)
+    [event] = env.events("received")
+    assert event["auth"]["class"] == "aligned_pass"  # SPF pass, aligned
+
+
+async def test_verify_off_logs_no_verdict_and_sends_the_copies_unchanged(
+    relay_env: MakeEnv, dns: LoopbackDNS
+) -> None:
+    env = await relay_env({"auth": {"verify": False, "add_authentication_results": True}})
+    data = message("a@example.org", extra=b"Authentication-Results: relay.example.com; x=y\r\n")
+    qid = await send_from(AUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
+    for copy in (await copies(env, qid)).values():
+        assert copy.startswith(b"Received: from client.test ([127.0.0.2])")
+        assert copy.endswith(f"X-Relay-Trace: test-node {qid}\r\n".encode() + data)
+    [event] = env.events("received")
+    assert "auth" not in event
+    assert sum(dns.queries.values()) == 0

@@ -65,8 +65,10 @@ def message(from_addr: str, body: bytes = b"Hello\r\n", extra: bytes = b"") -> b
 
 def signed(data: bytes, domain: str = "example.org", selector: str = "s1") -> bytes:
     """`data` with a DKIM-Signature of `domain` on top (relaxed/simple, as most signers)."""
-    sig = dkim.sign(data, selector.encode(), domain.encode(), key(domain).private,
-                    canonicalize=(b"relaxed", b"simple"), include_headers=SIGNED_HEADERS)  # fmt: skip
+    sig = dkim.sign(
+        data, selector.encode(), domain.encode(), key(domain).private,
+        canonicalize=(b"relaxed", b"simple"), include_headers=SIGNED_HEADERS,
+    )  # fmt: skip
     return sig + data
 
 

@@ -20,7 +20,7 @@ from relay.auth.lookups import Lookups
 SIGNED = (
     b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"sender",
     b"mime-version", b"content-type", b"content-transfer-encoding", b"in-reply-to",
-    b"references", b"list-id", b"dkim-signature",
+    b"references", b"list-id",
 )  # fmt: skip
 
 

@@ -68,7 +68,8 @@ def parse(text: str, subdomain: bool) -> Record | None:
         policy = tags["sp"].lower()
     if policy not in POLICIES:  # §6.6.3: no valid p= but rua= would mean "none"
         policy = "none"
-    return Record(policy, tags.get("adkim", "r").lower() == "s", tags.get("aspf", "r").lower() == "s")
+    strict = {k: tags.get(k, "r").lower() == "s" for k in ("adkim", "aspf")}
+    return Record(policy, strict["adkim"], strict["aspf"])
 
 
 async def lookup(lookups: Lookups, from_domain: str) -> Record | None:
@@ -93,7 +94,7 @@ def aligned(domain: str, from_domain: str, strict: bool) -> bool:
     return organisational(domain) == organisational(from_domain)
 
 
-async def policy(lookups: Lookups, from_domain: str | None) -> Record | None | DnsFailure:
+async def policy(lookups: Lookups, from_domain: str | None) -> Record | DnsFailure | None:
     """`lookup`, with a failure as a value (it runs beside SPF and DKIM)."""
     if not from_domain:
         return None
@@ -104,7 +105,7 @@ async def policy(lookups: Lookups, from_domain: str | None) -> Record | None | D
 
 
 def evaluate(
-    record: Record | None | DnsFailure, from_domain: str | None, spf: str,
+    record: Record | DnsFailure | None, from_domain: str | None, spf: str,
     spf_domain: str | None, dkim: list[tuple[str, str]],
 ) -> tuple[str, str | None]:  # fmt: skip
     """(DMARC result, the policy that applied or None without a record)."""

@@ -330,3 +330,103 @@ def _dnsfunc(server: LoopbackDNS) -> Callable[..., bytes | None]:
             return None
 
     return txt
+
+
+# ---------------------------------------------------------- metrics, check, auth-test
+
+
+async def test_metrics_count_each_method_and_result(relay_env: MakeEnv, dns: LoopbackDNS) -> None:
+    from tests.test_metrics import get
+
+    env = await relay_env(auth_yaml(dns))
+    for name in ("aligned_pass", "fail", "none"):
+        source, sender, data, _ = CASES[name]
+        await send_from(source, env.port, sender, ["alice@example.com"], data)
+    _, text = await get(env.relay.metrics_port, "/metrics")
+    lines = set(text.splitlines())
+    for method, result, n in [
+        ("spf", "pass", 1), ("spf", "fail", 1), ("spf", "none", 1), ("dkim", "pass", 1),
+        ("dkim", "none", 2),
+        ("dmarc", "pass", 1), ("dmarc", "fail", 1), ("dmarc", "none", 1), ("arc", "none", 3),
+        ("class", "aligned_pass", 1), ("class", "fail", 1), ("class", "none", 1),
+    ]:  # fmt: skip
+        assert f'relay_auth_results_total{{method="{method}",result="{result}"}} {n}.0' in lines
+
+
+def write_cfg(folder: Path, settings: dict[str, Any]) -> Path:
+    from tests.harness import relay_settings, write_relay
+
+    return write_relay(folder, relay_settings(2601, 2602, settings))
+
+
+def cli(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from relay.cli import cli as relay_cli
+
+    res = CliRunner().invoke(relay_cli, list(args))
+    return res.exit_code, res.output
+
+
+def test_auth_test_judges_one_message_offline(dns: LoopbackDNS, tmp_path: Path) -> None:
+    """`relay auth-test`: the verifier of `relay serve` on one .eml (LF line ends as
+    saved by a mail client), and the header it would add."""
+    cfg = write_cfg(tmp_path / "config", auth_yaml(dns, add_authentication_results=False))
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(signed(message("a@example.org")).replace(b"\r\n", b"\n"))
+    args = ["auth-test", "-c", str(cfg), str(eml), "--client-ip", UNAUTHORISED]
+    code, out = cli(*args, "--mail-from", "a@example.org", "--helo", "client.test")
+    assert code == 0, out
+    assert out.startswith("Authentication-Results: relay.test;\n\tspf=fail smtp.mailfrom=")
+    assert "dkim=pass header.d=example.org;" in out and "dmarc=pass (p=reject)" in out
+    assert out.endswith("# class: aligned_pass\n")
+    code, out = cli(*args, "--mail-from", "<>", "--helo", "plain.example", "--json")
+    assert code == 0, out
+    verdict = json.loads(out)
+    assert (verdict["spf"], verdict["spf_domain"], verdict["class"]) == (
+        "none", "plain.example", "aligned_pass",
+    )  # fmt: skip
+
+
+def test_check_warns_when_no_resolver_answers(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        settings = {
+            "dns": {"nameservers": ["127.0.0.1"], "port": port, "timeout": 0.3},
+            "auth": {"verify": True},
+        }
+        code, out = cli("check", "-c", str(write_cfg(tmp_path / "config", settings)))
+    assert code == 0, out
+    assert re.search(r"warning: .*relay.yaml:\d+: auth.verify: no DNS resolver answers", out), out
+
+
+def test_check_validates_the_arc_settings(dns: LoopbackDNS, tmp_path: Path) -> None:
+    good = tmp_path / "arc.pem"
+    good.write_bytes(key("seal.example.com").private)
+    settings = seal_yaml(dns, good)
+    code, out = cli("check", "-c", str(write_cfg(tmp_path / "ok", settings)))
+    assert code == 0 and "auth" not in out, out
+    other = tmp_path / "other.pem"
+    other.write_bytes(key("example.org").private)  # a real key, but not the published one
+    code, out = cli("check", "-c", str(write_cfg(tmp_path / "other", seal_yaml(dns, other))))
+    assert code == 0, out
+    assert "auth.arc.selector: arc1._domainkey.seal.example.com publishes another key" in out
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA PRIVATE KEY-----\n")
+    code, out = cli("check", "-c", str(write_cfg(tmp_path / "bad", seal_yaml(dns, bad))))
+    assert code == 1 and re.search(r"relay.yaml:\d+: auth.arc.key_file: .*not an RSA", out), out
+    broken = seal_yaml(dns, tmp_path / "missing.pem")
+    broken["auth"]["arc"] |= {"selector": "no good", "domain": None}
+    broken["auth"]["add_authentication_results"] = False
+    code, out = cli("check", "-c", str(write_cfg(tmp_path / "broken", broken)))
+    assert code == 1, out
+    for problem in (
+        "auth.arc.seal: needs auth.verify and auth.add_authentication_results",
+        "auth.arc.domain: needed with seal: true",
+        "auth.arc.selector: 'no good' is not a DNS name",
+        "auth.arc.key_file: ", "missing.pem: file not found",
+    ):
+        assert problem in out, out

@@ -45,7 +45,7 @@ def load_key(path: Path) -> bytes:
         raise ArcKeyError(f"{path}: {exc.strerror}") from None
     try:
         dkim.crypto.parse_pem_private_key(key)
-    except dkim.crypto.UnparsableKeyError as exc:
+    except (dkim.crypto.UnparsableKeyError, ValueError) as exc:  # binascii.Error too
         raise ArcKeyError(f"{path}: not an RSA private key in PEM form ({exc})") from None
     return key
 

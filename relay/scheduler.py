@@ -401,7 +401,8 @@ class Scheduler:
             # a small message is read on the loop, cheaper than a thread hop.
             content = await Content.open(
                 functools.partial(self.spool.open_content, msg.queue_id),
-                inline=env.size <= SMALL_MESSAGE, prefix=env.prepended(provider),
+                inline=env.size <= SMALL_MESSAGE,
+                prefix=env.prepended(provider),
             )
             try:
                 return await self.sender(

@@ -57,7 +57,8 @@ def zone() -> str:
 
 def message(from_addr: str, body: bytes = b"Hello\r\n", extra: bytes = b"") -> bytes:
     return (
-        extra + f"From: Someone <{from_addr}>\r\nTo: alice@example.com\r\nSubject: test\r\n"
+        extra
+        + f"From: Someone <{from_addr}>\r\nTo: alice@example.com\r\nSubject: test\r\n"
         f"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <t.{from_addr}>\r\n\r\n".encode()
         + body
     )

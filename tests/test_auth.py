@@ -4,11 +4,10 @@ SPF) and 127.0.0.3 (not), DKIM keys made per run."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,11 @@ import pytest
 
 from relay.records import parse_envelope
 from tests.harness import RelayEnv
-from tests.helpers_auth import AUTHORISED, UNAUTHORISED, key, message, send_from, signed, zone
+from tests.helpers_auth import AUTHORISED, UNAUTHORISED, key, message, send_from, signed
 from tests.helpers_dns import LoopbackDNS
 
 MakeEnv = Callable[..., Awaitable[RelayEnv]]
 AUTHSERV = "relay.example.com"  # the relay_env fixture's listen.hostname
-
-
-@pytest.fixture
-def dns() -> Iterator[LoopbackDNS]:
-    with LoopbackDNS(zone(), silent=("slow.example",)) as server:
-        yield server
 
 
 def auth_yaml(server: LoopbackDNS, **auth: Any) -> dict[str, Any]:
@@ -116,12 +109,12 @@ EXPECTED_HEADER = {
 
 @pytest.mark.parametrize("case", list(CASES))
 async def test_each_verdict_is_what_the_zone_implies(
-    relay_env: MakeEnv, dns: LoopbackDNS, case: str
+    relay_env: MakeEnv, auth_dns: LoopbackDNS, case: str
 ) -> None:
     """The verdict in the received event and the spool record, and our header on top
     of both copies, are the zone's; the message is queued (never refused)."""
     source, sender, data, expected = CASES[case]
-    env = await relay_env(auth_yaml(dns))
+    env = await relay_env(auth_yaml(auth_dns))
     qid = await send_from(source, env.port, sender, ["alice@example.com"], data)
     [event] = env.events("received")
     assert event["auth"] == expected
@@ -137,9 +130,9 @@ async def test_each_verdict_is_what_the_zone_implies(
 
 
 async def test_the_spool_record_holds_the_verdict_and_the_fields_to_add(
-    relay_env: MakeEnv, dns: LoopbackDNS
+    relay_env: MakeEnv, auth_dns: LoopbackDNS
 ) -> None:
-    env = await relay_env(auth_yaml(dns))
+    env = await relay_env(auth_yaml(auth_dns))
     intake = env.relay.handler.intake
     stored: list[Any] = []
     queued = intake.on_queued
@@ -160,11 +153,11 @@ async def test_the_spool_record_holds_the_verdict_and_the_fields_to_add(
 
 
 async def test_a_dead_nameserver_never_delays_the_250_past_auth_timeout(
-    relay_env: MakeEnv, dns: LoopbackDNS
+    relay_env: MakeEnv, auth_dns: LoopbackDNS
 ) -> None:
     """Every lookup of slow.example goes unanswered and dns.timeout (5 s) is longer
     than auth.timeout (1 s): the verdict is temperror and the 250 comes in ~1 s."""
-    settings = auth_yaml(dns, timeout=1)
+    settings = auth_yaml(auth_dns, timeout=1)
     settings["dns"]["timeout"] = 5
     env = await relay_env(settings)
     started = time.monotonic()
@@ -175,11 +168,11 @@ async def test_a_dead_nameserver_never_delays_the_250_past_auth_timeout(
     assert event["auth"]["class"] == "temperror"
     assert (event["auth"]["spf"], event["auth"]["dmarc"]) == ("temperror", "temperror")
     assert 0.9 < elapsed < 2.5, elapsed
-    assert dns.queries[("slow.example", "TXT")] >= 1  # asked, never answered
+    assert auth_dns.queries[("slow.example", "TXT")] >= 1  # asked, never answered
 
 
 async def test_a_forged_authentication_results_of_our_id_is_removed(
-    relay_env: MakeEnv, dns: LoopbackDNS
+    relay_env: MakeEnv, auth_dns: LoopbackDNS
 ) -> None:
     """RFC 8601 §5: an incoming field claiming our authserv-id (any case, with a
     comment or version) goes; another ADMD's stays; ours is on top."""
@@ -188,7 +181,7 @@ async def test_a_forged_authentication_results_of_our_id_is_removed(
         b"\tsmtp.mailfrom=example.org; dmarc=pass header.from=example.org\r\n"
         b"Authentication-Results: mx.other.example; spf=pass smtp.mailfrom=example.org\r\n"
     )
-    env = await relay_env(auth_yaml(dns))
+    env = await relay_env(auth_yaml(auth_dns))
     data = message("a@example.org", extra=forged)
     qid = await send_from(UNAUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
     for copy in (await copies(env, qid)).values():
@@ -202,12 +195,12 @@ async def test_a_forged_authentication_results_of_our_id_is_removed(
 
 
 async def test_verify_without_our_header_leaves_the_copies_as_before(
-    relay_env: MakeEnv, dns: LoopbackDNS
+    relay_env: MakeEnv, auth_dns: LoopbackDNS
 ) -> None:
     """auth.add_authentication_results false: the verdict is logged, the copies are
     the client's message behind our Received: and X-Relay-Trace: only, forged
     fields and all."""
-    env = await relay_env(auth_yaml(dns, add_authentication_results=False))
+    env = await relay_env(auth_yaml(auth_dns, add_authentication_results=False))
     data = message("a@example.org", extra=b"Authentication-Results: relay.example.com; x=y\r\n")
     qid = await send_from(AUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
     for copy in (await copies(env, qid)).values():
@@ -218,7 +211,7 @@ async def test_verify_without_our_header_leaves_the_copies_as_before(
 
 
 async def test_verify_off_logs_no_verdict_and_sends_the_copies_unchanged(
-    relay_env: MakeEnv, dns: LoopbackDNS
+    relay_env: MakeEnv, auth_dns: LoopbackDNS
 ) -> None:
     env = await relay_env({"auth": {"verify": False, "add_authentication_results": True}})
     data = message("a@example.org", extra=b"Authentication-Results: relay.example.com; x=y\r\n")
@@ -228,7 +221,7 @@ async def test_verify_off_logs_no_verdict_and_sends_the_copies_unchanged(
         assert copy.endswith(f"X-Relay-Trace: test-node {qid}\r\n".encode() + data)
     [event] = env.events("received")
     assert "auth" not in event
-    assert sum(dns.queries.values()) == 0
+    assert sum(auth_dns.queries.values()) == 0
 
 
 # ------------------------------------------------------------------------------ ARC
@@ -272,13 +265,13 @@ def seal_yaml(server: LoopbackDNS, key_file: Path) -> dict[str, Any]:
 
 @pytest.mark.slow
 async def test_the_arc_seal_verifies_in_an_independent_verifier(
-    relay_env: MakeEnv, dns: LoopbackDNS, tmp_path: Path
+    relay_env: MakeEnv, auth_dns: LoopbackDNS, tmp_path: Path
 ) -> None:
     """The new copy is sealed (cv=none, i=1) and Mail::DKIM's ARC verifier (Perl, no
     code shared with dkimpy) says pass; dkimpy agrees; legacy's copy is unsealed."""
     key_file = tmp_path / "arc.pem"
     key_file.write_bytes(key("seal.example.com").private)
-    env = await relay_env(seal_yaml(dns, key_file))
+    env = await relay_env(seal_yaml(auth_dns, key_file))
     data = signed(message("a@example.org"))
     qid = await send_from(AUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
     got = await copies(env, qid)
@@ -287,12 +280,12 @@ async def test_the_arc_seal_verifies_in_an_independent_verifier(
     assert new.startswith(b"ARC-Seal: i=1;")
     assert b"cv=none" in new.split(b"ARC-Message-Signature:", 1)[0]
     assert b"ARC-Authentication-Results: i=1; relay.example.com;" in new
-    verdict = perl_arc_verdict(dns, new)
+    verdict = perl_arc_verdict(auth_dns, new)
     assert verdict.splitlines()[0] == "pass", verdict
-    cv, _, why = dkim.arc_verify(new, dnsfunc=_dnsfunc(dns))
+    cv, _, why = dkim.arc_verify(new, dnsfunc=_dnsfunc(auth_dns))
     assert cv == dkim.CV_Pass, why
     # and a relay after us validates the chain: arc=pass in its own verdict
-    env2 = await relay_env(auth_yaml(dns))
+    env2 = await relay_env(auth_yaml(auth_dns))
     body = new.split(b"\r\n\r\n", 1)[1]
     header = new.split(b"\r\n\r\n", 1)[0] + b"\r\n"
     trimmed = re.sub(rb"(?m)^(Received|X-Relay-Trace):.*\r\n(\t.*\r\n)*", b"", header)
@@ -302,17 +295,18 @@ async def test_the_arc_seal_verifies_in_an_independent_verifier(
 
 
 @pytest.mark.slow
-def test_a_broken_seal_fails_in_the_independent_verifier(dns: LoopbackDNS) -> None:
+def test_a_broken_seal_fails_in_the_independent_verifier(auth_dns: LoopbackDNS) -> None:
     """The Perl verifier is not a rubber stamp: a sealed message whose body changed fails."""
-    sealed_bytes = _sealed(dns)
-    assert perl_arc_verdict(dns, sealed_bytes).splitlines()[0] == "pass"
-    assert perl_arc_verdict(dns, sealed_bytes.replace(b"Hello", b"Jello")).startswith("fail")
+    sealed_bytes = _sealed(auth_dns)
+    assert perl_arc_verdict(auth_dns, sealed_bytes).splitlines()[0] == "pass"
+    assert perl_arc_verdict(auth_dns, sealed_bytes.replace(b"Hello", b"Jello")).startswith("fail")
 
 
-def _sealed(dns: LoopbackDNS) -> bytes:
+def _sealed(auth_dns: LoopbackDNS) -> bytes:
     from relay.auth.arc import seal
 
-    data = b"Authentication-Results: relay.example.com; spf=pass smtp.mailfrom=example.org;\r\n\tarc=none\r\n" + message("a@example.org")
+    ar = b"Authentication-Results: relay.example.com; spf=pass smtp.mailfrom=example.org;\r\n"
+    data = ar + b"\tarc=none\r\n" + message("a@example.org")
     return seal(data, "arc1", "seal.example.com", key("seal.example.com").private,
                 "relay.example.com") + data  # fmt: skip
 
@@ -335,10 +329,12 @@ def _dnsfunc(server: LoopbackDNS) -> Callable[..., bytes | None]:
 # ---------------------------------------------------------- metrics, check, auth-test
 
 
-async def test_metrics_count_each_method_and_result(relay_env: MakeEnv, dns: LoopbackDNS) -> None:
+async def test_metrics_count_each_method_and_result(
+    relay_env: MakeEnv, auth_dns: LoopbackDNS
+) -> None:
     from tests.test_metrics import get
 
-    env = await relay_env(auth_yaml(dns))
+    env = await relay_env(auth_yaml(auth_dns))
     for name in ("aligned_pass", "fail", "none"):
         source, sender, data, _ = CASES[name]
         await send_from(source, env.port, sender, ["alice@example.com"], data)
@@ -368,10 +364,10 @@ def cli(*args: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
-def test_auth_test_judges_one_message_offline(dns: LoopbackDNS, tmp_path: Path) -> None:
+def test_auth_test_judges_one_message_offline(auth_dns: LoopbackDNS, tmp_path: Path) -> None:
     """`relay auth-test`: the verifier of `relay serve` on one .eml (LF line ends as
     saved by a mail client), and the header it would add."""
-    cfg = write_cfg(tmp_path / "config", auth_yaml(dns, add_authentication_results=False))
+    cfg = write_cfg(tmp_path / "config", auth_yaml(auth_dns, add_authentication_results=False))
     eml = tmp_path / "m.eml"
     eml.write_bytes(signed(message("a@example.org")).replace(b"\r\n", b"\n"))
     args = ["auth-test", "-c", str(cfg), str(eml), "--client-ip", UNAUTHORISED]
@@ -403,22 +399,22 @@ def test_check_warns_when_no_resolver_answers(tmp_path: Path) -> None:
     assert re.search(r"warning: .*relay.yaml:\d+: auth.verify: no DNS resolver answers", out), out
 
 
-def test_check_validates_the_arc_settings(dns: LoopbackDNS, tmp_path: Path) -> None:
+def test_check_validates_the_arc_settings(auth_dns: LoopbackDNS, tmp_path: Path) -> None:
     good = tmp_path / "arc.pem"
     good.write_bytes(key("seal.example.com").private)
-    settings = seal_yaml(dns, good)
+    settings = seal_yaml(auth_dns, good)
     code, out = cli("check", "-c", str(write_cfg(tmp_path / "ok", settings)))
     assert code == 0 and "auth" not in out, out
     other = tmp_path / "other.pem"
     other.write_bytes(key("example.org").private)  # a real key, but not the published one
-    code, out = cli("check", "-c", str(write_cfg(tmp_path / "other", seal_yaml(dns, other))))
+    code, out = cli("check", "-c", str(write_cfg(tmp_path / "other", seal_yaml(auth_dns, other))))
     assert code == 0, out
     assert "auth.arc.selector: arc1._domainkey.seal.example.com publishes another key" in out
     bad = tmp_path / "bad.pem"
     bad.write_text("-----BEGIN RSA PRIVATE KEY-----\nnot a key\n-----END RSA PRIVATE KEY-----\n")
-    code, out = cli("check", "-c", str(write_cfg(tmp_path / "bad", seal_yaml(dns, bad))))
+    code, out = cli("check", "-c", str(write_cfg(tmp_path / "bad", seal_yaml(auth_dns, bad))))
     assert code == 1 and re.search(r"relay.yaml:\d+: auth.arc.key_file: .*not an RSA", out), out
-    broken = seal_yaml(dns, tmp_path / "missing.pem")
+    broken = seal_yaml(auth_dns, tmp_path / "missing.pem")
     broken["auth"]["arc"] |= {"selector": "no good", "domain": None}
     broken["auth"]["add_authentication_results"] = False
     code, out = cli("check", "-c", str(write_cfg(tmp_path / "broken", broken)))
@@ -427,6 +423,7 @@ def test_check_validates_the_arc_settings(dns: LoopbackDNS, tmp_path: Path) -> N
         "auth.arc.seal: needs auth.verify and auth.add_authentication_results",
         "auth.arc.domain: needed with seal: true",
         "auth.arc.selector: 'no good' is not a DNS name",
-        "auth.arc.key_file: ", "missing.pem: file not found",
+        "auth.arc.key_file: ",
+        "missing.pem: file not found",
     ):
         assert problem in out, out

@@ -113,8 +113,10 @@ def evaluate(
         return "temperror", None
     if record is None or not from_domain:  # no record, or no single From address
         return "none", None
-    spf_ok = spf == "pass" and bool(spf_domain) and aligned(
-        spf_domain or "", from_domain, record.strict_spf
+    spf_ok = (
+        spf == "pass"
+        and bool(spf_domain)
+        and aligned(spf_domain or "", from_domain, record.strict_spf)
     )
     dkim_ok = any(r == "pass" and aligned(d, from_domain, record.strict_dkim) for d, r in dkim)
     if spf_ok or dkim_ok:

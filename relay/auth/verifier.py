@@ -107,7 +107,6 @@ class Verifier:
     def _thread(self, lookups: Lookups, fn: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
         return asyncio.wrap_future(self._pool.submit(fn, *args), loop=lookups.loop)
 
-
     @staticmethod
     async def _within(lookups: Lookups, job: asyncio.Future[_T], late: _T) -> _T:
         """The job's result, or `late` when the deadline passes first (the thread

@@ -427,3 +427,20 @@ def test_check_validates_the_arc_settings(auth_dns: LoopbackDNS, tmp_path: Path)
         "missing.pem: file not found",
     ):
         assert problem in out, out
+
+
+async def test_a_message_over_max_dkim_size_is_judged_by_its_header_only(
+    relay_env: MakeEnv, auth_dns: LoopbackDNS
+) -> None:
+    """Above auth.max_dkim_size the message is never read back whole: its signature is
+    `temperror` (not verified), SPF and DMARC still decide, and it is queued as usual."""
+    env = await relay_env(auth_yaml(auth_dns, max_dkim_size=4096))
+    data = signed(message("a@example.org", body=b"x" * 70 + b"\r\n"))
+    big = data + b"y" * 70 * 100 + b"\r\n"
+    qid = await send_from(AUTHORISED, env.port, "a@example.org", ["alice@example.com"], big)
+    [event] = env.events("received")
+    assert event["auth"]["dkim"] == [{"domain": "example.org", "result": "temperror"}]
+    assert (event["auth"]["spf"], event["auth"]["dmarc"]) == ("pass", "pass")
+    assert event["auth"]["class"] == "aligned_pass"
+    for copy in (await copies(env, qid)).values():
+        assert copy.endswith(big.split(b"\r\n\r\n", 1)[1])

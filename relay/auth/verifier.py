@@ -114,6 +114,7 @@ class Verifier:
         try:
             return await asyncio.wait_for(asyncio.shield(job), max(lookups.remaining(), 0))
         except TimeoutError:
+            job.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, not logged
             return late
 
     async def _prepend(self, msg: Message, v: AuthVerdict) -> tuple[tuple[Provider, str], ...]:

@@ -64,10 +64,13 @@ def message(from_addr: str, body: bytes = b"Hello\r\n", extra: bytes = b"") -> b
     )
 
 
-def signed(data: bytes, domain: str = "example.org", selector: str = "s1") -> bytes:
-    """`data` with a DKIM-Signature of `domain` on top (relaxed/simple, as most signers)."""
+def signed(
+    data: bytes, domain: str = "example.org", selector: str = "s1", key_name: str | None = None
+) -> bytes:
+    """`data` with a DKIM-Signature of `domain` on top (relaxed/simple, as most signers),
+    made with `key(key_name or domain)`."""
     sig = dkim.sign(
-        data, selector.encode(), domain.encode(), key(domain).private,
+        data, selector.encode(), domain.encode(), key(key_name or domain).private,
         canonicalize=(b"relaxed", b"simple"), include_headers=SIGNED_HEADERS,
     )  # fmt: skip
     return sig + data

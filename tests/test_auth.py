@@ -45,53 +45,36 @@ async def copies(env: RelayEnv, qid: str) -> dict[str, bytes]:
     return found()
 
 
-def dkim_of(domain: str, result: str) -> list[dict[str, str]]:
-    return [{"domain": domain, "result": result}]
+def expect(
+    spf: str, domain: str, dkim: str | None, dmarc: str, policy: str | None, cls: str
+) -> dict[str, Any]:
+    """The `auth` of a received event: SPF's and From's domain are `domain`; `dkim` is the
+    result of its one signature (None: unsigned); ARC is always none here."""
+    sigs = [] if dkim is None else [{"domain": domain, "result": dkim}]
+    return {
+        "spf": spf, "spf_domain": domain, "dkim": sigs, "dmarc": dmarc, "dmarc_policy": policy,
+        "arc": "none", "from_domain": domain, "class": cls,
+    }  # fmt: skip
 
 
-CASES = {
-    "aligned_pass": (
-        AUTHORISED, "a@example.org", signed(message("a@example.org")),
-        {"spf": "pass", "spf_domain": "example.org", "dkim": dkim_of("example.org", "pass"),
-         "dmarc": "pass", "dmarc_policy": "reject", "arc": "none",
-         "from_domain": "example.org", "class": "aligned_pass"},
-    ),
+ORG, NOPOLICY, PLAIN, SLOW = "example.org", "nopolicy.example.net", "plain.example", "slow.example"
+CASES = {  # name: (client address, MAIL FROM, content, the verdict the zone implies)
+    "aligned_pass": (AUTHORISED, "a@example.org", signed(message("a@example.org")),
+                     expect("pass", ORG, "pass", "pass", "reject", "aligned_pass")),
     "aligned_pass_by_dkim_alone": (
         UNAUTHORISED, "bounces@example.org", signed(message("a@example.org")),
-        {"spf": "fail", "spf_domain": "example.org", "dkim": dkim_of("example.org", "pass"),
-         "dmarc": "pass", "dmarc_policy": "reject", "arc": "none",
-         "from_domain": "example.org", "class": "aligned_pass"},
-    ),
-    "auth_no_policy": (
-        AUTHORISED, "n@nopolicy.example.net", message("n@nopolicy.example.net"),
-        {"spf": "pass", "spf_domain": "nopolicy.example.net", "dkim": [], "dmarc": "none",
-         "dmarc_policy": None, "arc": "none", "from_domain": "nopolicy.example.net",
-         "class": "auth_no_policy"},
-    ),
-    "none": (
-        AUTHORISED, "p@plain.example", message("p@plain.example"),
-        {"spf": "none", "spf_domain": "plain.example", "dkim": [], "dmarc": "none",
-         "dmarc_policy": None, "arc": "none", "from_domain": "plain.example", "class": "none"},
-    ),
-    "fail": (
-        UNAUTHORISED, "a@example.org", message("a@example.org"),
-        {"spf": "fail", "spf_domain": "example.org", "dkim": [], "dmarc": "fail",
-         "dmarc_policy": "reject", "arc": "none", "from_domain": "example.org",
-         "class": "fail"},
-    ),
+        expect("fail", ORG, "pass", "pass", "reject", "aligned_pass")),
+    "auth_no_policy": (AUTHORISED, "n@nopolicy.example.net", message("n@nopolicy.example.net"),
+                       expect("pass", NOPOLICY, None, "none", None, "auth_no_policy")),
+    "none": (AUTHORISED, "p@plain.example", message("p@plain.example"),
+             expect("none", PLAIN, None, "none", None, "none")),
+    "fail": (UNAUTHORISED, "a@example.org", message("a@example.org"),
+             expect("fail", ORG, None, "fail", "reject", "fail")),
     "dkim_broken_by_a_changed_body": (
-        UNAUTHORISED, "a@example.org",
-        signed(message("a@example.org")).replace(b"Hello", b"Jello"),
-        {"spf": "fail", "spf_domain": "example.org", "dkim": dkim_of("example.org", "fail"),
-         "dmarc": "fail", "dmarc_policy": "reject", "arc": "none",
-         "from_domain": "example.org", "class": "fail"},
-    ),
-    "temperror": (
-        AUTHORISED, "t@slow.example", message("t@slow.example"),
-        {"spf": "temperror", "spf_domain": "slow.example", "dkim": [], "dmarc": "temperror",
-         "dmarc_policy": None, "arc": "none", "from_domain": "slow.example",
-         "class": "temperror"},
-    ),
+        UNAUTHORISED, "a@example.org", signed(message("a@example.org")).replace(b"Hello", b"Jello"),
+        expect("fail", ORG, "fail", "fail", "reject", "fail")),
+    "temperror": (AUTHORISED, "t@slow.example", message("t@slow.example"),
+                  expect("temperror", SLOW, None, "temperror", None, "temperror")),
 }  # fmt: skip
 
 EXPECTED_HEADER = {
@@ -194,34 +177,25 @@ async def test_a_forged_authentication_results_of_our_id_is_removed(
     assert event["auth"]["class"] == "fail"  # the forgery changed nothing
 
 
-async def test_verify_without_our_header_leaves_the_copies_as_before(
-    relay_env: MakeEnv, auth_dns: LoopbackDNS
+@pytest.mark.parametrize("verify", [True, False])
+async def test_without_our_header_the_copies_are_as_before(
+    relay_env: MakeEnv, auth_dns: LoopbackDNS, verify: bool
 ) -> None:
-    """auth.add_authentication_results false: the verdict is logged, the copies are
-    the client's message behind our Received: and X-Relay-Trace: only, forged
-    fields and all."""
-    env = await relay_env(auth_yaml(auth_dns, add_authentication_results=False))
+    """auth.add_authentication_results false, or auth.verify false (then with no lookup
+    and no verdict): the copies are the client's message behind our Received: and
+    X-Relay-Trace: only, byte for byte, a field of our authserv-id included."""
+    settings = auth_yaml(auth_dns, verify=verify, add_authentication_results=not verify)
+    env = await relay_env(settings)
     data = message("a@example.org", extra=b"Authentication-Results: relay.example.com; x=y\r\n")
     qid = await send_from(AUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
     for copy in (await copies(env, qid)).values():
         assert copy.startswith(b"Received: from client.test ([127.0.0.2])")
         assert copy.endswith(f"X-Relay-Trace: test-node {qid}\r\n".encode() + data)
     [event] = env.events("received")
-    assert event["auth"]["class"] == "aligned_pass"  # SPF pass, aligned
-
-
-async def test_verify_off_logs_no_verdict_and_sends_the_copies_unchanged(
-    relay_env: MakeEnv, auth_dns: LoopbackDNS
-) -> None:
-    env = await relay_env({"auth": {"verify": False, "add_authentication_results": True}})
-    data = message("a@example.org", extra=b"Authentication-Results: relay.example.com; x=y\r\n")
-    qid = await send_from(AUTHORISED, env.port, "a@example.org", ["alice@example.com"], data)
-    for copy in (await copies(env, qid)).values():
-        assert copy.startswith(b"Received: from client.test ([127.0.0.2])")
-        assert copy.endswith(f"X-Relay-Trace: test-node {qid}\r\n".encode() + data)
-    [event] = env.events("received")
-    assert "auth" not in event
-    assert sum(auth_dns.queries.values()) == 0
+    if verify:
+        assert event["auth"]["class"] == "aligned_pass"  # SPF pass, aligned
+    else:
+        assert "auth" not in event and sum(auth_dns.queries.values()) == 0
 
 
 # ------------------------------------------------------------------------------ ARC

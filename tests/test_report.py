@@ -740,6 +740,8 @@ JSON_KEYS = {
     "users",
     "divergences",
     "verdicts",
+    "by_authentication",  # SPEC Part 2 "Judging fairly"
+    "fairness",
 }
 PROVIDER_KEYS = {
     "planned",

@@ -153,7 +153,7 @@ class Relay:
             await self.spool.start()
         self.scheduler.start()
         listen = self.cfg.relay.listen
-        with starting(f"listen {listen.host}:{listen.port}"):
+        with starting(f"listen {listen.shown}"):
             self.port = await self.ingress.start(reuse_port=self.reuse_port)
         m = self.cfg.relay.metrics
         with starting(f"metrics {m.host}:{m.port}"):

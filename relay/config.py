@@ -62,11 +62,32 @@ class _Strict(BaseModel):
 
 
 class ListenSettings(_Strict):
-    host: str = "127.0.0.1"
+    host: str | tuple[str, ...] = "127.0.0.1"  # one address or a list; "::" alone: dual stack
     port: int = Field(2525, ge=0, le=65535)
     hostname: str = "relay.example.com"
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _addresses(cls, v: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        hosts = (v,) if isinstance(v, str) else v
+        if not hosts:
+            raise ValueError("needs at least one address")
+        for host in hosts:
+            ipaddress.ip_address(host)
+        if len(set(hosts)) != len(hosts):
+            raise ValueError("an address is listed twice")
+        return v
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return (self.host,) if isinstance(self.host, str) else self.host
+
+    @property
+    def shown(self) -> str:
+        """`host:port` for messages, IPv6 in brackets, several joined by commas."""
+        return ",".join(f"[{h}]" if ":" in h else h for h in self.hosts) + f":{self.port}"
 
 
 class ProviderSettings(_Strict):
@@ -142,6 +163,7 @@ class LimitsSettings(_Strict):
 class RetrySettings(_Strict):
     schedule: tuple[float, ...] = (60, 300, 900, 3600)
     max_age: float = Field(432_000, gt=0)
+    delay_warning: float | None = Field(None, gt=0)  # seconds; then one "delayed" DSN (RFC 3464)
 
     @field_validator("schedule")
     @classmethod
@@ -179,7 +201,9 @@ class RelaySettings(_Strict):
     forward_networks: tuple[str, ...] = ()
     pilots: str = "pilot-users.yaml"
     recipient_delimiter: str = "+"
+    recipients: str | None = None  # the valid addresses, one a line; others get 550 5.1.1
     verify_recipients: bool = False
+    verify_timeout: float = Field(10, gt=0)
     providers: ProvidersSettings = ProvidersSettings()
     bounce: ProviderSettings | None = None
     spool: Path = Path("../var/spool")

@@ -18,6 +18,7 @@ from relay.config import RelaySettings
 from relay.ingress._aiosmtpd import AiosmtpdSMTP, TLSSetupException, syntax
 from relay.ingress.dataread import DataParser
 from relay.ingress.replies import Reply, with_enhanced
+from relay.ingress.sockets import client_address
 from relay.log import oplog
 
 READ_CHUNK = 256 * 1024
@@ -126,7 +127,7 @@ class RelaySMTP(AiosmtpdSMTP):
             super().connection_made(transport)
             return
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else ""
+        self.client_ip = client_address(peer[0]) if peer else ""
         refusal = self.policy.admit(self)
         if refusal:
             transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from relay.ingress.dataread import DataError, DataParser
 from relay.ingress.policy import Refusal, Rejections
 from relay.ingress.protocol import RelaySMTP
 from relay.ingress.replies import Reply
+from relay.ingress.sockets import address_literal
 from relay.log import DeliveryLog, oplog, utc_ts
 from relay.records import Envelope as Record
 from relay.records import PlanEntry
@@ -66,7 +67,7 @@ class Receiving:
         when = format_datetime(datetime.now(UTC))
         for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
         return (
-            f"Received: from {helo} ([{self.server.client_ip}])\r\n"
+            f"Received: from {helo} ({address_literal(self.server.client_ip)})\r\n"
             f"\tby {self.intake.hostname} (relay) with {proto} id {self.queue_id}{for_clause};"
             f" {when}\r\nX-Relay-Trace: {self.intake.node} {self.queue_id}\r\n"
         ).encode()

@@ -20,6 +20,7 @@ from relay.ingress.policy import Connections, Rejections, RelayPolicy
 from relay.ingress.protocol import RelaySMTP, SessionLimits, capabilities
 from relay.ingress.receiving import Intake, Receiving
 from relay.ingress.replies import Reply
+from relay.ingress.sockets import listening_sockets
 from relay.log import DeliveryLog, oplog
 from relay.records import Envelope as Record
 from relay.routing import PilotTable
@@ -137,7 +138,7 @@ class Ingress:
         self.settings = handler.settings
         self.limits = SessionLimits.of(self.settings)
         self.tls = tls_context(self.settings)
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
         self.sock = sock
         route_library_log()  # aiosmtpd's own log would print client commands raw
 
@@ -156,24 +157,22 @@ class Ingress:
         )
 
     async def start(self, reuse_port: bool = False) -> int:
-        """Listen; `reuse_port`: worker processes share the port (SO_REUSEPORT)."""
+        """Listen on every `listen.host` address; `reuse_port`: worker processes share
+        the port (SO_REUSEPORT). Returns the port."""
         loop = asyncio.get_running_loop()
-        if self.sock is not None:
-            self.server = await loop.create_server(self._factory, sock=self.sock)
-        else:
-            self.server = await loop.create_server(
-                self._factory,
-                host=self.settings.listen.host,
-                port=self.settings.listen.port,
-                reuse_port=reuse_port or None,
-            )
-        return int(self.server.sockets[0].getsockname()[1])
+        listen = self.settings.listen
+        socks = [self.sock] if self.sock is not None else (
+            listening_sockets(listen.hosts, listen.port, reuse_port)
+        )  # fmt: skip
+        for sock in socks:
+            self.servers.append(await loop.create_server(self._factory, sock=sock))
+        return int(socks[0].getsockname()[1])
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting; let transactions finish up to `timeout`; 421 the rest."""
         self.handler.shutting_down = True
-        if self.server:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         sessions = self.handler.conns.sessions
         for s in list(sessions):
             if not s.in_transaction:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from relay.config import RelaySettings
-from relay.ingress._aiosmtpd import Envelope, Session
+from relay.ingress._aiosmtpd import DsnEnvelope, Session
 from relay.ingress.clienttext import printable
 from relay.ingress.dataread import DataError, DataParser
 from relay.ingress.policy import Refusal, Rejections
@@ -47,8 +47,8 @@ class Receiving:
     def __init__(self, intake: Intake, server: RelaySMTP):
         self.intake = intake
         self.server = server
-        assert server.envelope is not None and server.session is not None
-        self.envelope: Envelope = server.envelope
+        assert isinstance(server.envelope, DsnEnvelope) and server.session is not None
+        self.envelope: DsnEnvelope = server.envelope
         self.session: Session = server.session
         self.queue_id = new_queue_id()
         self.incoming = intake.spool.begin(self.queue_id)
@@ -169,7 +169,7 @@ class Intake:
         plan: list[PlanEntry] = []
         discarded: list[str] = []
         forwarded_any = False
-        for rcpt in env.rcpt_tos:
+        for rcpt, params in zip(env.rcpt_tos, env.rcpt_dsn, strict=True):
             resolved = resolve_recipient(rcpt, self.settings)
             assert resolved is not None
             address, forwarded = resolved
@@ -178,9 +178,11 @@ class Intake:
             if r.discarded:
                 discarded.append(rcpt)
             for d in r.deliveries:
-                plan.append(
-                    PlanEntry(rcpt, d.provider, d.delivered_to, d.role, d.group, d.mode, d.pilot)
-                )
+                entry = PlanEntry(
+                    rcpt, d.provider, d.delivered_to, d.role, d.group, d.mode, d.pilot,
+                    params.notify, params.orcpt,
+                )  # fmt: skip
+                plan.append(entry)
         record = Record(
             queue_id=msg.queue_id,
             received=utc_ts(now),
@@ -194,6 +196,8 @@ class Intake:
             forwarded=forwarded_any,
             plan=tuple(plan),
             dsn=False,
+            ret=env.mail_dsn.ret,
+            envid=env.mail_dsn.envid,
         )
         return record, discarded
 

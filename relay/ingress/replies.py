@@ -51,6 +51,7 @@ class Reply:
     TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
     NEED_RCPT = "503 5.5.1 Error: need RCPT command"
     DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+    DSN_SYNTAX = "501 5.5.4 Bad DSN parameter"
     GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"
 
     @staticmethod

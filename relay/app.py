@@ -22,6 +22,7 @@ import watchfiles
 from relay import config
 from relay.bounce import Bouncer
 from relay.delivery import Reply
+from relay.dsn import Action
 from relay.ingress import Ingress, IngressHandler
 from relay.log import DeliveryLog, oplog, setup_operational_log
 from relay.metrics import Metrics, oldest_age
@@ -83,13 +84,11 @@ class Relay:
             self.log = DeliveryLog(s.log, s.node_name, s.log_buffer)
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
-        self.scheduler = Scheduler(
-            s, self.spool, self.log, clock=clock, on_final_failure=self._bounce
-        )
+        self.scheduler = Scheduler(s, self.spool, self.log, clock=clock, on_notice=self._bounce)
         self.bouncer = Bouncer(
             self.spool, self.log, s.listen.hostname,
             lambda p: self.scheduler.provider_settings(p).nexthop, self.scheduler.clock.now,
-            enqueue=self.scheduler.add,
+            enqueue=self.scheduler.add, max_age=s.retry.max_age,
         )  # fmt: skip
         now: Callable[[], datetime] = (
             (lambda: datetime.fromtimestamp(clock.now(), UTC)) if clock else
@@ -132,10 +131,12 @@ class Relay:
             except SpoolLocked as exc:
                 raise StartupError(f"spool {root}", str(exc)) from None
 
-    async def _bounce(self, msg: Message, failed: list[tuple[DeliveryState, Reply]]) -> None:
-        """The scheduler's `on_final_failure`: a DSN (the bouncer is built after the
+    async def _bounce(
+        self, msg: Message, items: list[tuple[DeliveryState, Reply]], action: Action
+    ) -> None:
+        """The scheduler's `on_notice`: a DSN (the bouncer is built after the
         scheduler, since it queues the DSN with the scheduler's add)."""
-        await self.bouncer.bounce(msg.queue_id, msg.envelope, failed)
+        await self.bouncer.bounce(msg.queue_id, msg.envelope, items, action)
 
     async def start(self) -> None:
         """Start everything; a failing step raises StartupError (stop() cleans up after it)."""

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
+from relay.records import PlanEntry, Status
+
+Action = Literal["failed", "delayed", "relayed"]  # the DSNs the relay itself sends
 MAIL_KEYWORDS = frozenset({"RET", "ENVID"})
 RCPT_KEYWORDS = frozenset({"NOTIFY", "ORCPT"})
 NOTIFY_CONDITIONS = ("SUCCESS", "FAILURE", "DELAY")
@@ -159,6 +163,23 @@ def notifies(notify: str | None, condition: str) -> bool:
     if notify is None:
         return condition != "SUCCESS"
     return condition in notify.split(",")
+
+
+def notice(plan: PlanEntry, status: Status, provider_dsn: bool, warn: bool) -> Action | None:
+    """The DSN a delivery's new status calls for, as its NOTIFY says (relay/dsn.py).
+
+    `provider_dsn`: the provider offers DSN (a success is then its to report);
+    `warn`: the message is past `retry.delay_warning` and not yet warned about.
+    """
+    if plan.role != "primary":
+        return None
+    if status in ("bounced", "expired"):
+        return "failed" if notifies(plan.notify, "FAILURE") else None
+    if status == "delivered":
+        return "relayed" if not provider_dsn and notifies(plan.notify, "SUCCESS") else None
+    if status == "deferred" and warn and notifies(plan.notify, "DELAY"):
+        return "delayed"
+    return None
 
 
 def mail_options(ret: str | None, envid: str | None) -> list[str]:

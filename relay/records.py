@@ -241,6 +241,7 @@ class BounceSentEvent(TypedDict):
     queue_id: str
     rcpt: str
     dsn_queue_id: str
+    action: NotRequired[Literal["delayed", "relayed"]]  # a DSN that is not a bounce
 
 
 class LogEventsDroppedEvent(TypedDict):

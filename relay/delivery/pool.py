@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 
 import aiosmtplib
 
@@ -61,12 +62,14 @@ class Agent:
         content: Content | bytes,
         options: list[str],
         helo: str,
+        rcpt_options: Mapping[str, list[str]] | None = None,
     ) -> Attempt:
         """One transaction carrying `rcpts`; a reply for every one of them.
 
         Never raises for anything the provider or the network does: every
         failure becomes a `Reply` (code None when no reply came). Duplicate
-        recipients are sent once and share the reply.
+        recipients are sent once and share the reply. `rcpt_options`: each
+        recipient's DSN parameters (NOTIFY, ORCPT), for a provider that offers DSN.
         """
         if isinstance(content, bytes):
             content = Content.from_bytes(content)
@@ -75,7 +78,9 @@ class Agent:
         session = self._take(key)
         if session is not None:
             attempt = Attempt({}, tls=session.tls)
-            outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
+            outcome = await transaction(
+                session, mail_from, rcpts, content, options, attempt, rcpt_options
+            )
             if outcome != "stale":
                 self._release(key, session, outcome == "reusable")
                 return attempt
@@ -100,7 +105,9 @@ class Agent:
                 return attempt
             self.hosts.connected(cfg, host)
             attempt.tls = session.tls
-            outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
+            outcome = await transaction(
+                session, mail_from, rcpts, content, options, attempt, rcpt_options
+            )
             self._release(key, session, outcome == "reusable")
             if outcome != "stale" or n == len(hosts):
                 return attempt

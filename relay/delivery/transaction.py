@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 import aiosmtplib
@@ -32,8 +33,12 @@ async def transaction(
     content: Content,
     options: list[str],
     attempt: Attempt,
+    rcpt_options: Mapping[str, list[str]] | None = None,
 ) -> Outcome:
     """MAIL, RCPT…, DATA and the content on an open session, filling `attempt`.
+
+    `rcpt_options` (NOTIFY, ORCPT) and the RET/ENVID of `options` go only to a
+    provider that offers DSN (RFC 3461 §5.2: a relay without it drops them).
 
     With PIPELINING (RFC 2920) the commands up to DATA go in one write and
     their replies are read in order; without it, one round trip each, and
@@ -52,7 +57,10 @@ async def transaction(
     try:
         mail_options = await _mail_options(session.smtp, options, content, [mail_from, *rcpts])
         mail = _command(b"MAIL FROM:", mail_from, mail_options)
-        rcpt_commands = [_command(b"RCPT TO:", rcpt, []) for rcpt in rcpts]
+        dsn = session.smtp.supports_extension("dsn")
+        attempt.dsn = dsn
+        per_rcpt = rcpt_options if dsn and rcpt_options else {}
+        rcpt_commands = [_command(b"RCPT TO:", r, per_rcpt.get(r, [])) for r in rcpts]
     except Failed as failed:
         fill(attempt.replies, rcpts, failed.reply)
         return "reusable"  # refused before anything was sent: the session is untouched
@@ -295,6 +303,8 @@ async def _mail_options(
     out = (["BODY=8BITMIME"] if eight_bit else []) + (["SMTPUTF8"] if utf8 else [])
     if smtp.supports_extension("size"):
         out.append(f"SIZE={content.length}")
+    if smtp.supports_extension("dsn"):
+        out += [o for o in options if o.startswith(("RET=", "ENVID="))]
     return out
 
 

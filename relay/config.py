@@ -423,6 +423,13 @@ class Config:
     shown: str = ""
     lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    recipients: RecipientsFile | None = None  # `recipients:` as loaded at start
+    recipients_path: Path | None = None
+
+    @property
+    def recipients_shown(self) -> str:
+        """The recipients file's path as messages name it (relative to `-c`'s folder)."""
+        return os.path.join(os.path.dirname(self.shown), self.relay.recipients or "")
 
     def line_of(self, loc: tuple[Any, ...]) -> int | None:
         """Line of a key of relay.yaml (or of its nearest enclosing key)."""
@@ -603,12 +610,55 @@ def _pilot_issues(
     return issues
 
 
+@dataclass(frozen=True)
+class RecipientsFile:
+    """The valid recipients (`recipients:`): addresses lowercased with their domain in
+    ASCII form, and the domains of `*@domain` lines."""
+
+    addresses: frozenset[str] = frozenset()
+    wildcards: frozenset[str] = frozenset()
+
+
+def load_recipients(path: Path, shown: str, relay: RelaySettings) -> RecipientsFile:
+    """One address a line, `#` to the end of a line a comment, `*@domain` every address of
+    that domain; an address outside `domains` is an error (it could never be used)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue(shown, None, "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(shown, None, "", str(exc))]) from None
+    addresses, wildcards, issues = set(), set(), []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        local, at, domain = line.rpartition("@")
+        domain = ascii_domain(domain)
+        if not at or not local or not domain or any(c.isspace() for c in line):
+            issues.append(ConfigIssue(shown, n, "", f"not an address: {line!r}"))
+        elif domain not in relay.domains:
+            issues.append(ConfigIssue(shown, n, "", f"domain {domain} is not in domains"))
+        elif local == "*":
+            wildcards.add(domain)
+        else:
+            addresses.add(f"{local.lower()}@{domain}")
+    if issues:
+        raise ConfigError(issues)
+    return RecipientsFile(frozenset(addresses), frozenset(wildcards))
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Load relay.yaml and its pilot file; raise ConfigError listing every problem."""
     relay, doc = load_relay(path)
     pilots_path = (Path(path).resolve().parent / relay.pilots).resolve()
     shown = os.path.join(os.path.dirname(os.fspath(path)), relay.pilots)
     pilots = load_pilots(pilots_path, shown, relay)
+    recipients_path = recipients = None
+    if relay.recipients is not None:
+        recipients_path = (Path(path).resolve().parent / relay.recipients).resolve()
+        recipients_shown = os.path.join(os.path.dirname(os.fspath(path)), relay.recipients)
+        recipients = load_recipients(recipients_path, recipients_shown, relay)
     return Config(
         relay=relay,
         pilots=pilots,
@@ -618,4 +668,6 @@ def load(path: str | os.PathLike[str]) -> Config:
         shown=os.fspath(path),
         lines=doc.lines,
         warnings=tuple(_relay_warnings(relay, os.fspath(path), doc)),
+        recipients=recipients,
+        recipients_path=recipients_path,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiosmtplib
 
@@ -17,7 +17,7 @@ from relay.delivery.connect import Session, open_session
 from relay.delivery.content import Content
 from relay.delivery.hosts import Hosts
 from relay.delivery.reply import Attempt, Failed, Reply, fill
-from relay.delivery.transaction import transaction
+from relay.delivery.transaction import Outcome, probe, transaction
 from relay.resolver import Resolver
 
 _Key = tuple[tuple[str, tuple[str, ...], int], str, str | None, str]
@@ -73,14 +73,35 @@ class Agent:
         """
         if isinstance(content, bytes):
             content = Content.from_bytes(content)
+        body = content
         rcpts = list(dict.fromkeys(rcpts))
+
+        def exchange(session: Session, attempt: Attempt) -> Awaitable[Outcome]:
+            return transaction(session, mail_from, rcpts, body, options, attempt, rcpt_options)
+
+        return await self._run(cfg, helo, rcpts, exchange)
+
+    async def probe(self, cfg: ProviderSettings, rcpt: str, helo: str) -> Reply:
+        """Whether the provider takes mail for `rcpt`: `MAIL FROM:<>`, `RCPT TO`, `RSET`
+        (Postfix's verify(8) probe), over the same cached connections as `send`."""
+        attempt = await self._run(
+            cfg, helo, [rcpt], lambda session, attempt: probe(session, rcpt, attempt)
+        )
+        return attempt.replies[rcpt]
+
+    async def _run(
+        self,
+        cfg: ProviderSettings,
+        helo: str,
+        rcpts: list[str],
+        exchange: Callable[[Session, Attempt], Awaitable[Outcome]],
+    ) -> Attempt:
+        """`exchange` on a cached session, else on a new one to each host in turn."""
         key: _Key = (cfg.destination, cfg.tls, cfg.username, helo)
         session = self._take(key)
         if session is not None:
             attempt = Attempt({}, tls=session.tls)
-            outcome = await transaction(
-                session, mail_from, rcpts, content, options, attempt, rcpt_options
-            )
+            outcome = await exchange(session, attempt)
             if outcome != "stale":
                 self._release(key, session, outcome == "reusable")
                 return attempt
@@ -105,9 +126,7 @@ class Agent:
                 return attempt
             self.hosts.connected(cfg, host)
             attempt.tls = session.tls
-            outcome = await transaction(
-                session, mail_from, rcpts, content, options, attempt, rcpt_options
-            )
+            outcome = await exchange(session, attempt)
             self._release(key, session, outcome == "reusable")
             if outcome != "stale" or n == len(hosts):
                 return attempt

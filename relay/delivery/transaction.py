@@ -73,6 +73,18 @@ async def transaction(
     return await _Transaction(session, rcpts, attempt).run(mail, rcpt_commands, content)
 
 
+async def probe(session: Session, rcpt: str, attempt: Attempt) -> Outcome:
+    """`MAIL FROM:<>`, `RCPT TO:<rcpt>`, `RSET` (recipient verification): the RCPT
+    reply is the answer, filled into `attempt` (the MAIL reply when MAIL was refused).
+    Pipelined when offered, and the session stays clean for the next use."""
+    try:
+        command = _command(b"RCPT TO:", rcpt, [])
+    except ValueError as exc:
+        fill(attempt.replies, [rcpt], dataclasses.replace(error_reply(exc, "rcpt"), by="relay"))
+        return "reusable"
+    return await _Transaction(session, [rcpt], attempt).run(b"MAIL FROM:<>", [command], None)
+
+
 class _Closing(Exception):
     """The provider answered 421 before the final ".": it is closing the connection."""
 
@@ -95,8 +107,11 @@ class _Transaction:
         self.replies: dict[str, Reply] = {}
         self.accepted: list[str] = []
 
-    async def run(self, mail: bytes, rcpt_commands: list[bytes], content: Content) -> Outcome:
-        """The exchange under aiosmtplib's command lock, every failure a reply."""
+    async def run(
+        self, mail: bytes, rcpt_commands: list[bytes], content: Content | None
+    ) -> Outcome:
+        """The exchange under aiosmtplib's command lock, every failure a reply; without
+        `content` a probe (RSET where DATA would be)."""
         smtp = self.session.smtp
         reused = self.session.uses > 0
         try:
@@ -139,15 +154,26 @@ class _Transaction:
             raise
 
     async def _exchange(
-        self, proto: Protocol, mail: bytes, rcpt_commands: list[bytes], content: Content
+        self, proto: Protocol, mail: bytes, rcpt_commands: list[bytes], content: Content | None
     ) -> SMTPResponse | None:
         """The commands and the content; the final reply, None when none was sent."""
         session = self.session
         reset, session.dirty = session.dirty, True  # clean again after the final reply
+        last = b"DATA" if content is not None else b"RSET"
         if session.smtp.supports_extension("pipelining"):
-            first, rcpt_replies, data = await self._pipelined(proto, reset, mail, rcpt_commands)
+            first, rcpt_replies, data = await self._pipelined(
+                proto, reset, mail, rcpt_commands, last
+            )
         else:
-            first, rcpt_replies, data = await self._stepwise(proto, reset, mail, rcpt_commands)
+            first, rcpt_replies, data = await self._stepwise(
+                proto, reset, mail, rcpt_commands, last
+            )
+        if content is None:  # a probe: every RCPT reply is an answer; RSET ended it
+            self._classify(first, rcpt_replies, None)
+            for rcpt, r in zip(self.rcpts, rcpt_replies, strict=False):
+                self.replies.setdefault(rcpt, Reply.from_smtp(r.code, r.message, "rcpt"))
+            session.dirty = data is None or data.code != 250
+            return None
         self.accepted = self._classify(first, rcpt_replies, data)
         if not self.accepted:
             if data is not None and data.code == 354:
@@ -166,10 +192,11 @@ class _Transaction:
         return final
 
     async def _pipelined(
-        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes]
+        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes], last: bytes
     ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]:
-        """[RSET,] MAIL, every RCPT and DATA in one write, then their replies in order."""
-        _write(proto, *([b"RSET"] if reset else []), mail, *rcpt_commands, b"DATA")
+        """[RSET,] MAIL, every RCPT and DATA (`last`) in one write, then their replies
+        in order."""
+        _write(proto, *([b"RSET"] if reset else []), mail, *rcpt_commands, last)
         if reset:
             await self._reply(proto)
         first = await self._reply(proto)
@@ -179,10 +206,10 @@ class _Transaction:
         return first, rcpt_replies, await self._reply(proto)
 
     async def _stepwise(
-        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes]
+        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes], last: bytes
     ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]:
         """One round trip per command; no RCPT after a refused MAIL, no DATA when
-        every recipient was refused."""
+        every recipient was refused (a probe's closing RSET always goes)."""
         if reset:
             _write(proto, b"RSET")
             await self._reply(proto)
@@ -195,10 +222,10 @@ class _Transaction:
             for command in rcpt_commands:
                 _write(proto, command)
                 rcpt_replies.append(await self._reply(proto))
-            if any(r.code in (250, 251) for r in rcpt_replies):
-                self.stage = "data"
-                _write(proto, b"DATA")
-                data = await self._reply(proto)
+        if last == b"RSET" or any(r.code in (250, 251) for r in rcpt_replies):
+            self.stage = "data"
+            _write(proto, last)
+            data = await self._reply(proto)
         return first, rcpt_replies, data
 
     async def _reply(self, proto: Protocol) -> SMTPResponse:

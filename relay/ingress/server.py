@@ -25,6 +25,7 @@ from relay.log import DeliveryLog, oplog
 from relay.records import Envelope as Record
 from relay.routing import PilotTable
 from relay.spool import Spool
+from relay.verify import RecipientCheck
 
 
 class IngressHandler:
@@ -38,9 +39,11 @@ class IngressHandler:
         pilots: Callable[[], PilotTable],
         on_queued: Callable[[str, Record], object] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        recipients: RecipientCheck | None = None,
     ):
         limits = settings.limits
         self.settings = settings
+        self.recipients = recipients  # `recipients:` and `verify_recipients` (relay/verify/)
         self.rejections = Rejections(log)
         self.policy = RelayPolicy(settings, spool)
         self.conns = Connections(limits.max_connections, limits.max_connections_per_ip)
@@ -107,6 +110,14 @@ class IngressHandler:
         refusal = self.policy.rcpt_refusal(
             address, envelope.smtp_utf8, len(envelope.rcpt_tos), server.client_ip
         )
+        if refusal is None and self.recipients is not None:
+            unknown = await self.recipients.refusal(address)
+            if unknown is not None:
+                kind, reason = unknown
+                refusal = (
+                    Reply.UNKNOWN_USER if kind == "unknown" else Reply.VERIFY_PENDING,
+                    reason,
+                )
         if refusal:
             return self._refuse(server, "rcpt", *refusal, rcpt=address)
         envelope.rcpt_tos.append(address)

@@ -91,8 +91,7 @@ class Relay:
         )  # fmt: skip
         self.recipients = RecipientList(cfg) if cfg.recipients is not None else None
         self.verifier = (
-            Verifier(s, VerifyCache(self.spool.verify_cache),
-                     self.scheduler.clock.now, self.scheduler.provider_settings)
+            Verifier(s, VerifyCache(self.spool.verify_cache), self.scheduler)
             if s.verify_recipients else None
         )  # fmt: skip
         check = (

@@ -281,8 +281,9 @@ class Scheduler:
             self._slots[key] = asyncio.Semaphore(cfg.max_connections)
         return self._slots[key]
 
-    def _auth_hold(self, provider: str) -> AuthHold:
-        """The AUTH hold of the account `provider` logs in with (shared, like slots)."""
+    def auth_hold(self, provider: str) -> AuthHold:
+        """The AUTH hold of the account `provider` logs in with (shared, like slots;
+        recipient verification probes respect it too)."""
         cfg = self.provider_settings(provider)
         key = (cfg.destination, cfg.username)
         if key not in self._holds:
@@ -303,7 +304,7 @@ class Scheduler:
         heap, wake = self._heaps[provider], self._wake[provider]
         while not self._stopping:
             now = self.clock.now()
-            hold = self._auth_hold(provider)
+            hold = self.auth_hold(provider)
             pause = hold.pause(now)
             while heap and pause is None:
                 due, _, qid = heap[0]
@@ -365,7 +366,7 @@ class Scheduler:
                 except Exception as exc:  # never an immediate resend: back off instead
                     self._hold(msg, batch, f"recording the outcome failed: {exc!r}", exc)
         finally:
-            if self._auth_hold(provider).settle(replies, self.clock.now()):
+            if self.auth_hold(provider).settle(replies, self.clock.now()):
                 self.wake()  # the probe is back: the others may go, or wait for the hold
             if sent is not None and not sent.done():
                 sent.set_result(None)

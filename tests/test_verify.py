@@ -239,3 +239,22 @@ def test_cache_ages_and_compaction(tmp_path: Path) -> None:
     assert later.get(("legacy", "z@example.com"), 5 * 86400) is None
     assert len(path.read_text().splitlines()) == 1  # compacted
     assert later.get(("legacy", "a@example.com"), POSITIVE_EXPIRE + 10) is None
+
+
+async def test_probes_keep_to_the_auth_hold(
+    make_env: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong password: the first probe's failed login holds the account, and the
+    next RCPTs get 450 without another login (a provider locks an account after a few)."""
+    monkeypatch.setenv("RELAY_TEST_VERIFY_PASSWORD", "wrong")
+    legacy = Provider("legacy", auth={"relayuser": "right"})
+    env = await make_env(
+        legacy=legacy,
+        legacy_cfg={"username": "relayuser", "password_env": "RELAY_TEST_VERIFY_PASSWORD"},
+        extra={"verify_recipients": True, "verify_timeout": 5},
+    )
+    c = await client(env)
+    for address in ("yann@example.com", "yann@example.com", "zoe@example.com"):
+        assert await rcpt(c, address) == (450, "4.1.1")
+    await c.close()
+    assert len(legacy.auth_attempts) == 1

@@ -19,6 +19,7 @@ from typing import Literal
 from relay.config import ProviderSettings, RelaySettings
 from relay.delivery import Agent, Reply
 from relay.routing import PilotTable, resolve_recipient, route
+from relay.scheduler import Scheduler
 from relay.verify.cache import Answer, Key, VerifyCache
 from relay.verify.listed import RecipientList
 
@@ -33,23 +34,21 @@ class Verifier:
 
     One probe at a time per address (a second RCPT waits for the first's answer);
     at most `max_connections` probes at once per provider, on connections of the
-    verifier's own (deliveries never wait for a probe). A probe that outlasts
-    `verify_timeout` goes on, and its answer is kept for the client's retry.
+    verifier's own (deliveries never wait for a probe), to the hosts the
+    scheduler's agent knows (dead hosts, the `dns:` resolver). A probe that
+    outlasts `verify_timeout` goes on, and its answer is kept for the client's
+    retry. A probe logs in like a delivery, so it keeps to the provider's AUTH
+    hold: none while the account is held, and one that fails a login starts it.
     """
 
-    def __init__(
-        self,
-        settings: RelaySettings,
-        cache: VerifyCache,
-        clock: Callable[[], float],
-        provider: Callable[[str], ProviderSettings],
-    ):
+    def __init__(self, settings: RelaySettings, cache: VerifyCache, scheduler: Scheduler):
         self.timeout = settings.verify_timeout
         self.helo = settings.listen.hostname
         self.cache = cache
-        self.clock = clock
-        self.provider = provider
-        self.agent = Agent()
+        self.scheduler = scheduler
+        self.clock = scheduler.clock.now
+        self.provider: Callable[[str], ProviderSettings] = scheduler.provider_settings
+        self.agent = Agent(hosts=scheduler.agent.hosts)
         self.probes = 0  # probes sent, for tests and metrics
         self._running: dict[Key, asyncio.Task[Answer | None]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -85,9 +84,19 @@ class Verifier:
         slot = self._slots.setdefault(
             provider, asyncio.Semaphore(self.provider(provider).max_connections)
         )
-        async with slot:
-            self.probes += 1
-            reply = await self.agent.probe(self.provider(provider), address, self.helo)
+        hold = self.scheduler.auth_hold(provider)
+        if hold.pause(self.clock()) is not None:
+            return None  # a login failed lately (or is being tried): no more logins now
+        hold.taken()
+        replies: list[Reply] = []
+        try:
+            async with slot:
+                self.probes += 1
+                reply = await self.agent.probe(self.provider(provider), address, self.helo)
+                replies.append(reply)
+        finally:
+            if hold.settle(replies, self.clock()):
+                self.scheduler.wake()
         if not (reply.ok or (reply.permanent and reply.stage == "rcpt")):
             return None  # 4xx, no answer, MAIL FROM:<> refused, a login fault: ask again
         answer = Answer(reply.ok, _text(reply), self.clock())

@@ -105,7 +105,7 @@ class Relay:
         self.lock_wait = lock_wait  # seconds to wait for the spool lock (a worker's old self)
         s = cfg.relay
         with starting(f"delivery log {s.log}"):
-            self.log = DeliveryLog(s.log, s.node_name)
+            self.log = DeliveryLog.for_settings(s)
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
         self.scheduler = Scheduler(s, self.spool, self.log, clock=clock)

@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
 )
 
+from relay.privacy import KEY_ENV
+
 TlsMode = Literal["none", "starttls", "required", "implicit"]
 PilotMode = Literal["dual", "new-only", "legacy-only"]
 
@@ -52,6 +54,7 @@ class ProviderSettings(_Strict):
     connect_timeout: float = Field(30, gt=0)
     command_timeout: float = Field(300, gt=0)
     data_timeout: float = Field(600, gt=0)
+    label: str | None = None  # shown by `relay report` instead of the name ("Zoho Mail")
 
     def password(self) -> str | None:
         """The secret is read at use time so it never sits in a settings dump."""
@@ -112,6 +115,7 @@ class RelaySettings(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     workers: int = Field(1, ge=1, le=64)
     pid_file: Path | None = None
+    log_privacy: Literal["plain", "hash"] = "plain"  # hash: addresses pseudonymized (privacy.py)
 
     @field_validator("domains")
     @classmethod
@@ -335,7 +339,7 @@ def missing_secrets(cfg: Config) -> list[ConfigIssue]:
     `relay check` shows them as warnings and `relay queue` / `relay route` never
     look, so an operator can inspect a queue without holding the passwords.
     """
-    return [
+    issues = [
         ConfigIssue(
             cfg.shown,
             cfg.line_of((*loc, "password_env")),
@@ -345,6 +349,16 @@ def missing_secrets(cfg: Config) -> list[ConfigIssue]:
         for loc, p in _providers(cfg.relay)
         if p.password_env and os.environ.get(p.password_env) is None
     ]
+    if cfg.relay.log_privacy == "hash" and not os.environ.get(KEY_ENV):
+        issues.append(
+            ConfigIssue(
+                cfg.shown,
+                cfg.line_of(("log_privacy",)),
+                "log_privacy",
+                f"environment variable {KEY_ENV} is not set (the pseudonym key)",
+            )
+        )
+    return issues
 
 
 def _relay_warnings(settings: RelaySettings, shown: str, doc: _Doc) -> list[str]:

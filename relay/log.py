@@ -5,7 +5,11 @@ Each event is appended with one write(2) on an O_APPEND descriptor (a few
 microseconds into the page cache: cheaper than a thread hop), so worker
 processes sharing the file never interleave lines; SIGUSR1 reopens the file
 for logrotate.
-Message bodies, subjects and passwords never reach either log.
+Message bodies, subjects and passwords never reach either log. With
+`log_privacy: hash` addresses and Message-IDs are written as pseudonyms
+(relay.privacy). A `config` header event opens every file the log writes to
+(at start and after each reopen), so a rotated file still says which provider
+labels and which privacy its events were written with.
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ import threading
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+
+from relay import __version__
+from relay.privacy import Pseudonymizer
+
+if TYPE_CHECKING:
+    from relay.config import RelaySettings
 
 
 def utc_ts(t: datetime | None = None) -> str:
@@ -80,24 +90,55 @@ class _ReopenableFile:
 
 
 class DeliveryLog:
-    """Writes delivery-log events; every event gets `event`, `ts` and `node`."""
+    """Writes delivery-log events; every event gets `event`, `ts` and `node`.
 
-    def __init__(self, path: Path, node: str):
+    `header` (the `config` event's fields) is written first into every file
+    opened; `privacy` hashes the addresses of every other event before it is
+    written (observers such as the metrics still see the event as it was).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        node: str,
+        header: dict[str, Any] | None = None,
+        privacy: Pseudonymizer | None = None,
+    ):
         self.node = node
+        self.header = header
+        self.privacy = privacy
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # e.g. metrics
         self.file = _ReopenableFile(path)
         self._log = structlog.wrap_logger(
             structlog.WriteLogger(self.file),  # type: ignore[arg-type]
             processors=[_ts, structlog.processors.JSONRenderer(separators=(",", ":"))],
         )
+        self._write_header("start")
+
+    @classmethod
+    def for_settings(cls, s: RelaySettings) -> DeliveryLog:
+        """The relay's log: its header says what `relay report`, reading logs only, needs."""
+        header = {
+            "version": __version__,
+            "providers": {n: {"label": getattr(s.providers, n).label} for n in ("legacy", "new")},
+            "log_privacy": s.log_privacy,
+        }
+        privacy = Pseudonymizer.from_env() if s.log_privacy == "hash" else None
+        return cls(s.log, s.node_name, header, privacy)
+
+    def _write_header(self, reason: str) -> None:
+        if self.header is not None:
+            self._log.msg("config", node=self.node, reason=reason, **self.header)
 
     def emit(self, event: str, **fields: Any) -> None:
-        self._log.msg(event, node=self.node, **fields)
+        written = fields if self.privacy is None else self.privacy.event(fields)
+        self._log.msg(event, node=self.node, **written)
         for observe in self.observers:
             observe(event, fields)
 
     def reopen(self) -> None:
         self.file.reopen()
+        self._write_header("reopen")
 
     def close(self) -> None:
         self.file.close()

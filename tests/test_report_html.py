@@ -15,9 +15,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -29,115 +28,21 @@ from relay.report.html import CHART_IDS, MAX_HOURLY_BARS, activity_rows, render_
 from relay.report.logs import build_report
 from relay.report.model import LATENCY_BUCKETS_MS, PROVIDERS
 from relay.report.text import render_text
+from tests.report_pages import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    by_id,
+    chromium,
+    parse,
+    svg_marks,
+    table_rows,
+    text_tables,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 FIXTURE = Path(__file__).parent / "fixtures" / "report" / "sample.jsonl"
 SVG_NAMESPACES = {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}
-
-
-# --------------------------------------------------------------------------- a small DOM
-
-
-@dataclass
-class Node:
-    tag: str
-    attrs: dict[str, str]
-    children: list[Node] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-
-    @property
-    def classes(self) -> set[str]:
-        return set(self.attrs.get("class", "").split())
-
-    def walk(self) -> list[Node]:
-        out = [self]
-        for c in self.children:
-            out += c.walk()
-        return out
-
-    def find(self, tag: str | None = None, cls: str | None = None) -> list[Node]:
-        return [
-            n
-            for n in self.walk()[1:]
-            if (tag is None or n.tag == tag) and (cls is None or cls in n.classes)
-        ]
-
-    def all_text(self) -> str:
-        return " ".join(" ".join([*self.text, *(c.all_text() for c in self.children)]).split())
-
-
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
-
-
-class _Parser(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.root = Node("#document", {})
-        self.stack = [self.root]
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        node = Node(tag, {k: v or "" for k, v in attrs})
-        self.stack[-1].children.append(node)
-        if tag not in VOID:
-            self.stack.append(node)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.stack[-1].children.append(Node(tag, {k: v or "" for k, v in attrs}))
-
-    def handle_endtag(self, tag: str) -> None:
-        for i in range(len(self.stack) - 1, 0, -1):
-            if self.stack[i].tag == tag:
-                del self.stack[i:]
-                return
-
-    def handle_data(self, data: str) -> None:
-        self.stack[-1].text.append(data)
-
-
-def parse(html: str) -> Node:
-    p = _Parser()
-    p.feed(html)
-    p.close()
-    return p.root
-
-
-def by_id(doc: Node, ident: str) -> Node:
-    hits = [n for n in doc.walk() if n.attrs.get("id") == ident]
-    assert len(hits) == 1, f"#{ident}: {len(hits)} elements"
-    return hits[0]
-
-
-def table_rows(table: Node) -> list[list[str]]:
-    body = table.find("tbody")[0]
-    return [[td.all_text() for td in tr.find("td")] for tr in body.find("tr")]
-
-
-def svg_marks(svg: Node) -> tuple[int, int]:
-    """(bars drawn, bars with a non-zero size) in a pygal chart's plot series."""
-    rects: list[Node] = []
-    for plot in svg.find("g", "plot"):
-        if plot.classes != {"plot"}:
-            continue  # "plot overlay", "plot text-overlay", "plot tooltip-overlay"
-        for bar in plot.find("g", "bar"):
-            rects += bar.find("rect")
-    # pygal leaves out a zero width/height attribute (an empty stacked segment)
-    visible = [
-        r
-        for r in rects
-        if float(r.attrs.get("width", 0)) > 0 and float(r.attrs.get("height", 0)) > 0
-    ]
-    return len(rects), len(visible)
 
 
 # --------------------------------------------------------------------------- expected marks
@@ -292,27 +197,9 @@ def test_verdicts_then_charts_then_tables(demo: Demo) -> None:
     assert shown == len(demo.doc["divergences"]) > 0
 
 
-def _text_tables(text: str) -> dict[str, list[list[str]]]:
-    """Rows (whitespace-split tokens) of each table of the text report, by title."""
-    tables: dict[str, list[list[str]]] = {}
-    lines = text.splitlines()
-    for j, line in enumerate(lines):
-        if j < 2 or set(line.strip()) != {"─"}:
-            continue
-        start = j - 2  # the title (rich may wrap it) is above the header line
-        while start > 0 and lines[start - 1].strip():
-            start -= 1
-        rows = tables[" ".join(x.strip() for x in lines[start : j - 1])] = []
-        for row in lines[j + 1 :]:
-            if not row.strip():
-                break
-            rows.append(row.split())
-    return tables
-
-
 def test_same_tables_as_the_text_report(demo: Demo) -> None:
     rep = build_report([demo.out / "deliveries.jsonl"])
-    text_tables = _text_tables(render_text(rep))
+    tables = text_tables(render_text(rep))
     doc = parse(render_html(rep))
     pairs = {  # the start of each table's title in the text report
         "Pilot comparison per group:": "comparison-table",
@@ -328,25 +215,15 @@ def test_same_tables_as_the_text_report(demo: Demo) -> None:
         "Per pilot user: rates and latency (ms)": "user-table-rates",
     }
     for start, table_id in pairs.items():
-        titles = [t for t in text_tables if t.startswith(start)]
-        assert len(titles) == 1, (start, list(text_tables))
+        titles = [t for t in tables if t.startswith(start)]
+        assert len(titles) == 1, (start, list(tables))
         rows = table_rows(by_id(doc, table_id))
         if table_id == "user-table-outcomes":  # the page also shows the group there
             rows = [[r[0], *r[2:]] for r in rows]
-        assert [" ".join(cells).split() for cells in rows] == text_tables[titles[0]], start
+        assert [" ".join(cells).split() for cells in rows] == tables[titles[0]], start
 
 
 # --------------------------------------------------------------------------- in Chromium
-
-
-def _chromium() -> Any:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing (Debian package chromium; .ci/run installs it)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is missing (pip install -e '.[test]')")
-    return sync_playwright
 
 
 MARKS_JS = """(ids) => Object.fromEntries(ids.map((id) => {
@@ -363,7 +240,7 @@ MARKS_JS = """(ids) => Object.fromEntries(ids.map((id) => {
 
 
 def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
-    sync_playwright = _chromium()
+    sync_playwright = chromium()
     started = time.monotonic()
     url = (demo.out / "report.html").resolve().as_uri()
     requests: list[str] = []

@@ -183,18 +183,21 @@ def _plot_width(labels: Sequence[str]) -> float:
     return WIDTH - 2 * MARGIN - max((text_px(x, LABEL_PX) for x in labels), default=0) - 20
 
 
-def zoom(values: Sequence[float]) -> tuple[float, list[float]]:
-    """A rate axis (percent) zoomed to the data: its low end and its ticks up to 100.
+def zoom(values: Sequence[float]) -> tuple[float, float, list[float]]:
+    """A rate axis (percent) zoomed to the data: its ends and ticks, on a round step.
 
-    The low end sits below the lowest value by a quarter of the span at least,
-    on a round step, so that 98 % and 100 % look different and no bar is empty.
+    The low end sits below the lowest value by half the values' spread (at
+    least 0.25 point), so that 98 % and 100 % look different and no bar is
+    empty; the high end is the highest value rounded up, at most 100 %.
     """
-    low = min(values, default=100.0)
-    span = max(100.0 - low, 0.5)
-    step = next(s for s in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 25) if s * 5 >= span * 1.25)
-    lo = max(0.0, math.floor((low - span / 4) / step) * step)
-    ticks = [round(lo + i * step, 6) for i in range(round((100 - lo) / step) + 1)]
-    return lo, ticks
+    low, high = min(values, default=100.0), max(values, default=100.0)
+    spread = max(high - low, 0.5)
+    lo_raw, hi_raw = max(0.0, low - spread / 2), min(100.0, high + spread / 4)
+    step = next(s for s in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 25) if s * 4 >= hi_raw - lo_raw)
+    lo = max(0.0, math.floor(lo_raw / step) * step)
+    hi = min(100.0, math.ceil(hi_raw / step - 1e-9) * step)
+    ticks = [round(lo + i * step, 6) for i in range(round((hi - lo) / step) + 1)]
+    return lo, hi, ticks
 
 
 def _percent(v: float) -> str:
@@ -230,8 +233,9 @@ def group_rates_chart(report: Report) -> Markup:
     """Horizontal bars: each pilot group's delivered share of its compared pairs, per provider."""
     rows = group_rates(report)[::-1]  # pygal draws the first category at the bottom
     values = [v for _, r in rows for v in r.values() if v is not None]
-    lo, ticks = zoom(values)
+    lo, hi, ticks = zoom(values)
     titles = [report.labels[p] for p in PROVIDERS]
+    plot_w = _plot_width([name for name, _ in rows]) - 28
     chart = _chart(
         pygal.HorizontalBar,
         CHART_IDS["group_rates"],
@@ -240,7 +244,7 @@ def group_rates_chart(report: Report) -> Markup:
         title="Delivered, % of compared pilot pairs",
         margin_right=MARGIN + 28,  # the last axis label ("100.0 %") is centred on the edge
         height=max(HEIGHT, 140 + 44 * len(rows)),
-        range=(lo, 100),
+        range=(lo, hi),
         zero=lo,
         y_labels=ticks,
         value_formatter=_percent,
@@ -251,7 +255,12 @@ def group_rates_chart(report: Report) -> Markup:
     chart.y_label_formatter = _axis_percent
     chart.x_labels = [name for name, _ in rows]
     for p, title in zip(PROVIDERS, titles, strict=True):
-        chart.add(title, [r[p] for _, r in rows])
+        cells = []
+        for _, r in rows:
+            v = r[p]
+            bar = 0.0 if v is None else (v - lo) / (hi - lo) * plot_w
+            cells.append(_shown_if(bar >= text_px(_percent(v or 0), VALUE_PX) + 6, v))
+        chart.add(title, cells)
     return _svg(chart)
 
 
@@ -330,23 +339,23 @@ def _bars(
     slot: float,
     stacked: bool,
 ) -> None:
-    """Add the series of a vertical bar chart, printing values only where they fit.
+    """Add the series of a vertical bar chart, with values printed if they all fit.
 
     `columns[i]` are series i's values per x slot (`slot` px wide); side by side
     bars share a slot, stacked ones have it each, and a stacked segment needs
-    the height of a line too.
+    the height of a line too. Some labels but not others would read as a gap.
     """
     width = slot * 0.88 / (1 if stacked else max(1, len(titles)))
     top = max((sum(col) for col in zip(*columns, strict=True)), default=0)
     plot_h = HEIGHT - 150
+
+    def fits(v: int) -> bool:
+        wide = width >= text_px(f"{v:,}", VALUE_PX) + 4
+        return wide and (not stacked or v / top * plot_h >= VALUE_PX + 4)
+
+    every = all(fits(v) for values in columns for v in values if v)
     for title, values in zip(titles, columns, strict=True):
-        cells = []
-        for v in values:
-            fits = width >= text_px(f"{v:,}", VALUE_PX) + 4
-            if stacked and top:
-                fits = fits and v / top * plot_h >= VALUE_PX + 4
-            cells.append(_shown_if(fits, v or None))
-        chart.add(title, cells)
+        chart.add(title, [_shown_if(every, v or None) for v in values])
 
 
 def latency_chart(report: Report) -> Markup:

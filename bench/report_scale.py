@@ -2,6 +2,7 @@
 
     python bench/report_scale.py                 # N = 1,000,000, logs under /tmp
     python bench/report_scale.py -n 100000 --dir /var/tmp --gzip-rotated --keep
+    python bench/report_scale.py --format html --pseudonymize
 
 Writes one delivery log per node (optionally split into a gzip'd rotated file
 plus the current one), each starting with the `config` header that labels the
@@ -218,6 +219,7 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp", help="where to write the logs (a temp dir inside)")
     ap.add_argument("--gzip-rotated", action="store_true", help="older half of each log as .1.gz")
     ap.add_argument("--keep", action="store_true", help="keep the generated logs")
+    ap.add_argument("--pseudonymize", action="store_true", help="relay report --pseudonymize")
     ap.add_argument("--format", default="json", choices=["text", "json", "csv", "html"])
     args = ap.parse_args()
 
@@ -234,8 +236,9 @@ def main() -> int:
         )
         out = folder / f"report.{args.format}"
         cmd = [sys.executable, "-c", CHILD, *map(str, paths), "--format", args.format]
-        cmd += ["-o", str(out)]
+        cmd += ["-o", str(out), *(["--pseudonymize"] if args.pseudonymize else [])]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        env.setdefault("RELAY_PSEUDONYM_KEY", "bench key")
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t

@@ -33,6 +33,7 @@ from tests.report_pages import (
     CHROMIUM_FLAGS,
     by_id,
     chromium,
+    measure_page,
     parse,
     svg_marks,
     table_rows,
@@ -299,6 +300,16 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
     if keep:  # e.g. RELAY_REPORT_SCREENSHOT=/tmp/relay-report.png to look at it
         shutil.copyfile(screenshot, keep)
     assert time.monotonic() - started < 30
+
+
+def test_demo_charts_have_no_clipped_or_overlapping_text(demo: Demo) -> None:
+    """SPEC Part 2: no clipped legend, no overlapping labels (measured in Chromium)."""
+    m = measure_page(demo.out / "report.html", width=1280, height=800)
+    assert set(m["charts"]) == set(CHART_IDS.values())
+    for cid, chart in m["charts"].items():
+        assert (chart["clipped"], chart["overlaps"]) == ([], []), cid
+    assert m["overflowing"] == [] and m["page_width"] <= 1280
+    assert max(chart["bottom"] for chart in m["charts"].values()) <= 2 * 800
 
 
 # --------------------------------------------------------------------------- builder data

@@ -425,6 +425,16 @@ def test_html_tables_cards_and_charts_agree(plain: Outputs) -> None:
     assert ids[:2] == ["readiness", "charts"]  # verdicts, then charts, then tables
 
 
+def test_label_and_tz_options(month: Month) -> None:
+    doc = json.loads(run(month.paths, "--format", "json", "--label", "new=Google Workspace"))
+    assert doc["labels"] == {"legacy": LABELS["legacy"], "new": "Google Workspace"}
+    assert any(v["reason"].startswith("Google Workspace delivered") for v in doc["verdicts"])
+    for bad in (["--tz", "Mars/Olympus"], ["--label", "newer=X"], ["--label", "new"]):
+        res = CliRunner().invoke(report_command, [str(month.paths[0]), *bad])
+        assert res.exit_code == 2, bad
+        assert bad[0] in res.output
+
+
 def test_divergences_shown_are_the_worst_per_kind(tmp_path: Path) -> None:
     """More than 20 replies of one kind: text and HTML show the 20 most frequent."""
     log = Log("mx1")

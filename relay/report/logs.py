@@ -145,7 +145,9 @@ class _Pair:
 
 
 class _Message:
-    __slots__ = ("forwarded", "in_window", "n_discarded", "n_rcpts", "null_sender", "pairs", "ts")
+    __slots__ = (
+        "forwarded", "hashed", "in_window", "n_discarded", "n_rcpts", "null_sender", "pairs", "ts"
+    )  # fmt: skip
 
     def __init__(self, ts: str, forwarded: bool, null_sender: bool, n_rcpts: int) -> None:
         self.ts = ts
@@ -155,6 +157,7 @@ class _Message:
         self.n_discarded = 0
         self.in_window = True
         self.pairs: dict[str, _Pair] = {}
+        self.hashed = False  # logged by a node whose log says log_privacy: hash
 
 
 def _is_one_of(v: Any, names: Container[str]) -> bool:
@@ -203,11 +206,9 @@ class _Builder:
         self.totals = Totals()
         self.stats = InputStats(files=[])
 
-    def _privacy(self, node: str) -> Pseudonymizer | None:
-        """The pseudonymizer for what a node logged (none if its log is hashed already)."""
-        if self.pseudonymizer is None or node in self.hashed_nodes:
-            return None
-        return self.pseudonymizer
+    def _privacy(self, msg: _Message) -> Pseudonymizer | None:
+        """The pseudonymizer for a message's data (none if its node's log hashed them)."""
+        return None if msg.hashed else self.pseudonymizer
 
     # -- reading
 
@@ -343,6 +344,7 @@ class _Builder:
             len({r.lower() for r in rcpts if isinstance(r, str)}),
         )
         msg.in_window = self._ts_in_window(msg.ts)
+        msg.hashed = key[0] in self.hashed_nodes
         for e in ev["plan"]:
             if e["provider"] not in PROVIDER_INDEX:
                 continue  # another route (the DSNs' "bounce"): not compared
@@ -408,7 +410,7 @@ class _Builder:
             slot.deferrals += 1
             if pair.included:
                 r = REASON_INDEX[classify_reason(ev.get("enhanced_code"), ev.get("smtp_response"))]
-                for scope in self._scopes(pair, ev["node"]):
+                for scope in self._scopes(pair, msg):
                     agg = scope.prov[i]
                     agg.deferrals += 1
                     agg.dreasons[r] += 1
@@ -450,21 +452,21 @@ class _Builder:
         self.closed.append(hash(key))
         self._fold(key, msg)
 
-    def _scopes(self, pair: _Pair, node: str) -> list[ScopeCounters]:
+    def _scopes(self, pair: _Pair, msg: _Message) -> list[ScopeCounters]:
         g = self.groups.get(pair.group)
         if g is None:
             g = self.groups[pair.group] = ScopeCounters()
         scopes = [self.overall, g]
         if pair.pilot:
-            user = self._shown_rcpt(node, pair.rcpt).lower()
+            user = self._shown_rcpt(msg, pair.rcpt).lower()
             u = self.users.get(user)
             if u is None:
                 u = self.users[user] = ScopeCounters(pair.group)
             scopes.append(u)
         return scopes
 
-    def _shown_rcpt(self, node: str, rcpt: str) -> str:
-        privacy = self._privacy(node)
+    def _shown_rcpt(self, msg: _Message, rcpt: str) -> str:
+        privacy = self._privacy(msg)
         return rcpt if privacy is None else privacy.address(rcpt)
 
     def _fold(self, key: tuple[str, str], msg: _Message) -> None:
@@ -485,7 +487,7 @@ class _Builder:
                 continue
             if pair.pilot:
                 totals.pilot_pairs += 1
-            scopes = self._scopes(pair, key[0])
+            scopes = self._scopes(pair, msg)
             for scope in scopes:
                 scope.pairs += 1
                 if pair.pilot:
@@ -580,14 +582,14 @@ class _Builder:
             refusing = pair.slots[0 if kind == "legacy_refused" else 1]
             fin = refusing.final if refusing is not None else None
             pattern = "" if fin is None else reply_pattern(fin.code, fin.enhanced, fin.response)
-            privacy = self._privacy(key[0])
+            privacy = self._privacy(msg)
             self.divergences.append(
                 (
                     Divergence(
                         node=key[0],
                         queue_id=key[1],
                         received=msg.ts,
-                        rcpt=self._shown_rcpt(key[0], pair.rcpt),
+                        rcpt=self._shown_rcpt(msg, pair.rcpt),
                         group=pair.group,
                         kind=kind,
                         refused_by="legacy" if kind == "legacy_refused" else "new",
@@ -609,12 +611,12 @@ class _Builder:
         *,
         discarded: bool,
     ) -> PairRow:
-        privacy = self._privacy(key[0])
+        privacy = self._privacy(msg)
         return PairRow(
             node=key[0],
             queue_id=key[1],
             received=msg.ts,
-            rcpt=self._shown_rcpt(key[0], pair.rcpt),
+            rcpt=self._shown_rcpt(msg, pair.rcpt),
             group=pair.group if pair.slots != [None, None] else "",
             pilot=pair.pilot,
             forwarded=pair.forwarded(msg),

@@ -192,8 +192,8 @@ def _comparison(report: Report) -> list[str]:
             )  # fmt: skip
     out = _rendered(t)
     t = _table(
-        "Pilot divergences per group: rate = (refused by new + refused to cut-over users) / "
-        "judged pairs (compared + cut-over)",
+        f"Pilot divergences per group: rate = (refused by {labels['new']} + refused to cut-over "
+        "users) / judged pairs (compared + cut-over)",
         ("group", "judged", f"{labels['new']} refused", "cut-over refused", "rate",
          f"{labels['legacy']} refused", "pending"),
     )  # fmt: skip

@@ -89,7 +89,7 @@ class Relay:
         self.lock_wait = lock_wait  # seconds to wait for the spool lock (a worker's old self)
         s = cfg.relay
         with starting(f"delivery log {s.log}"):
-            self.log = DeliveryLog(s.log, s.node_name, s.log_buffer)
+            self.log = DeliveryLog.for_settings(s)
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
         resolver = Resolver(s.dns)  # one cache for MX and authentication lookups

@@ -12,6 +12,7 @@ from typing import BinaryIO, TypeVar
 import click
 
 from relay import config as config_mod
+from relay.privacy import Pseudonymizer, PseudonymKeyMissing
 from relay.report.command import report_command
 from relay.routing import PilotTable, resolve_recipient, route
 
@@ -274,7 +275,7 @@ def _queue_manage(config_path: str, op: str, queue_id: str | None, provider: str
 
     try:
         answer = q.manage(_queue_settings(config_path), op, queue_id, provider)
-    except q.QueueError as exc:
+    except (q.QueueError, PseudonymKeyMissing) as exc:  # the key: to log `deleted` hashed
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     if "error" in answer:
@@ -295,6 +296,24 @@ def demo(messages: int, out: str) -> None:
 
     click.echo(demo_mod.main(messages, Path(out)))
     click.echo(f"wrote {out}/deliveries.jsonl and {out}/report.json")
+
+
+@cli.command("hash")
+@click.argument("values", metavar="ADDR...", nargs=-1, required=True)
+def hash_command(values: tuple[str, ...]) -> None:
+    """Print the pseudonym of each address (or <Message-ID>) under $RELAY_PSEUDONYM_KEY.
+
+    The same pseudonym `log_privacy: hash` writes and `relay report --pseudonymize`
+    shows, so a user can be found in either.
+    """
+    try:
+        p = Pseudonymizer.from_env()
+    except PseudonymKeyMissing as exc:
+        click.echo(f"relay hash: {exc}", err=True)
+        sys.exit(2)
+    for v in values:
+        mid = v.startswith("<") and v.endswith(">")
+        click.echo(p.message_id(v) if mid else p.address(v))
 
 
 cli.add_command(report_command)

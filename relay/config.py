@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from relay.privacy import KEY_ENV
+
 TlsMode = Literal["none", "starttls", "required", "implicit"]
 PilotMode = Literal["dual", "new-only", "legacy-only"]
 
@@ -137,6 +139,8 @@ class ProviderSettings(_Strict):
         """What makes two providers the same next hop (shared connections, slots)."""
         return ("mx", (self.mx,), self.port) if self.mx else ("host", self.hosts, self.port)
 
+    label: str | None = None  # shown by `relay report` instead of the name ("Zoho Mail")
+
     def password(self) -> str | None:
         """The secret is read at use time so it never sits in a settings dump."""
         return os.environ.get(self.password_env) if self.password_env else None
@@ -240,6 +244,7 @@ class RelaySettings(_Strict):
     workers: int = Field(1, ge=1, le=64)
     pid_file: Path | None = None
     log_buffer: int = Field(10_000, ge=0)
+    log_privacy: Literal["plain", "hash"] = "plain"  # hash: addresses pseudonymized (privacy.py)
 
     @field_validator("domains")
     @classmethod
@@ -477,7 +482,7 @@ def missing_secrets(cfg: Config) -> list[ConfigIssue]:
     `relay check` shows them as warnings and `relay queue` / `relay route` never
     look, so an operator can inspect a queue without holding the passwords.
     """
-    return [
+    issues = [
         ConfigIssue(
             cfg.shown,
             cfg.line_of((*loc, "password_env")),
@@ -487,6 +492,16 @@ def missing_secrets(cfg: Config) -> list[ConfigIssue]:
         for loc, p in _providers(cfg.relay)
         if p.password_env and os.environ.get(p.password_env) is None
     ]
+    if cfg.relay.log_privacy == "hash" and not os.environ.get(KEY_ENV):
+        issues.append(
+            ConfigIssue(
+                cfg.shown,
+                cfg.line_of(("log_privacy",)),
+                "log_privacy",
+                f"environment variable {KEY_ENV} is not set (the pseudonym key)",
+            )
+        )
+    return issues
 
 
 def _relay_warnings(settings: RelaySettings, shown: str, doc: _Doc) -> list[str]:

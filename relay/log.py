@@ -6,7 +6,11 @@ each event's fields) is declared in relay/records.py, and mypy checks every
 O_APPEND descriptor (a few microseconds into the page cache: cheaper than a
 thread hop), so worker processes sharing the file never interleave lines;
 SIGUSR1 reopens the file for logrotate.
-Message bodies, subjects and passwords never reach either log.
+Message bodies, subjects and passwords never reach either log. With
+`log_privacy: hash` addresses and Message-IDs are written as pseudonyms
+(relay.privacy). A `config` header event opens every file the log writes to
+(at start and after each reopen), so a rotated file still says which provider
+labels and which privacy its events were written with.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from collections import deque
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 import structlog
 
+from relay import __version__
+from relay.privacy import Pseudonymizer
 from relay.records import (
     BounceSentEvent,
     DeletedEvent,
@@ -35,6 +41,9 @@ from relay.records import (
     ReceivedEvent,
     RejectedEvent,
 )
+
+if TYPE_CHECKING:
+    from relay.config import RelaySettings
 
 
 def utc_ts(t: datetime | None = None) -> str:
@@ -119,11 +128,23 @@ class DeliveryLog:
     event, or `flush_pending` which the running relay calls every second);
     beyond the bound events are counted in `dropped` and one `log_events_dropped`
     event says how many once writing resumes. Observers (metrics) see every
-    event whether or not it reached the file.
+    event whether or not it reached the file, and as it was: `privacy` hashes
+    the addresses of what is written. `header` (the `config` event's fields) is
+    written first into every file opened.
     """
 
-    def __init__(self, path: Path, node: str, buffer: int = LOG_BUFFER):
+    def __init__(
+        self,
+        path: Path,
+        node: str,
+        buffer: int = LOG_BUFFER,
+        *,
+        header: dict[str, Any] | None = None,
+        privacy: Pseudonymizer | None = None,
+    ):
         self.node = node
+        self.header = header
+        self.privacy = privacy
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # e.g. metrics
         self.file = _ReopenableFile(path)
         self.buffer = buffer
@@ -132,6 +153,22 @@ class DeliveryLog:
         self.dropped_total = 0
         self._complained = -COMPLAIN_EVERY
         self._dropped_since: str | None = None
+        self._write_header("start")
+
+    @classmethod
+    def for_settings(cls, s: RelaySettings) -> DeliveryLog:
+        """The relay's log: its header says what `relay report`, reading logs only, needs."""
+        header = {
+            "version": __version__,
+            "providers": {n: {"label": getattr(s.providers, n).label} for n in ("legacy", "new")},
+            "log_privacy": s.log_privacy,
+        }
+        privacy = Pseudonymizer.from_env() if s.log_privacy == "hash" else None
+        return cls(s.log, s.node_name, s.log_buffer, header=header, privacy=privacy)
+
+    def _write_header(self, reason: str) -> None:
+        if self.header is not None:
+            self._send(_encode(self.node, "config", {"reason": reason, **self.header}))
 
     @overload
     def emit(self, event: Literal["received"], **fields: Unpack[ReceivedEvent]) -> None: ...
@@ -152,13 +189,16 @@ class DeliveryLog:
     ) -> None: ...
 
     def emit(self, event: Event, **fields: Any) -> None:
-        line = _encode(self.node, event, fields)
+        written = fields if self.privacy is None else self.privacy.event(fields)
+        self._send(_encode(self.node, event, written))
+        for observe in self.observers:
+            observe(event, fields)
+
+    def _send(self, line: bytes) -> None:
         if self.pending and not self.flush_pending():
             self._keep(line)
         else:
             self._write(line)
-        for observe in self.observers:
-            observe(event, fields)
 
     def _write(self, line: bytes) -> bool:
         try:
@@ -217,6 +257,8 @@ class DeliveryLog:
             self.file.reopen()
         except OSError as exc:  # keep the old descriptor; the next SIGUSR1 tries again
             self._failing(exc)
+            return
+        self._write_header("reopen")
 
     def close(self) -> None:
         self.flush_pending()

@@ -150,7 +150,7 @@ def _manage_one(
 async def _offline(
     settings: RelaySettings, spool: Spool, op: str, queue_id: str | None, provider: str | None
 ) -> ControlAnswer:
-    log = DeliveryLog(settings.log, settings.node_name)
+    log = DeliveryLog.for_settings(settings)  # hashes like the relay under log_privacy: hash
     await spool.start()
     try:
         request = ControlRequest(op, queue_id, provider)

@@ -29,7 +29,7 @@ from relay.report.figures import load_thresholds, nearest_rank
 from relay.report.inputs import parse_bound
 from relay.report.json import render_json
 from relay.report.logs import build_report
-from relay.report.model import ReportError, Thresholds
+from relay.report.model import DIVERGENCE_KINDS, JOINED, MODES, ReportError, Thresholds
 from relay.report.reasons import REASONS, classify_reason
 from relay.report.text import render_text
 
@@ -414,19 +414,25 @@ def pilot_group(log: Log, n: int, *, new_fail: int = 0, extra_ms: int = 0, start
 def test_verdict_ready_not_ready_insufficient(tmp_path: Path) -> None:
     log = Log("mx1")
     pilot_group(log, 30, extra_ms=120)
-    v = build_report([log.write(tmp_path / "a.jsonl")]).verdicts
+    rep = build_report([log.write(tmp_path / "a.jsonl")])
+    v = rep.verdicts
     assert [(x.group, x.verdict) for x in v] == [("sales", "ready")]
     assert v[0].reason == (
         "new delivered 100 % of what legacy delivered, p95 +120 ms, 0 divergences → ready"
     )
-    assert (v[0].compared_pairs, v[0].p95_increase_ms, v[0].divergences) == (30, 120, 0)
+    # report_version 2: a verdict's figures are its group's comparison
+    c = rep.group_comparison("sales")
+    assert (c.compared_pairs, c.p95_increase_ms, c.against_new) == (30, 120, 0)
 
     log = Log("mx1")
     pilot_group(log, 30, new_fail=2)
-    v = build_report([log.write(tmp_path / "b.jsonl")]).verdicts[0]
+    rep = build_report([log.write(tmp_path / "b.jsonl")])
+    v, c = rep.verdicts[0], rep.group_comparison("sales")
     assert v.verdict == "not ready"
-    assert v.delivery_ratio == round(28 / 30, 4) and v.divergences == 2
-    assert "2 divergences (maximum 0)" in v.reason and v.reason.endswith("→ not ready")
+    assert c.delivery_ratio == round(28 / 30, 4) and c.divergences["new_refused"] == 2
+    # SPEC Part 2: the divergence threshold is a rate (max_divergence_rate, 0.005)
+    assert "2 divergences in 30 compared pairs (6.67 %, maximum 0.5 %)" in v.reason
+    assert v.reason.endswith("→ not ready")
 
     log = Log("mx1")
     pilot_group(log, 5)
@@ -442,7 +448,9 @@ def test_thresholds_file_changes_verdict(tmp_path: Path) -> None:
     v = build_report([path]).verdicts[0]
     assert v.verdict == "not ready" and "(maximum +60,000 ms)" in v.reason
     th = tmp_path / "th.yaml"
-    th.write_text("max_divergences: 1\nmin_delivery_ratio: 0.9\nmax_p95_increase_ms: 100000\n")
+    th.write_text(
+        "max_divergence_rate: 0.05\nmin_delivery_ratio: 0.9\nmax_p95_increase_ms: 100000\n"
+    )
     loose = load_thresholds(th)
     assert loose.min_pairs == Thresholds().min_pairs == 20
     assert build_report([path], thresholds=loose).verdicts[0].verdict == "ready"
@@ -452,13 +460,16 @@ def test_thresholds_file_changes_verdict(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["verdicts"][0]["verdict"] == "ready"
 
-    th.write_text("max_divergences: 1\nmax_latency: 3\n")
+    th.write_text("max_divergence_rate: 0.05\nmax_latency: 3\n")
     with pytest.raises(ReportError, match="max_latency: unknown key"):
         load_thresholds(th)
     res = CliRunner().invoke(report_command, [str(path), "--thresholds", str(th)])
     assert res.exit_code == 2 and "max_latency: unknown key" in res.output
     th.write_text("min_pairs: many\n")
     with pytest.raises(ReportError, match="min_pairs"):
+        load_thresholds(th)
+    th.write_text("max_divergences: 1\n")  # report_version 1's count: says what replaced it
+    with pytest.raises(ReportError, match="max_divergences: replaced by max_divergence_rate"):
         load_thresholds(th)
 
 
@@ -474,9 +485,10 @@ def test_forwarding_mode_verdict_counts_legacy_as_delivered(tmp_path: Path) -> N
     assert rep.divergences == []
     assert rep.totals.discarded_pairs == 25 and rep.totals.forwarded_pairs == 50
     assert rep.providers["legacy"].planned == 0 and rep.providers["new"].bounced == 2
-    v = rep.verdicts[0]
-    assert (v.group, v.compared_pairs, v.legacy_delivered, v.new_delivered) == ("sales", 25, 25, 23)
-    assert v.verdict == "not ready" and v.delivery_ratio == 0.92 and v.divergences == 0
+    v, c = rep.verdicts[0], rep.group_comparison("sales")
+    delivered = (c.providers["legacy"].delivered, c.providers["new"].delivered)
+    assert (v.group, c.compared_pairs, *delivered) == ("sales", 25, 25, 23)
+    assert v.verdict == "not ready" and c.delivery_ratio == 0.92 and c.against_new == 0
     assert "new delivered 92 % of what legacy delivered (minimum 99 %), p95 n/a" in v.reason
 
 
@@ -734,14 +746,34 @@ JSON_KEYS = {
     "inputs",
     "filters",
     "thresholds",
+    "labels",  # report_version 2 (SPEC Part 2, "Report for a real pilot")
+    "tz",
+    "pseudonymized",
     "totals",
+    "comparison",
     "providers",
     "groups",
     "users",
     "divergences",
+    "divergence_groups",
     "verdicts",
     "by_authentication",  # SPEC Part 2 "Judging fairly"
     "fairness",
+}
+COMPARISON_KEYS = {
+    "pilot_pairs",
+    "joined",
+    "joined_by_mode",
+    "compared_pairs",
+    "providers",
+    "delivery_ratio",
+    "p95_increase_ms",
+    "cutover_pairs",
+    "judged_pairs",
+    "divergences",
+    "divergence_rate",
+    "pending_pairs",
+    "pending_ratio",
 }
 PROVIDER_KEYS = {
     "planned",
@@ -762,7 +794,7 @@ PROVIDER_KEYS = {
 def test_json_keys_are_stable(day: tuple[Path, Truth]) -> None:
     path, _ = day
     doc = json.loads(render_json(build_report([path])))
-    assert set(doc) == JSON_KEYS and doc["report_version"] == 1
+    assert set(doc) == JSON_KEYS and doc["report_version"] == 2
     assert set(doc["inputs"]) == {
         "files",
         "lines",
@@ -796,24 +828,18 @@ def test_json_keys_are_stable(day: tuple[Path, Truth]) -> None:
         assert set(ps) == PROVIDER_KEYS
         assert set(ps["latency_ms"]) == {"count", "p50", "p95", "max"}
         assert list(ps["rejections"]) == list(REASONS) == list(ps["deferral_reasons"])
-    assert set(doc["groups"][0]) == {"group", "pairs", "pilot_pairs", "providers"}
-    assert set(doc["users"][0]) == {"user", "group", "pairs", "pilot_pairs", "providers"}
-    assert set(doc["verdicts"][0]) == {
-        "group",
-        "verdict",
-        "reason",
-        "compared_pairs",
-        "legacy_delivered",
-        "new_delivered",
-        "delivery_ratio",
-        "legacy_p95_ms",
-        "new_p95_ms",
-        "p95_increase_ms",
-        "divergences",
-        "divergences_legacy_refused",
-        "pending_pairs",
-        "pending_ratio",
-    }
+    assert set(doc["groups"][0]) == {"group", "pairs", "pilot_pairs", "providers", "comparison"}
+    assert set(doc["users"][0]) == {
+        "user", "group", "pairs", "pilot_pairs", "providers", "comparison"
+    }  # fmt: skip
+    for cmp in (doc["comparison"], doc["groups"][0]["comparison"], doc["users"][0]["comparison"]):
+        assert set(cmp) == COMPARISON_KEYS
+        assert list(cmp["joined"]) == list(JOINED)
+        assert list(cmp["joined_by_mode"]) == list(MODES)
+        assert list(cmp["divergences"]) == list(DIVERGENCE_KINDS)
+        for side in cmp["providers"].values():
+            assert set(side) == {"delivered", "refused", "delivery_rate", "latency_ms"}
+    assert set(doc["verdicts"][0]) == {"group", "verdict", "reason", "failed"}
     div = doc["divergences"][0]
     assert set(div) == {
         "node",
@@ -821,11 +847,17 @@ def test_json_keys_are_stable(day: tuple[Path, Truth]) -> None:
         "received",
         "rcpt",
         "group",
+        "kind",
         "refused_by",
         "legacy",
         "new",
     }
+    assert set(doc["divergence_groups"][0]) == {
+        "kind", "reason", "smtp_code", "enhanced_code", "reply", "count", "users", "groups",
+        "first_received", "last_received", "examples",
+    }  # fmt: skip
     assert set(div["new"]) == {
+        "ts",
         "outcome",
         "smtp_code",
         "enhanced_code",

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from html.parser import HTMLParser
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,117 +26,24 @@ from click.testing import CliRunner
 from relay.report.command import report_command
 from relay.report.html import CHART_IDS, MAX_HOURLY_BARS, activity_rows, render_html
 from relay.report.logs import build_report
-from relay.report.model import LATENCY_BUCKETS_MS, OUTCOMES, PROVIDERS
+from relay.report.model import LATENCY_BUCKETS_MS, PROVIDERS
 from relay.report.text import render_text
+from tests.report_pages import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    by_id,
+    chromium,
+    measure_page,
+    parse,
+    svg_marks,
+    table_rows,
+    text_tables,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 FIXTURE = Path(__file__).parent / "fixtures" / "report" / "sample.jsonl"
 SVG_NAMESPACES = {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}
-
-
-# --------------------------------------------------------------------------- a small DOM
-
-
-@dataclass
-class Node:
-    tag: str
-    attrs: dict[str, str]
-    children: list[Node] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-
-    @property
-    def classes(self) -> set[str]:
-        return set(self.attrs.get("class", "").split())
-
-    def walk(self) -> list[Node]:
-        out = [self]
-        for c in self.children:
-            out += c.walk()
-        return out
-
-    def find(self, tag: str | None = None, cls: str | None = None) -> list[Node]:
-        return [
-            n
-            for n in self.walk()[1:]
-            if (tag is None or n.tag == tag) and (cls is None or cls in n.classes)
-        ]
-
-    def all_text(self) -> str:
-        return " ".join(" ".join([*self.text, *(c.all_text() for c in self.children)]).split())
-
-
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
-
-
-class _Parser(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.root = Node("#document", {})
-        self.stack = [self.root]
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        node = Node(tag, {k: v or "" for k, v in attrs})
-        self.stack[-1].children.append(node)
-        if tag not in VOID:
-            self.stack.append(node)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.stack[-1].children.append(Node(tag, {k: v or "" for k, v in attrs}))
-
-    def handle_endtag(self, tag: str) -> None:
-        for i in range(len(self.stack) - 1, 0, -1):
-            if self.stack[i].tag == tag:
-                del self.stack[i:]
-                return
-
-    def handle_data(self, data: str) -> None:
-        self.stack[-1].text.append(data)
-
-
-def parse(html: str) -> Node:
-    p = _Parser()
-    p.feed(html)
-    p.close()
-    return p.root
-
-
-def by_id(doc: Node, ident: str) -> Node:
-    hits = [n for n in doc.walk() if n.attrs.get("id") == ident]
-    assert len(hits) == 1, f"#{ident}: {len(hits)} elements"
-    return hits[0]
-
-
-def table_rows(table: Node) -> list[list[str]]:
-    body = table.find("tbody")[0]
-    return [[td.all_text() for td in tr.find("td")] for tr in body.find("tr")]
-
-
-def svg_marks(svg: Node) -> tuple[int, int]:
-    """(bars drawn, bars with a non-zero size) in a pygal chart's plot series."""
-    rects: list[Node] = []
-    for plot in svg.find("g", "plot"):
-        if plot.classes != {"plot"}:
-            continue  # "plot overlay", "plot text-overlay", "plot tooltip-overlay"
-        for bar in plot.find("g", "bar"):
-            rects += bar.find("rect")
-    # pygal leaves out a zero width/height attribute (an empty stacked segment)
-    visible = [
-        r
-        for r in rects
-        if float(r.attrs.get("width", 0)) > 0 and float(r.attrs.get("height", 0)) > 0
-    ]
-    return len(rects), len(visible)
 
 
 # --------------------------------------------------------------------------- expected marks
@@ -163,34 +70,52 @@ def final_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def expected_marks(doc: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-    """(bars, visible bars) per chart id, from report.json and the delivery log."""
-    # outcomes: one stacked segment per shown provider × shown outcome; zeros are empty
-    provs = [p for p in PROVIDERS if doc["providers"][p]["planned"]]
-    cells = {(p, o): doc["providers"][p][o] for p in provs for o in OUTCOMES}
-    shown = {o for (_, o), n in cells.items() if n}
-    outcomes = (len(provs) * len(shown), sum(1 for n in cells.values() if n))
-    # latency: one bar per provider and non-empty bucket
-    finals = final_events(events)
-    lat = {
-        (e["provider"], bucket(e["latency_ms"]))
-        for e in finals
-        if e["outcome"] == "delivered" and e.get("latency_ms") is not None
-    }
-    # group rates: one bar per group and provider with something planned
+    """(bars, visible bars) per chart id, from report.json and the delivery log.
+
+    Every chart is of pilot pairs (report_version 2, SPEC Part 2: one population
+    per comparison): the groups' delivery rates over their compared pairs, the
+    compared pairs not delivered by both, the latency of pairs both delivered
+    and the divergences per hour (the demo's span is short).
+    """
+    pilot = [g for g in doc["groups"] if g["comparison"] is not None]
+    # group rates: one bar per pilot group with compared pairs and provider
     rates = [
-        ps["delivery_rate"]
-        for g in doc["groups"]
-        for ps in g["providers"].values()
-        if ps["planned"]
+        side["delivery_rate"]
+        for g in pilot
+        if g["comparison"]["compared_pairs"]
+        for side in g["comparison"]["providers"].values()
     ]
-    # activity: one bar per hour and non-zero series
-    act = {(e["ts"][:13], e["provider"], e["outcome"] == "delivered") for e in finals}
-    act |= {(e["ts"][:13], "relay", False) for e in events if e["event"] == "rejected"}
+    # joined: stacked, one segment per pilot group × class (other than both delivered)
+    # of the dual/forwarded pairs shown; a zero one has no size
+    cells = {
+        (g["group"], j): sum(g["comparison"]["joined_by_mode"][m][j] for m in ("dual", "forwarded"))
+        for g in pilot
+        for j in ("legacy_only", "new_only", "both_failed", "pending")
+    }
+    classes = {j for (_, j), n in cells.items() if n}
+    joined = (len(pilot) * len(classes), sum(1 for n in cells.values() if n))
+    # latency: one bar per provider and non-empty bucket, of pilot pairs both delivered
+    finals = final_events(events)
+    by_pair: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for e in finals:
+        if e.get("pilot") and e["outcome"] == "delivered":
+            by_pair.setdefault((e["node"], e["queue_id"], e["rcpt"].lower()), {})[e["provider"]] = e
+    lat = {
+        (p, bucket(sides[p]["latency_ms"]))
+        for sides in by_pair.values()
+        if len(sides) == 2
+        for p in PROVIDERS
+    }
+    # activity: stacked, one segment per hour (first to last) × kind shown, at the hour of
+    # the refusing reply; a zero one has no size
+    act = {(d[d["refused_by"]]["ts"][:13], d["kind"]) for d in doc["divergences"]}
+    hours = sorted(datetime.strptime(h, "%Y-%m-%dT%H") for h, _ in act)
+    span = int((hours[-1] - hours[0]) / timedelta(hours=1)) + 1 if hours else 0
     return {
-        CHART_IDS["outcomes"]: outcomes,
-        CHART_IDS["latency"]: (len(lat), len(lat)),
         CHART_IDS["group_rates"]: (len(rates), sum(1 for r in rates if r)),
-        CHART_IDS["activity"]: (len(act), len(act)),
+        CHART_IDS["joined"]: joined,
+        CHART_IDS["latency"]: (len(lat), len(lat)),
+        CHART_IDS["activity"]: (span * len({k for _, k in act}), len(act)),
     }
 
 
@@ -253,74 +178,53 @@ def test_charts_carry_as_many_marks_as_the_data(demo: Demo) -> None:
     assert all(visible for _, visible in want.values())  # the demo has data for every chart
 
 
-def test_verdicts_on_top_then_divergences(demo: Demo) -> None:
+def test_verdicts_then_charts_then_tables(demo: Demo) -> None:
+    """SPEC Part 2: verdicts, then charts, then tables; divergences grouped by reply."""
     doc = parse(demo.html)
     ids = [n.attrs["id"] for n in doc.walk() if n.tag == "section" and "id" in n.attrs]
-    assert ids[:3] == ["readiness", "divergences", "charts"]
+    assert ids[:4] == ["readiness", "charts", "comparison", "divergences"]
     cards = by_id(doc, "readiness").find("article", "verdict")
     assert [(c.attrs["data-group"], c.find("span", "badge")[0].all_text()) for c in cards] == [
         (v["group"], v["verdict"].upper()) for v in demo.doc["verdicts"]
     ]
     for card, v in zip(cards, demo.doc["verdicts"], strict=True):
         assert " ".join(v["reason"].split()) in card.all_text()
-    rows = table_rows(by_id(doc, "divergence-table"))
-    assert len(rows) == len(demo.doc["divergences"])
-    for row, d in zip(rows, demo.doc["divergences"], strict=True):
-        assert row[0] == d["received"] and row[2] == d["rcpt"] and row[3] == d["refused_by"]
-        assert d["queue_id"] in row[-1]
-        assert d["new"]["smtp_response"] in row[5] and d["legacy"]["smtp_response"] in row[4]
-
-
-def _text_tables(text: str) -> dict[str, list[list[str]]]:
-    """Rows (whitespace-split tokens) of each table of the text report, by title."""
-    tables: dict[str, list[list[str]]] = {}
-    lines = text.splitlines()
-    for j, line in enumerate(lines):
-        if j < 2 or set(line.strip()) != {"─"}:
-            continue
-        start = j - 2  # the title (rich may wrap it) is above the header line
-        while start > 0 and lines[start - 1].strip():
-            start -= 1
-        rows = tables[" ".join(x.strip() for x in lines[start : j - 1])] = []
-        for row in lines[j + 1 :]:
-            if not row.strip():
-                break
-            rows.append(row.split())
-    return tables
+    shown = 0
+    for g in demo.doc["divergence_groups"]:
+        rows = table_rows(by_id(doc, f"divergence-table-{g['kind']}"))
+        row = next(r for r in rows if g["reply"] in r[2])
+        assert int(row[0]) == g["count"] and g["examples"][0]["queue_id"] in row[-1]
+        shown += g["count"]
+    assert shown == len(demo.doc["divergences"]) > 0
 
 
 def test_same_tables_as_the_text_report(demo: Demo) -> None:
     rep = build_report([demo.out / "deliveries.jsonl"])
-    text_tables = _text_tables(render_text(rep))
+    tables = text_tables(render_text(rep))
     doc = parse(render_html(rep))
-    pairs = {
-        "Per provider (unit: message × recipient)": "provider-table",
-        "Latency of final deliveries (ms)": "latency-table",
-        "Reason classes (bounced pairs; deferred attempts)": "reason-table",
-        "Per group: outcomes": "group-table-outcomes",
-        "Per group: rates and latency (ms)": "group-table-rates",
+    pairs = {  # the start of each table's title in the text report
+        "Pilot comparison per group:": "comparison-table",
+        "Pilot divergences per group:": "divergence-rate-table",
+        "Pilot pairs per group by joined class": "joined-table",
+        "Per provider, all traffic": "provider-table",
+        "Latency, all traffic (ms)": "latency-table",
+        "Reason classes, all traffic": "reason-table",
+        "Per group, all traffic: outcomes": "group-table-outcomes",
+        "Per group, all traffic: rates and latency (ms)": "group-table-rates",
+        "Per pilot user: pilot pairs by joined class": "user-joined-table",
         "Per pilot user: outcomes": "user-table-outcomes",
         "Per pilot user: rates and latency (ms)": "user-table-rates",
     }
-    assert set(pairs) <= set(text_tables)
-    for title, table_id in pairs.items():
+    for start, table_id in pairs.items():
+        titles = [t for t in tables if t.startswith(start)]
+        assert len(titles) == 1, (start, list(tables))
         rows = table_rows(by_id(doc, table_id))
         if table_id == "user-table-outcomes":  # the page also shows the group there
             rows = [[r[0], *r[2:]] for r in rows]
-        assert [" ".join(cells).split() for cells in rows] == text_tables[title], title
+        assert [" ".join(cells).split() for cells in rows] == tables[titles[0]], start
 
 
 # --------------------------------------------------------------------------- in Chromium
-
-
-def _chromium() -> Any:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing (Debian package chromium; .ci/run installs it)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is missing (pip install -e '.[test]')")
-    return sync_playwright
 
 
 MARKS_JS = """(ids) => Object.fromEntries(ids.map((id) => {
@@ -337,7 +241,7 @@ MARKS_JS = """(ids) => Object.fromEntries(ids.map((id) => {
 
 
 def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
-    sync_playwright = _chromium()
+    sync_playwright = chromium()
     started = time.monotonic()
     url = (demo.out / "report.html").resolve().as_uri()
     requests: list[str] = []
@@ -366,7 +270,7 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
                 " c.getBoundingClientRect().top])"
             )
             first_chart_top = page.evaluate(
-                "() => document.getElementById('chart-outcomes').getBoundingClientRect().top"
+                "() => document.getElementById('chart-group-rates').getBoundingClientRect().top"
             )
             page.emulate_media(media="print")
             breaks = page.evaluate(
@@ -398,6 +302,16 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
+def test_demo_charts_have_no_clipped_or_overlapping_text(demo: Demo) -> None:
+    """SPEC Part 2: no clipped legend, no overlapping labels (measured in Chromium)."""
+    m = measure_page(demo.out / "report.html", width=1280, height=800)
+    assert set(m["charts"]) == set(CHART_IDS.values())
+    for cid, chart in m["charts"].items():
+        assert (chart["clipped"], chart["overlaps"]) == ([], []), cid
+    assert m["overflowing"] == [] and m["page_width"] <= 1280
+    assert max(chart["bottom"] for chart in m["charts"].values()) <= 2 * 800
+
+
 # --------------------------------------------------------------------------- builder data
 
 
@@ -424,6 +338,7 @@ def _delivery(qid: str, ts: str, rcpt: str, prov: str, outcome: str, lat: float,
 
 
 def test_builder_counts_latency_buckets_and_hours(tmp_path: Path) -> None:
+    """Chart data are of pilot pairs: latency of pairs both delivered, divergences per hour."""
     log = tmp_path / "d.jsonl"
     lines = [
         _message("Q1", "2026-11-25T09:59:00.000Z", "a@example.com", "sales"),
@@ -438,36 +353,36 @@ def test_builder_counts_latency_buckets_and_hours(tmp_path: Path) -> None:
         _message("Q3", "2026-11-25T10:31:00.000Z", "z@example.com", None),
         _delivery("Q3", "2026-11-25T10:31:00+01:00", "z@example.com", "legacy", "delivered", 1e9),
         _ev("rejected", "2026-11-25T12:05:00.000Z", client_ip="192.0.2.1", stage="rcpt"),
+        _message("Q4", "2026-11-25T09:00:00.000Z", "c@example.com", "dev"),
+        _delivery("Q4", "2026-11-25T09:10:00+00:00", "c@example.com", "legacy", "bounced", 6e5),
+        _ev("bounce_sent", "2026-11-25T09:10:01.000Z", queue_id="Q4", rcpt="c@example.com"),
+        _delivery("Q4", "2026-11-25T09:00:02.000Z", "c@example.com", "new", "delivered", 2000),
     ]
     log.write_text("\n".join(lines) + "\n")
     rep = build_report([log])
     n = len(LATENCY_BUCKETS_MS) + 1
     legacy, new = [0] * n, [0] * n
-    legacy[0] += 1  # 10 ms: "≤ 10 ms" (inclusive bound)
-    legacy[1] += 1  # 10.5 ms
-    legacy[n - 1] += 1  # 1e9 ms: above the last bound
-    new[LATENCY_BUCKETS_MS.index(300_000)] += 1  # 62 s
+    legacy[0] += 1  # Q1 at 10 ms: "≤ 10 ms" (inclusive bound)
+    new[LATENCY_BUCKETS_MS.index(300_000)] += 1  # Q1 at 62 s; Q2-Q4 are not both delivered
     assert rep.latency_histogram == {"legacy": legacy, "new": new}
-    got = {h.hour: (h.delivered, h.refused, h.relay_rejections) for h in rep.hourly}
-    z = {"legacy": 0, "new": 0}
+    got = {h.hour: h.divergences for h in rep.hourly}
     assert got == {
-        "2026-11-25T09:00:00Z": ({"legacy": 2, "new": 0}, z, 0),  # 10:31+01:00 is 09:31Z
-        "2026-11-25T10:00:00Z": ({"legacy": 1, "new": 1}, z, 0),
-        "2026-11-25T12:00:00Z": (z, {"legacy": 0, "new": 1}, 1),
+        "2026-11-25T09:00:00Z": {"new_refused": 0, "cutover_refused": 0, "legacy_refused": 1},
+        "2026-11-25T12:00:00Z": {"new_refused": 1, "cutover_refused": 0, "legacy_refused": 0},
     }
-    assert set(rep.to_dict()) == {
-        "report_version", "inputs", "filters", "thresholds", "totals", "providers", "groups",
-        "users", "divergences", "verdicts", "by_authentication", "fairness",  # SPEC Part 2
-    }  # fmt: skip
+    assert not {"latency_histogram", "hourly"} & set(rep.to_dict())
     unit, rows = activity_rows(rep)
     assert unit == "hour" and [r[0] for r in rows] == [
         "2026-11-25 09:00", "2026-11-25 10:00", "2026-11-25 11:00", "2026-11-25 12:00"
     ]  # fmt: skip
-    assert rows[2][1] == [0] * 5 and rows[3][1] == [0, 0, 0, 1, 1]
+    assert [v for _, v in rows] == [[0, 0, 1], [0, 0, 0], [0, 0, 0], [1, 0, 0]]
+    # --tz: the same hours, shown in that zone
+    unit, rows = activity_rows(build_report([log], tz="Europe/Paris"))
+    assert [r[0] for r in rows] == [f"2026-11-25 {h}:00" for h in (10, 11, 12, 13)]
     # the rendered chart: one bar per non-zero (hour, series) cell
     doc = parse(render_html(rep))
-    assert svg_marks(by_id(doc, CHART_IDS["activity"])) == (5, 5)
-    assert svg_marks(by_id(doc, CHART_IDS["latency"])) == (4, 4)
+    assert svg_marks(by_id(doc, CHART_IDS["activity"])) == (8, 2)  # stacked: 4 hours × 2 kinds
+    assert svg_marks(by_id(doc, CHART_IDS["latency"])) == (2, 2)
 
 
 def test_activity_shows_days_over_a_long_span(tmp_path: Path) -> None:
@@ -476,8 +391,9 @@ def test_activity_shows_days_over_a_long_span(tmp_path: Path) -> None:
     for day in range(5):
         qid, t = f"Q{day}", f"2026-11-{20 + day}T08:00:00.000Z"
         lines += [
-            _message(qid, t, "z@example.com", None),
-            _delivery(qid, t, "z@example.com", "legacy", "delivered", 5),
+            _message(qid, t, "a@example.com", "sales"),
+            _delivery(qid, t, "a@example.com", "legacy", "delivered", 5),
+            _delivery(qid, t, "a@example.com", "new", "bounced", 5),
         ]
     log.write_text("\n".join(lines) + "\n")
     rep = build_report([log])

@@ -5,8 +5,10 @@ importing the command (every `relay` invocation does) loads no renderer:
 
     reasons   reason classes of refusals and deferrals (`classify_reason`)
     model     the data model (`Report` and its parts, `Thresholds`, `PairRow`)
-    format    formatting shared by the outputs (counts, rates, SMTP replies)
-    figures   counters → rates, percentiles and verdicts; `load_thresholds`
+    format    formatting shared by the outputs (counts, rates, times, SMTP replies)
+    divergences   divergences grouped by reply (`group_divergences`, `worst`)
+    figures   counters → rates, percentiles, the pilot comparison and verdicts;
+              `load_thresholds`
     inputs    the log files (order, gzip) and the time window (`parse_bound`)
     logs      reading and folding the logs: `build_report`
     text, json, csv, html   one output format each (`render_*`, `write_csv`)

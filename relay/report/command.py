@@ -13,11 +13,12 @@ from typing import Any, TextIO
 
 import click
 
+from relay.privacy import KEY_ENV, Pseudonymizer, PseudonymKeyMissing
 from relay.report.csv import write_csv
 from relay.report.figures import load_thresholds
-from relay.report.inputs import check_inputs, parse_bound
+from relay.report.inputs import check_inputs, check_tz, parse_bound
 from relay.report.logs import build_report
-from relay.report.model import Report, ReportError, Thresholds
+from relay.report.model import PROVIDERS, Report, ReportError, Thresholds
 
 
 def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | None], Any]:
@@ -62,6 +63,25 @@ def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | N
     help="YAML file overriding readiness thresholds.",
 )
 @click.option(
+    "--tz",
+    metavar="ZONE",
+    default="UTC",
+    show_default=True,
+    help="Time zone of the times shown in text and HTML (IANA, e.g. Europe/Paris).",
+)
+@click.option(
+    "--label",
+    "label_args",
+    metavar="PROVIDER=NAME",
+    multiple=True,
+    help='Show a provider as NAME (e.g. new="Microsoft 365"); default: the logs\' labels.',
+)
+@click.option(
+    "--pseudonymize",
+    is_flag=True,
+    help=f"Replace local parts and Message-IDs by keyed hashes (key: ${KEY_ENV}).",
+)
+@click.option(
     "--placement",
     "placement",
     metavar="PLACEMENT_LOG",
@@ -77,20 +97,27 @@ def report_command(
     group: str | None,
     thresholds_path: str | None,
     placement: tuple[str, ...],
+    tz: str,
+    label_args: tuple[str, ...],
+    pseudonymize: bool,
     output: str | None,
 ) -> None:
     """Comparison report (legacy vs new) from one or many delivery logs (.gz, rotated)."""
     ctx = click.get_current_context()
     try:
         check_inputs(logs)
+        check_tz(tz)
         thresholds = load_thresholds(thresholds_path) if thresholds_path else Thresholds()
-    except ReportError as exc:
-        click.echo(str(exc), err=True)
+        labels = _labels(label_args)
+        pseudonymizer = Pseudonymizer.from_env() if pseudonymize else None
+    except (ReportError, PseudonymKeyMissing) as exc:
+        click.echo(f"relay report: {exc}" if isinstance(exc, PseudonymKeyMissing) else str(exc),
+                   err=True)  # fmt: skip
         ctx.exit(2)
     try:
         if fmt == "csv":
             with _output(output) as out:
-                rep = write_csv(logs, out, since, until, group)
+                rep = write_csv(logs, out, since, until, group, pseudonymizer=pseudonymizer)
             if rep.inputs.corrupt_lines or rep.inputs.orphan_events:
                 click.echo(
                     f"relay report: {rep.inputs.corrupt_lines} corrupt lines, "
@@ -100,7 +127,10 @@ def report_command(
             for err in rep.inputs.errors:
                 click.echo(f"warning: {err}", err=True)
             return
-        rep = build_report(logs, since, until, group, thresholds, placement=placement)
+        rep = build_report(
+            logs, since, until, group, thresholds,
+            pseudonymizer=pseudonymizer, labels=labels, tz=tz, placement=placement,
+        )  # fmt: skip
         text = _render(fmt, rep)
         with _output(output) as out:
             out.write(text)
@@ -110,6 +140,17 @@ def report_command(
     except OSError as exc:
         click.echo(f"{exc.filename or output}: {exc.strerror or exc}", err=True)
         ctx.exit(1)
+
+
+def _labels(args: tuple[str, ...]) -> dict[str, str]:
+    """`--label new="Microsoft 365"` options as {provider: label}."""
+    labels = {}
+    for arg in args:
+        name, eq, label = arg.partition("=")
+        if not eq or name not in PROVIDERS or not label.strip():
+            raise ReportError(f"--label: expected legacy=NAME or new=NAME, not {arg!r}")
+        labels[name] = label.strip()
+    return labels
 
 
 def _render(fmt: str, rep: Report) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import date, datetime
 from typing import Any, TextIO
 
+from relay.privacy import Pseudonymizer
 from relay.report.format import num
 from relay.report.logs import build_report
 from relay.report.model import PROVIDERS, PairRow, Report
@@ -40,6 +41,7 @@ CSV_COLUMNS: tuple[str, ...] = (
         )
     ),
     "divergence",
+    "class",
 )
 
 
@@ -65,7 +67,7 @@ def _csv_values(row: PairRow) -> list[Any]:
             o.reason or "",
             o.smtp_response or "",
         ]
-    vals.append(row.divergence)
+    vals += [row.divergence, row.joined]
     return vals
 
 
@@ -75,10 +77,17 @@ def write_csv(
     since: str | datetime | date | None = None,
     until: str | datetime | date | None = None,
     group: str | None = None,
+    *,
+    pseudonymizer: Pseudonymizer | None = None,
 ) -> Report:
     """Stream one CSV row per (message, recipient) pair to `out`; returns the report too."""
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     return build_report(
-        paths, since, until, group, pair_sink=lambda row: w.writerow(_csv_values(row))
+        paths,
+        since,
+        until,
+        group,
+        pair_sink=lambda row: w.writerow(_csv_values(row)),
+        pseudonymizer=pseudonymizer,
     )

@@ -12,8 +12,9 @@ import gzip
 import os
 import re
 from collections.abc import Iterable
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import BinaryIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relay.report.model import ReportError
 
@@ -53,6 +54,18 @@ def parse_ts(ts: str) -> datetime | None:
     except ValueError:
         return None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def check_tz(name: str) -> tzinfo:
+    """The zone `--tz` names (IANA, e.g. Europe/Paris, or UTC); ReportError if unknown."""
+    if name.upper() == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ReportError(
+            f"--tz: unknown time zone {name!r} (an IANA name, e.g. Europe/Paris)"
+        ) from None
 
 
 # --------------------------------------------------------------------------- input files

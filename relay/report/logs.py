@@ -8,6 +8,12 @@ every planned (recipient, provider) delivery of a message has a final outcome
 counters and dropped. Events of a message not (yet) received wait as orphans;
 those of a message already closed are crash duplicates or late. Latencies of
 final deliveries are kept in compact `array("d")` buffers for the percentiles.
+Each pilot pair is also judged: its joined class, whether it is compared (and
+how), and whether it is a divergence (docs/report.md, "Comparison"). `config`
+header events give the provider labels and say whether a node's log is already
+pseudonymized. With a `Pseudonymizer`, recipients and replies are hashed where
+they are shown, never where they are counted or classified, so the figures of a
+pseudonymized report equal the plain one's.
 See docs/report.md.
 """
 
@@ -24,17 +30,38 @@ from collections.abc import Container, Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
+from relay.privacy import Pseudonymizer
 from relay.records import AUTH_CLASSES
 from relay.report.auth import Fairness, auth_class
+from relay.report.divergences import group_divergences, reply_pattern
 from relay.report.figures import (
     ScopeCounters,
+    comparison,
     group_figures,
     provider_stats,
     user_figures,
 )
-from relay.report.inputs import check_inputs, open_log, order_inputs, parse_bound, parse_ts
+from relay.report.inputs import (
+    check_inputs,
+    check_tz,
+    open_log,
+    order_inputs,
+    parse_bound,
+    parse_ts,
+)
 from relay.report.model import (
+    DIVERGENCE_KINDS,
+    J_BOTH,
+    J_BOTH_FAILED,
+    J_LEGACY_ONLY,
+    J_NEW_ONLY,
+    J_PENDING,
+    JOINED,
     LATENCY_BUCKETS_MS,
+    M_CUTOVER,
+    M_DUAL,
+    M_FORWARDED,
+    M_PAUSED,
     NO_GROUP,
     NON_PILOT_GROUP,
     O_BOUNCED,
@@ -59,6 +86,11 @@ from relay.report.model import (
 from relay.report.reasons import REASON_INDEX, classify_reason
 
 _FINAL_DELIVERY = {"delivered": O_DELIVERED, "bounced": O_BOUNCED, "expired": O_EXPIRED}
+_REFUSED = (O_BOUNCED, O_EXPIRED)
+_JOINED_BY = {(True, True): J_BOTH, (True, False): J_LEGACY_ONLY, (False, True): J_NEW_ONLY,
+              (False, False): J_BOTH_FAILED}  # fmt: skip
+_CSV_DIVERGENCE = {"new_refused": "new refused", "legacy_refused": "legacy refused",
+                   "cutover_refused": "cut-over refused"}  # fmt: skip
 _DELIVERY_OUTCOMES = {"delivered", "deferred", "bounced", "expired"}
 _HOUR_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}")
 
@@ -120,7 +152,9 @@ class _Pair:
 
 
 class _Message:
-    __slots__ = ("forwarded", "in_window", "n_discarded", "n_rcpts", "null_sender", "pairs", "ts")
+    __slots__ = (
+        "forwarded", "hashed", "in_window", "n_discarded", "n_rcpts", "null_sender", "pairs", "ts"
+    )  # fmt: skip
 
     def __init__(self, ts: str, forwarded: bool, null_sender: bool, n_rcpts: int) -> None:
         self.ts = ts
@@ -130,6 +164,7 @@ class _Message:
         self.n_discarded = 0
         self.in_window = True
         self.pairs: dict[str, _Pair] = {}
+        self.hashed = False  # logged by a node whose log says log_privacy: hash
 
 
 def _is_one_of(v: Any, names: Container[str]) -> bool:
@@ -158,36 +193,32 @@ class _Builder:
         until: datetime | None,
         group: str | None,
         sink: PairSink | None,
+        pseudonymizer: Pseudonymizer | None,
         placement: Iterable[str] = (),
     ) -> None:
         self.since = since
         self.until = until
         self.group = group
         self.sink = sink
+        self.pseudonymizer = pseudonymizer
+        self.hashed_nodes: set[str] = set()  # nodes whose log says log_privacy: hash
+        self.by_auth: dict[str, ScopeCounters] = {}
+        self.fairness = Fairness(placement)
+        self.labels: dict[str, tuple[str, str]] = {}  # provider -> (ts, label) of the latest
         self.open: dict[tuple[str, str], _Message] = {}
         self.orphans: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.closed = array("q")  # hash((node, queue_id)) of closed messages
         self.overall = ScopeCounters()
         self.groups: dict[str, ScopeCounters] = {}
         self.users: dict[str, ScopeCounters] = {}
-        self.by_auth: dict[str, ScopeCounters] = {}
-        self.fairness = Fairness(placement)
-        self.divergences: list[Divergence] = []
+        # each divergence with the pattern of its reply as logged (for grouping)
+        self.divergences: list[tuple[Divergence, str]] = []
         self.totals = Totals()
         self.stats = InputStats(files=[])
-        # chart data: latency buckets per provider, and per hour key
-        # [legacy delivered, new delivered, legacy refused, new refused, relay rejections]
-        self.lat_hist = ([0] * (len(LATENCY_BUCKETS_MS) + 1), [0] * (len(LATENCY_BUCKETS_MS) + 1))
-        self.hours: dict[str, list[int]] = {}
 
-    def _hour(self, ts: str) -> list[int] | None:
-        key = _hour_key(ts)
-        if key is None:
-            return None
-        counts = self.hours.get(key)
-        if counts is None:
-            counts = self.hours[key] = [0, 0, 0, 0, 0]
-        return counts
+    def _privacy(self, msg: _Message) -> Pseudonymizer | None:
+        """The pseudonymizer for a message's data (none if its node's log hashed them)."""
+        return None if msg.hashed else self.pseudonymizer
 
     # -- reading
 
@@ -228,9 +259,10 @@ class _Builder:
                 count = 1
             if self.group is None and self._ts_in_window(ts):
                 self.totals.relay_rejections += count
-                hour = self._hour(ts)
-                if hour is not None:
-                    hour[4] += count
+            return True
+        if kind == "config":
+            self.stats.events += 1
+            self._config(node, ts, ev)
             return True
         qid = ev.get("queue_id")
         if type(qid) is not str:
@@ -271,6 +303,22 @@ class _Builder:
             self._close(key, msg)
         return True
 
+    def _config(self, node: str, ts: str, ev: dict[str, Any]) -> None:
+        """A log's header: provider labels (the latest wins) and the node's log privacy."""
+        if ev.get("log_privacy") == "hash":
+            self.hashed_nodes.add(node)
+        else:
+            self.hashed_nodes.discard(node)
+        providers = ev.get("providers")
+        if not isinstance(providers, dict):
+            return
+        for name, conf in providers.items():
+            label = conf.get("label") if isinstance(conf, dict) else None
+            if name in PROVIDER_INDEX and isinstance(label, str) and label.strip():
+                old = self.labels.get(name)
+                if old is None or ts >= old[0]:
+                    self.labels[name] = (ts, label.strip())
+
     @staticmethod
     def _valid_received(ev: dict[str, Any]) -> bool:
         plan = ev.get("plan")
@@ -309,6 +357,7 @@ class _Builder:
             len({r.lower() for r in rcpts if isinstance(r, str)}),
         )
         msg.in_window = self._ts_in_window(msg.ts)
+        msg.hashed = key[0] in self.hashed_nodes
         cls = auth_class(ev)
         for e in ev["plan"]:
             if e["provider"] not in PROVIDER_INDEX:
@@ -380,7 +429,7 @@ class _Builder:
                 by = ev.get("by")
                 why = classify_reason(ev.get("enhanced_code"), ev.get("smtp_response"), by)
                 r = REASON_INDEX[why]
-                for scope in self._scopes(pair):
+                for scope in self._scopes(pair, msg):
                     agg = scope.prov[i]
                     agg.deferrals += 1
                     agg.dreasons[r] += 1
@@ -422,13 +471,13 @@ class _Builder:
         self.closed.append(hash(key))
         self._fold(key, msg)
 
-    def _scopes(self, pair: _Pair) -> list[ScopeCounters]:
+    def _scopes(self, pair: _Pair, msg: _Message) -> list[ScopeCounters]:
         g = self.groups.get(pair.group)
         if g is None:
             g = self.groups[pair.group] = ScopeCounters()
         scopes = [self.overall, g]
         if pair.pilot:
-            user = pair.rcpt.lower()
+            user = self._shown_rcpt(msg, pair.rcpt).lower()
             u = self.users.get(user)
             if u is None:
                 u = self.users[user] = ScopeCounters(pair.group)
@@ -439,6 +488,10 @@ class _Builder:
                 a = self.by_auth[pair.auth] = ScopeCounters()
             scopes.append(a)
         return scopes
+
+    def _shown_rcpt(self, msg: _Message, rcpt: str) -> str:
+        privacy = self._privacy(msg)
+        return rcpt if privacy is None else privacy.address(rcpt)
 
     def _fold(self, key: tuple[str, str], msg: _Message) -> None:
         """Fold a finished (or, at the end, still open) message into the counters."""
@@ -454,11 +507,11 @@ class _Builder:
             if pair.discarded and pair.slots == [None, None]:
                 totals.discarded_pairs += 1
                 if self.sink is not None:
-                    self.sink(self._row(key, msg, pair, "", discarded=True))
+                    self.sink(self._row(key, msg, pair, "", "", discarded=True))
                 continue
             if pair.pilot:
                 totals.pilot_pairs += 1
-            scopes = self._scopes(pair)
+            scopes = self._scopes(pair, msg)
             self.fairness.pair(key[0], key[1], pair.rcpt, pair.auth)
             for scope in scopes:
                 scope.pairs += 1
@@ -474,12 +527,6 @@ class _Builder:
                 reason = -1
                 if cat == O_BOUNCED and fin is not None:
                     reason = REASON_INDEX[classify_reason(fin.enhanced, fin.response, fin.by)]
-                if fin is not None and cat != O_DELETED:
-                    if cat == O_DELIVERED and fin.latency is not None:
-                        self.lat_hist[i][bisect_left(LATENCY_BUCKETS_MS, fin.latency)] += 1
-                    hour = self._hour(fin.ts)
-                    if hour is not None:
-                        hour[i if cat == O_DELIVERED else 2 + i] += 1
                 for scope in scopes:
                     agg = scope.prov[i]
                     agg.planned += 1
@@ -491,11 +538,9 @@ class _Builder:
                             agg.lat.append(fin.latency)
                     elif reason >= 0:
                         agg.rejections[reason] += 1
-            divergence = ""
-            if pair.pilot:
-                divergence = self._basis(key, msg, pair, cats, scopes[1])
+            joined, kind = self._judge(key, msg, pair, cats, scopes) if pair.pilot else ("", "")
             if self.sink is not None:
-                self.sink(self._row(key, msg, pair, divergence, discarded=pair.discarded))
+                self.sink(self._row(key, msg, pair, kind, joined, discarded=pair.discarded))
         if any_included:
             totals.messages += 1
             if totals.first_received is None or msg.ts < totals.first_received:
@@ -503,74 +548,108 @@ class _Builder:
             if totals.last_received is None or msg.ts > totals.last_received:
                 totals.last_received = msg.ts
 
-    def _basis(
+    def _judge(
         self,
         key: tuple[str, str],
         msg: _Message,
         pair: _Pair,
         cats: list[int | None],
-        group: ScopeCounters,
-    ) -> str:
-        """Verdict basis and divergences of one pilot pair; returns the divergence label."""
+        scopes: list[ScopeCounters],
+    ) -> tuple[str, str]:
+        """A pilot pair's joined class and divergence kind, counted in each of its scopes."""
         legacy, new = cats
-        if new is None:
-            return ""
-        forwarded = legacy is None
-        if forwarded:
-            new_slot = pair.slots[1]
-            if not msg.forwarded or new_slot is None or new_slot.primary:
-                return ""  # new-only (cut over): nothing to compare with
-            legacy = O_DELIVERED  # the legacy provider has it: it forwarded the copy
-        group.b_pairs += 1
-        if legacy == O_PENDING or new == O_PENDING:
-            group.b_pending += 1
-            return ""
-        group.b_decided += 1
-        if legacy == O_DELIVERED:
-            group.b_legacy_delivered += 1
-        if new == O_DELIVERED:
-            group.b_new_delivered += 1
-        if forwarded:
-            return ""
-        refused = (O_BOUNCED, O_EXPIRED)
-        if legacy == O_DELIVERED and new in refused:
-            group.div_new += 1
-            by = "new"
-        elif new == O_DELIVERED and legacy in refused:
-            group.div_legacy += 1
-            by = "legacy"
+        new_slot = pair.slots[1]
+        if legacy is not None and new is not None:
+            mode = M_DUAL
+        elif legacy is None:
+            forwarded = msg.forwarded and new_slot is not None and not new_slot.primary
+            mode = M_FORWARDED if forwarded else M_CUTOVER
+            if forwarded:
+                legacy = O_DELIVERED  # the legacy provider has it: it forwarded the copy
         else:
-            return ""
-        self.divergences.append(
-            Divergence(
-                node=key[0],
-                queue_id=key[1],
-                received=msg.ts,
-                rcpt=pair.rcpt,
-                group=pair.group,
-                refused_by=by,
-                legacy=_outcome(pair.slots[0]),
-                new=_outcome(pair.slots[1]),
+            mode = M_PAUSED
+        pending = legacy == O_PENDING or new == O_PENDING
+        l_ok, n_ok = legacy == O_DELIVERED, new == O_DELIVERED
+        cls = J_PENDING if pending else _JOINED_BY[(l_ok, n_ok)]
+        kind = ""
+        if pending:
+            pass
+        elif mode == M_DUAL and l_ok and new in _REFUSED:
+            kind = "new_refused"
+        elif mode == M_DUAL and n_ok and legacy in _REFUSED:
+            kind = "legacy_refused"
+        elif mode == M_CUTOVER and new in _REFUSED:
+            kind = "cutover_refused"
+        latencies: tuple[float, float] | None = None
+        if mode == M_DUAL and l_ok and n_ok:
+            fins = [s.final for s in pair.slots if s is not None]
+            lats = [f.latency for f in fins if f is not None]
+            if len(lats) == 2 and lats[0] is not None and lats[1] is not None:
+                latencies = (lats[0], lats[1])
+        for sc in scopes:
+            sc.joined[mode][cls] += 1
+            if mode == M_PAUSED:
+                continue
+            if pending:
+                sc.b_pending += 1
+            elif mode == M_CUTOVER:
+                sc.b_cutover += 1
+            else:
+                sc.b_decided += 1
+                sc.b_legacy_delivered += l_ok
+                sc.b_new_delivered += n_ok
+                if latencies is not None:
+                    sc.b_lat[0].append(latencies[0])
+                    sc.b_lat[1].append(latencies[1])
+            if kind:
+                sc.div[kind] += 1
+        if kind:
+            refusing = pair.slots[0 if kind == "legacy_refused" else 1]
+            fin = refusing.final if refusing is not None else None
+            pattern = "" if fin is None else reply_pattern(fin.code, fin.enhanced, fin.response)
+            privacy = self._privacy(msg)
+            self.divergences.append(
+                (
+                    Divergence(
+                        node=key[0],
+                        queue_id=key[1],
+                        received=msg.ts,
+                        rcpt=self._shown_rcpt(msg, pair.rcpt),
+                        group=pair.group,
+                        kind=kind,
+                        refused_by="legacy" if kind == "legacy_refused" else "new",
+                        legacy=_outcome(pair.slots[0], privacy, pair.rcpt),
+                        new=_outcome(pair.slots[1], privacy, pair.rcpt),
+                    ),
+                    pattern,
+                )
             )
-        )
-        return f"{by} refused"
+        return JOINED[cls], kind
 
-    @staticmethod
     def _row(
-        key: tuple[str, str], msg: _Message, pair: _Pair, divergence: str, *, discarded: bool
+        self,
+        key: tuple[str, str],
+        msg: _Message,
+        pair: _Pair,
+        kind: str,
+        joined: str,
+        *,
+        discarded: bool,
     ) -> PairRow:
+        privacy = self._privacy(msg)
         return PairRow(
             node=key[0],
             queue_id=key[1],
             received=msg.ts,
-            rcpt=pair.rcpt,
+            rcpt=self._shown_rcpt(msg, pair.rcpt),
             group=pair.group if pair.slots != [None, None] else "",
             pilot=pair.pilot,
             forwarded=pair.forwarded(msg),
             discarded=discarded,
-            legacy=_outcome(pair.slots[0]),
-            new=_outcome(pair.slots[1]),
-            divergence=divergence,
+            legacy=_outcome(pair.slots[0], privacy, pair.rcpt),
+            new=_outcome(pair.slots[1], privacy, pair.rcpt),
+            divergence=_CSV_DIVERGENCE.get(kind, ""),
+            joined=joined,
         )
 
     # -- end of input
@@ -596,35 +675,41 @@ class _Builder:
             self.orphans.clear()
         self.closed = array("q")
 
-    def finish(self, thresholds: Thresholds, filters: dict[str, str | None]) -> Report:
+    def finish(
+        self,
+        thresholds: Thresholds,
+        filters: dict[str, str | None],
+        labels: dict[str, str] | None,
+    ) -> Report:
         for key, msg in list(self.open.items()):
             self._fold(key, msg)
         self.stats.open_messages = len(self.open)
         self.open.clear()
         self._settle_orphans()
-        group_stats, verdicts = group_figures(self.groups, thresholds)
-        self.divergences.sort(key=lambda d: (d.received, d.node, d.queue_id, d.rcpt))
         self.stats.errors += self.fairness.errors
+        shown = {p: self.labels[p][1] if p in self.labels else p for p in PROVIDERS}
+        shown.update(labels or {})
+        group_stats, verdicts = group_figures(self.groups, thresholds, shown)
+        self.divergences.sort(key=lambda dp: _divergence_order(dp[0]))
+        divergences = [d for d, _ in self.divergences]
         return Report(
             inputs=self.stats,
             filters=filters,
             thresholds=thresholds,
             totals=self.totals,
+            comparison=comparison(self.overall),
             providers=provider_stats(self.overall),
             groups=group_stats,
             users=user_figures(self.users),
-            divergences=self.divergences,
+            divergences=divergences,
+            divergence_groups=group_divergences(self.divergences),
             verdicts=verdicts,
-            latency_histogram=dict(zip(PROVIDERS, self.lat_hist, strict=True)),
-            hourly=[
-                HourCounts(
-                    hour=f"{k}:00:00Z",
-                    delivered=dict(zip(PROVIDERS, c[0:2], strict=True)),
-                    refused=dict(zip(PROVIDERS, c[2:4], strict=True)),
-                    relay_rejections=c[4],
-                )
-                for k, c in sorted(self.hours.items())
-            ],
+            labels=shown,
+            pseudonymized=self.pseudonymizer is not None,
+            latency_histogram={
+                p: _histogram(lat) for p, lat in zip(PROVIDERS, self.overall.b_lat, strict=True)
+            },
+            hourly=_hourly(divergences),
             by_auth=[
                 ScopeStats(c, s.pairs, s.pilot_pairs, provider_stats(s))
                 for c, s in sorted(self.by_auth.items(), key=lambda kv: AUTH_CLASSES.index(kv[0]))
@@ -633,7 +718,32 @@ class _Builder:
         )
 
 
-def _outcome(slot: _Slot | None) -> Outcome:
+def _divergence_order(d: Divergence) -> tuple[str, str, str, str]:
+    return (d.received, d.node, d.queue_id, d.rcpt)
+
+
+def _histogram(values: array[float]) -> list[int]:
+    """Counts per LATENCY_BUCKETS_MS bucket (bounds inclusive), and one above the last."""
+    counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    for v in values:
+        counts[bisect_left(LATENCY_BUCKETS_MS, v)] += 1
+    return counts
+
+
+def _hourly(divergences: list[Divergence]) -> list[HourCounts]:
+    """Divergences per UTC hour of the refusing reply, by kind, hours in order."""
+    hours: dict[str, dict[str, int]] = {}
+    for d in divergences:
+        ts = d.refusal.ts
+        key = None if ts is None else _hour_key(ts)
+        if key is not None:
+            counts = hours.setdefault(key, dict.fromkeys(DIVERGENCE_KINDS, 0))
+            counts[d.kind] += 1
+    return [HourCounts(f"{k}:00:00Z", c) for k, c in sorted(hours.items())]
+
+
+def _outcome(slot: _Slot | None, privacy: Pseudonymizer | None, rcpt: str) -> Outcome:
+    """One side of a pair as shown; its reply pseudonymized (after classifying it)."""
     if slot is None:
         return Outcome("")
     fin = slot.final
@@ -642,11 +752,15 @@ def _outcome(slot: _Slot | None) -> Outcome:
     reason = None
     if fin.outcome in (O_BOUNCED, O_EXPIRED):
         reason = classify_reason(fin.enhanced, fin.response, fin.by)
+    response = fin.response
+    if privacy is not None and response:
+        response = privacy.text(response, [rcpt.rpartition("@")[0]])
     return Outcome(
         OUTCOMES[fin.outcome],
+        ts=fin.ts,
         smtp_code=fin.code,
         enhanced_code=fin.enhanced,
-        smtp_response=fin.response,
+        smtp_response=response,
         latency_ms=fin.latency,
         attempt=fin.attempt,
         deferrals=slot.deferrals,
@@ -676,6 +790,9 @@ def build_report(
     *,
     pair_sink: PairSink | None = None,
     placement: Iterable[str | os.PathLike[str]] = (),
+    pseudonymizer: Pseudonymizer | None = None,
+    labels: dict[str, str] | None = None,
+    tz: str = "UTC",
 ) -> Report:
     """The comparison report of the given delivery logs.
 
@@ -683,15 +800,24 @@ def build_report(
     until exclusive; a plain date for `until` means the end of that day).
     `pair_sink`, if given, receives each (message, recipient) pair when its
     message closes, or at the end for messages still open (used for CSV).
+    `pseudonymizer` hashes recipients and replies in every output; `labels`
+    (provider → name) override the logs' `config` labels; `tz` is the zone the
+    text and HTML outputs show times in (an IANA name; the JSON stays UTC).
     `placement`: placement logs, for the fairness table (relay/report/auth.py).
-    Raises ReportError for a missing input, ValueError for a bad time bound.
+    Raises ReportError for a missing input or an unknown zone, ValueError for a
+    bad time bound.
     """
     plist = [os.fspath(p) for p in paths]
     check_inputs(plist)
+    check_tz(tz)
     since_t, until_t = _bound(since, False), _bound(until, True)
     check_inputs([os.fspath(p) for p in placement])
-    b = _Builder(since_t, until_t, group, pair_sink, [os.fspath(p) for p in placement])
+    b = _Builder(
+        since_t, until_t, group, pair_sink, pseudonymizer, [os.fspath(p) for p in placement]
+    )
     for p in order_inputs(plist):
         b.read(p)
     filters = {"since": _filter_text(since_t), "until": _filter_text(until_t), "group": group}
-    return b.finish(thresholds or Thresholds(), filters)
+    rep = b.finish(thresholds or Thresholds(), filters, labels)
+    rep.tz = tz
+    return rep

@@ -31,7 +31,21 @@ VERDICT_READY = "ready"
 VERDICT_NOT_READY = "not ready"
 VERDICT_INSUFFICIENT = "insufficient data"
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+
+# Joined class of a pilot pair: who delivered it (docs/report.md, "Joined classes").
+# Keys are stable (JSON, CSV); positions index the per-class counter lists.
+JOINED: tuple[str, ...] = ("both_delivered", "legacy_only", "new_only", "both_failed", "pending")
+J_BOTH, J_LEGACY_ONLY, J_NEW_ONLY, J_BOTH_FAILED, J_PENDING = range(5)
+
+# How a pilot pair is observed (its plan): at both providers (dual mode), as a
+# forwarded copy (legacy holds the original), as a cut-over user's (new only,
+# primary), as a paused user's (legacy only). Positions index counter lists.
+MODES: tuple[str, ...] = ("dual", "forwarded", "cutover", "paused")
+M_DUAL, M_FORWARDED, M_CUTOVER, M_PAUSED = range(4)
+
+# Kinds of divergence, in display order: what the new provider is judged on first.
+DIVERGENCE_KINDS: tuple[str, ...] = ("new_refused", "cutover_refused", "legacy_refused")
 
 # Latency histogram of final deliveries (for the HTML chart): inclusive upper
 # bounds in ms; one more bucket takes everything above the last bound.
@@ -49,7 +63,7 @@ class Thresholds(BaseModel):
     min_pairs: int = Field(20, ge=0)
     min_delivery_ratio: float = Field(0.99, ge=0)
     max_p95_increase_ms: int = 60000
-    max_divergences: int = Field(0, ge=0)
+    max_divergence_rate: float = Field(0.005, ge=0, le=1)
     max_pending_ratio: float = Field(0.05, ge=0, le=1)
 
 
@@ -84,6 +98,47 @@ class ProviderStats:
 
 
 @dataclass
+class Side:
+    """One provider's side of the compared pilot pairs (the same pairs for both)."""
+
+    delivered: int = 0
+    refused: int = 0  # compared pairs this provider did not deliver
+    delivery_rate: float | None = None  # delivered / compared pairs
+    latency_ms: Latency = field(default_factory=Latency)  # over pairs both delivered
+
+
+@dataclass
+class Comparison:
+    """The legacy/new comparison of a scope's pilot pairs (docs/report.md, "Comparison").
+
+    Compared pairs are pilot pairs observed at both providers (dual mode; a
+    forwarded copy's legacy side counts as delivered) with both sides final.
+    Cut-over pairs (new-only mode) are judged on their own: a refusal by new is a
+    divergence against nothing. Every rate of the comparison has one of these
+    populations as denominator, named where it is shown.
+    """
+
+    pilot_pairs: int = 0
+    joined: dict[str, int] = field(default_factory=lambda: dict.fromkeys(JOINED, 0))
+    joined_by_mode: dict[str, dict[str, int]] = field(default_factory=dict)  # MODES -> joined
+    compared_pairs: int = 0
+    providers: dict[str, Side] = field(default_factory=dict)
+    delivery_ratio: float | None = None  # new delivered / legacy delivered
+    p95_increase_ms: float | None = None
+    cutover_pairs: int = 0  # decided pairs of cut-over users
+    judged_pairs: int = 0  # compared + cut-over pairs
+    divergences: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIVERGENCE_KINDS, 0))
+    divergence_rate: float | None = None  # (new_refused + cutover_refused) / judged pairs
+    pending_pairs: int = 0  # compared or cut-over pairs with a side not final
+    pending_ratio: float | None = None  # pending / (judged + pending)
+
+    @property
+    def against_new(self) -> int:
+        """Divergences that count against the new provider."""
+        return self.divergences["new_refused"] + self.divergences["cutover_refused"]
+
+
+@dataclass
 class ScopeStats:
     """Figures for the whole log, one group or one pilot user."""
 
@@ -92,11 +147,13 @@ class ScopeStats:
     pilot_pairs: int
     providers: dict[str, ProviderStats]
     group: str | None = None  # users: their group
+    comparison: Comparison | None = None  # scopes with pilot pairs
 
 
 @dataclass
 class Outcome:
     outcome: str  # delivered | bounced | expired | deleted | pending | "" (not planned)
+    ts: str | None = None  # time of the final event
     smtp_code: int | None = None
     enhanced_code: str | None = None
     smtp_response: str | None = None
@@ -113,27 +170,42 @@ class Divergence:
     received: str
     rcpt: str
     group: str
+    kind: str  # one of DIVERGENCE_KINDS
     refused_by: str  # "new" or "legacy"
     legacy: Outcome
     new: Outcome
 
+    @property
+    def refusal(self) -> Outcome:
+        """The refusing side."""
+        return self.new if self.refused_by == "new" else self.legacy
+
+
+@dataclass
+class DivergenceGroup:
+    """Divergences of one kind with the same reply (ids, addresses and numbers aside)."""
+
+    kind: str
+    reason: str  # reason class of the reply
+    smtp_code: int | None
+    enhanced_code: str | None
+    reply: str  # the reply of the first one received
+    count: int
+    users: int  # distinct recipients
+    groups: list[str]
+    first_received: str
+    last_received: str
+    examples: list[dict[str, str]]  # up to 3 {node, queue_id}
+
 
 @dataclass
 class Verdict:
+    """A pilot group's readiness; its figures are the group's `comparison`."""
+
     group: str
     verdict: str
     reason: str
-    compared_pairs: int
-    legacy_delivered: int
-    new_delivered: int
-    delivery_ratio: float | None
-    legacy_p95_ms: float | None
-    new_p95_ms: float | None
-    p95_increase_ms: float | None
-    divergences: int  # new refused what legacy delivered
-    divergences_legacy_refused: int
-    pending_pairs: int
-    pending_ratio: float | None
+    failed: list[str]  # the thresholds not met
 
 
 @dataclass
@@ -168,12 +240,10 @@ class Totals:
 
 @dataclass
 class HourCounts:
-    """Activity in one UTC hour: pairs finally delivered/refused, by the hour of that event."""
+    """Divergences in one UTC hour, by kind, at the time of the refusing reply."""
 
     hour: str  # the hour's start, e.g. "2026-11-25T09:00:00Z"
-    delivered: dict[str, int]  # provider -> pairs delivered in this hour
-    refused: dict[str, int]  # provider -> pairs bounced or expired in this hour
-    relay_rejections: int = 0  # `rejected` events (refused at SMTP by the relay)
+    divergences: dict[str, int]  # kind -> divergences
 
 
 # a provider failing this share of aligned_pass copies gets the plain sentence
@@ -212,18 +282,31 @@ class Report:
     filters: dict[str, str | None]
     thresholds: Thresholds
     totals: Totals
-    providers: dict[str, ProviderStats]
+    comparison: Comparison  # every pilot pair
+    providers: dict[str, ProviderStats]  # all traffic
     groups: list[ScopeStats]
     users: list[ScopeStats]
     divergences: list[Divergence]
+    divergence_groups: list[DivergenceGroup]
     verdicts: list[Verdict]
-    # Chart data (HTML report; not in the JSON document): provider -> pairs per
-    # LATENCY_BUCKETS_MS bucket (len + 1 counts), and activity per hour, in order.
+    labels: dict[str, str] = field(default_factory=lambda: {p: p for p in PROVIDERS})
+    tz: str = "UTC"  # time zone of the times shown in text and HTML
+    pseudonymized: bool = False
+    # Chart data (HTML report; not in the JSON document): provider -> pilot pairs
+    # both delivered per LATENCY_BUCKETS_MS bucket (len + 1 counts), and
+    # divergences per hour, in order.
     latency_histogram: dict[str, list[int]] = field(default_factory=dict)
     hourly: list[HourCounts] = field(default_factory=list)
     # relay/report/auth.py: the figures per authentication class, and the fairness table
     by_auth: list[ScopeStats] = field(default_factory=list)
     fairness: AuthFairness = field(default_factory=AuthFairness)
+
+    def group_comparison(self, group: str) -> Comparison:
+        """A pilot group's comparison (the figures of its verdict)."""
+        for g in self.groups:
+            if g.name == group and g.comparison is not None:
+                return g.comparison
+        raise KeyError(group)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (stable keys, see docs/report.md)."""
@@ -232,11 +315,16 @@ class Report:
             "inputs": asdict(self.inputs),
             "filters": dict(self.filters),
             "thresholds": self.thresholds.model_dump(),
+            "labels": dict(self.labels),
+            "tz": self.tz,
+            "pseudonymized": self.pseudonymized,
             "totals": asdict(self.totals),
+            "comparison": asdict(self.comparison),
             "providers": {p: asdict(s) for p, s in self.providers.items()},
             "groups": [_scope_dict(s, "group") for s in self.groups],
             "users": [_scope_dict(s, "user") for s in self.users],
             "divergences": [asdict(d) for d in self.divergences],
+            "divergence_groups": [asdict(g) for g in self.divergence_groups],
             "verdicts": [asdict(v) for v in self.verdicts],
             "by_authentication": [_scope_dict(s, "class") for s in self.by_auth],
             "fairness": self.fairness.to_dict(),
@@ -250,6 +338,7 @@ def _scope_dict(s: ScopeStats, kind: str) -> dict[str, Any]:
     d["pairs"] = s.pairs
     d["pilot_pairs"] = s.pilot_pairs
     d["providers"] = {p: asdict(ps) for p, ps in s.providers.items()}
+    d["comparison"] = None if s.comparison is None else asdict(s.comparison)
     return d
 
 
@@ -271,4 +360,5 @@ class PairRow:
     discarded: bool
     legacy: Outcome
     new: Outcome
-    divergence: str  # "", "new refused", "legacy refused"
+    divergence: str  # "" or one of DIVERGENCE_KINDS
+    joined: str  # "" (not a pilot pair) or one of JOINED

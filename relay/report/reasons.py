@@ -33,6 +33,7 @@ class ReasonRule:
 REASON_LABELS: dict[str, str] = {
     "spam_content": "spam/content",
     "auth_policy": "authentication policy",
+    "policy": "recipient policy",
     "unknown_user": "unknown user",
     "size": "size",
     "rate_limit": "rate limit",
@@ -44,18 +45,41 @@ REASONS: tuple[str, ...] = tuple(REASON_LABELS)
 REASON_INDEX: dict[str, int] = {r: i for i, r in enumerate(REASONS)}
 
 _I = re.IGNORECASE
+# Test cases with the real reply texts of Microsoft 365, Google and Zoho are in
+# tests/test_report_reasons.py; the table is documented in docs/report.md.
 REASON_RULES: tuple[ReasonRule, ...] = (
     ReasonRule(
         "auth_policy",
         frozenset({"7.20", "7.21", "7.22", "7.23", "7.24", "7.25", "7.26"}),
-        re.compile(r"\b(spf|dkim|dmarc)\b|unauthenticated|sender authentication", _I),
+        re.compile(
+            r"\b(spf|dkim|dmarc)\b|unauthenticated|sender authentication"
+            r"|sender policy framework",
+            _I,
+        ),
+    ),
+    ReasonRule(
+        # the recipient's own rules (Microsoft 365 delivery restrictions and transport
+        # rules, Google Workspace compliance rules, Zoho domain filters): a setting at
+        # the provider, neither spam nor a missing mailbox
+        "policy",
+        frozenset(),
+        re.compile(
+            r"RESOLVER\.RST\.|TRANSPORT\.RULES\.|organi[sz]ation(?:al)? policy"
+            r"|policy that prohibit|violates .{0,80}polic|- gcdp\b|restricted by policy"
+            r"|delivery failure policy|mail ?policy violation|rejected by destination domain"
+            r"|does not allow external forwarding",
+            _I,
+        ),
     ),
     ReasonRule(
         "unknown_user",
         frozenset({"1.0", "1.1", "1.10"}),
         re.compile(
             r"user unknown|unknown (user|recipient|mailbox)|no such (user|mailbox|recipient)"
-            r"|does ?n[o']t exist|recipient not found|mailbox not found|invalid recipient",
+            r"|does ?n[o']t exist|recipient not found|mailbox not found|invalid recipient"
+            r"|recipient address(es)? rejected\s*:\s*access denied|RESOLVER\.ADR\."
+            r"|account .{0,40}\bis disabled|mailbox unavailable"
+            r"|not a valid (user|recipient|mailbox)",
             _I,
         ),
     ),
@@ -66,15 +90,21 @@ REASON_RULES: tuple[ReasonRule, ...] = (
     ),
     ReasonRule(
         "rate_limit",
-        frozenset({"7.28"}),
-        re.compile(r"rate.?limit|\brate\b|too many|throttl|slow down", _I),
+        frozenset({"7.28", "2.121", "2.122"}),
+        re.compile(
+            r"rate.?limit|\brate\b|too many|throttl|slow down|too quickly|server busy"
+            r"|maximum number of concurrent|limit for the number of messages"
+            r"|queue quota exceeded",
+            _I,
+        ),
     ),
     ReasonRule(
         "spam_content",
         frozenset(),
         re.compile(
             r"spam|junk|virus|malware|phish|unsolicited|bulk mail|block ?list|black ?list"
-            r"|blocked|reputation|content",
+            r"|blocked|reputation|content|suspicious|banned|attachment"
+            r"|not accepted from this ip|(missing|invalid) .{0,40}header",
             _I,
         ),
     ),

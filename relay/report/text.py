@@ -1,7 +1,10 @@
 """`relay report` (text): aligned tables readable at 100 columns, no colour.
 
-One function per section, in the order they are printed; tables are drawn by
-rich on a colourless console of TEXT_WIDTH columns.
+One function per section, in the order they are printed: the verdicts first,
+then the pilot comparison (both providers on the same pilot pairs), the
+divergences grouped by reply, and last the all-traffic tables, each titled with
+its population. Tables are drawn by rich on a colourless console of TEXT_WIDTH
+columns; providers are shown by their labels.
 """
 
 from __future__ import annotations
@@ -15,18 +18,33 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from relay.report.divergences import SHOWN_PER_KIND, worst
 from relay.report.format import (
+    MODE_LABELS,
     fmt_int,
     fmt_ms,
     fmt_rate,
-    outcome_text,
-    reply_text,
+    fmt_reply,
+    fmt_small_pct,
+    fmt_time,
+    joined_label,
+    kind_title,
     shown_providers,
 )
-from relay.report.model import Latency, ProviderStats, Report, ScopeStats
+from relay.report.inputs import check_tz
+from relay.report.model import (
+    DIVERGENCE_KINDS,
+    JOINED,
+    Comparison,
+    Latency,
+    ProviderStats,
+    Report,
+    ScopeStats,
+)
 from relay.report.reasons import REASON_LABELS
 
 TEXT_WIDTH = 100
+ALL_PILOTS = "all pilots"
 
 
 def _wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
@@ -96,13 +114,14 @@ def _latency_cells(lat: Latency) -> tuple[str, str, str]:
 
 def _header(report: Report) -> list[str]:
     inp, tot, flt = report.inputs, report.totals, report.filters
-    out = ["relay report"]
+    tz = check_tz(report.tz)
+    out = ["relay report", f"providers: {providers_title(report.labels)}"]
     out += _wrap(f"logs: {', '.join(inp.files) or '-'}", "  ", "")
     out.append(
-        f"filters: since {flt.get('since') or '-'}, until {flt.get('until') or '-'} "
-        f"(exclusive), group {flt.get('group') or '-'}"
+        f"filters: since {fmt_time(flt.get('since'), tz)}, until {fmt_time(flt.get('until'), tz)} "
+        f"(exclusive), group {flt.get('group') or '-'}; times in {report.tz}"
     )
-    out.append(f"received: {tot.first_received or '-'} .. {tot.last_received or '-'}")
+    out.append(f"received: {fmt_time(tot.first_received, tz)} .. {fmt_time(tot.last_received, tz)}")
     out += _wrap(
         f"messages {tot.messages:,}, pairs {tot.pairs:,} (pilot {tot.pilot_pairs:,}, "
         f"forwarded {tot.forwarded_pairs:,}, discarded {tot.discarded_pairs:,}), "
@@ -118,81 +137,99 @@ def _header(report: Report) -> list[str]:
         "  ",
         "",
     )
+    if report.pseudonymized:
+        out.append("  pseudonymized: local parts and Message-IDs are keyed hashes (`relay hash`)")
     for err in inp.errors:
         out += _wrap(f"warning: {err}", "  ", "")
     out.append("")
     return out
 
 
-def _providers(report: Report) -> list[str]:
-    t = _table(
-        "Per provider (unit: message × recipient)",
-        ("provider", "planned", "delivered", "bounced", "expired", "deleted", "pending",
-         "deferrals", "rate", "1st try"),
-    )  # fmt: skip
-    for p, s in report.providers.items():
-        _row(t, p, *_count_cells(s), *_rate_cells(s))
-    return _rendered(t)
+def providers_title(labels: dict[str, str]) -> str:
+    """ "legacy vs new", or with labels "Zoho Mail (legacy) vs Microsoft 365 (new)"."""
+    return " vs ".join(labels[p] if labels[p] == p else f"{labels[p]} ({p})" for p in labels)
 
 
-def _latency(report: Report) -> list[str]:
-    t = _table("Latency of final deliveries (ms)", ("provider", "count", "p50", "p95", "max"))
-    for p, s in report.providers.items():
-        lat = s.latency_ms
-        _row(t, p, fmt_int(lat.count), *_latency_cells(lat))
-    return _rendered(t)
-
-
-def _reasons(report: Report) -> list[str]:
-    provs = list(report.providers)
-    t = _table(
-        "Reason classes (bounced pairs; deferred attempts)",
-        ("class", *(f"{p} bounced" for p in provs), *(f"{p} deferred" for p in provs)),
+def _readiness(report: Report) -> list[str]:
+    out = ["Readiness per pilot group"]
+    if not report.verdicts:
+        out.append("  no pilot groups")
+    for v in report.verdicts:
+        out += _wrap(f"{v.group}: {v.verdict.upper()} — {v.reason}", "    ", "  ")
+    th = report.thresholds
+    out += _wrap(
+        f"thresholds: min_pairs {th.min_pairs}, min_delivery_ratio {th.min_delivery_ratio:g}, "
+        f"max_p95_increase_ms {th.max_p95_increase_ms:g}, "
+        f"max_divergence_rate {th.max_divergence_rate:g}, "
+        f"max_pending_ratio {th.max_pending_ratio:g}",
+        "  ",
+        "",
     )
-    for r, label in REASON_LABELS.items():
-        _row(
-            t,
-            label,
-            *(fmt_int(report.providers[p].rejections[r]) for p in provs),
-            *(fmt_int(report.providers[p].deferral_reasons[r]) for p in provs),
-        )
-    return _rendered(t)
-
-
-def _scope_outcomes(kind: str, scopes: list[ScopeStats]) -> list[str]:
-    t = _table(
-        f"Per {'pilot user' if kind == 'user' else 'group'}: outcomes",
-        (kind, "provider", "planned", "delivered", "bounced", "expired", "deleted",
-         "pending", "deferrals"),
-        left=2,
-    )  # fmt: skip
-    for sc in scopes:
-        for i, (p, s) in enumerate(shown_providers(sc)):
-            _row(t, sc.name if i == 0 else "", p, *_count_cells(s))
-    return _rendered(t)
-
-
-def _scope_rates(kind: str, scopes: list[ScopeStats]) -> list[str]:
-    user = kind == "user"
-    lead = (kind, "group") if user else (kind,)
-    t = _table(
-        f"Per {'pilot user' if user else 'group'}: rates and latency (ms)",
-        (*lead, "provider", "rate", "1st try", "p50", "p95", "max"),
-        left=len(lead) + 1,
-    )
-    for sc in scopes:
-        names = [sc.name, sc.group or ""] if user else [sc.name]
-        for i, (p, s) in enumerate(shown_providers(sc)):
-            lead_cells = names if i == 0 else [""] * len(names)
-            _row(t, *lead_cells, p, *_rate_cells(s), *_latency_cells(s.latency_ms))
-    return _rendered(t)
-
-
-def _scopes(report: Report) -> list[str]:
-    out = _scope_outcomes("group", report.groups) + _scope_rates("group", report.groups)
-    if report.users:
-        out += _scope_outcomes("user", report.users) + _scope_rates("user", report.users)
+    out.append("")
     return out
+
+
+def pilot_scopes(report: Report) -> list[tuple[str, Comparison]]:
+    """(name, comparison) of each pilot group, then of all pilot pairs."""
+    rows = [(g.name, g.comparison) for g in report.groups if g.comparison is not None]
+    return [*rows, (ALL_PILOTS, report.comparison)]
+
+
+def _comparison(report: Report) -> list[str]:
+    labels = report.labels
+    t = _table(
+        "Pilot comparison per group: compared pairs (pilot pairs both providers got, both "
+        "final); latency over the pairs both delivered (ms)",
+        ("group", "provider", "compared", "delivered", "refused", "rate", "p50", "p95", "max"),
+        left=2,
+    )
+    for name, c in pilot_scopes(report):
+        for i, (p, side) in enumerate(c.providers.items()):
+            _row(
+                t, name if i == 0 else "", labels[p], fmt_int(c.compared_pairs),
+                fmt_int(side.delivered), fmt_int(side.refused), fmt_rate(side.delivery_rate),
+                *_latency_cells(side.latency_ms),
+            )  # fmt: skip
+    out = _rendered(t)
+    t = _table(
+        f"Pilot divergences per group: rate = (refused by {labels['new']} + refused to cut-over "
+        "users) / judged pairs (compared + cut-over)",
+        ("group", "judged", f"{labels['new']} refused", "cut-over refused", "rate",
+         f"{labels['legacy']} refused", "pending"),
+    )  # fmt: skip
+    for name, c in pilot_scopes(report):
+        d = c.divergences
+        _row(
+            t, name, fmt_int(c.judged_pairs), fmt_int(d["new_refused"]),
+            fmt_int(d["cutover_refused"]), _small(c.divergence_rate),
+            fmt_int(d["legacy_refused"]), fmt_int(c.pending_pairs),
+        )  # fmt: skip
+    out += _rendered(t)
+    out += _joined_table(
+        "Pilot pairs per group by joined class (who delivered them), per mode",
+        "group", pilot_scopes(report), labels,
+    )  # fmt: skip
+    return out
+
+
+def _small(rate: float | None) -> str:
+    return "-" if rate is None else fmt_small_pct(rate)
+
+
+def joined_rows(c: Comparison) -> list[tuple[str, dict[str, int]]]:
+    """(how observed, joined counts) of the modes a scope has, then "all" if several."""
+    rows = [(MODE_LABELS[m], n) for m, n in c.joined_by_mode.items() if any(n.values())]
+    return [*rows, ("all", c.joined)] if len(rows) > 1 else rows
+
+
+def _joined_table(
+    title: str, kind: str, scopes: list[tuple[str, Comparison]], labels: dict[str, str]
+) -> list[str]:
+    t = _table(title, (kind, "mode", *(joined_label(j, labels) for j in JOINED)), left=2)
+    for name, c in scopes:
+        for i, (mode, counts) in enumerate(joined_rows(c)):
+            _row(t, name if i == 0 else "", mode, *(fmt_int(counts[j]) for j in JOINED))
+    return _rendered(t)
 
 
 def _authentication(report: Report) -> list[str]:
@@ -236,44 +273,145 @@ def _authentication(report: Report) -> list[str]:
 
 
 def _divergences(report: Report) -> list[str]:
-    out = [
-        f"Divergences: {len(report.divergences)} "
-        "(pilot pairs one provider delivered and the other finally refused)"
-    ]
-    for d in report.divergences:
+    tz = check_tz(report.tz)
+    n = len(report.divergences)
+    out = _wrap(
+        f"Divergences: {fmt_int(n)} (pilot pairs one provider delivered and the other finally "
+        f"refused, and cut-over users' mail refused by {report.labels['new']}); by reply, the "
+        f"{SHOWN_PER_KIND} most frequent per kind; the JSON and CSV list every one",
+    )
+    for kind in DIVERGENCE_KINDS:
+        of_kind = [g for g in report.divergence_groups if g.kind == kind]
+        if not of_kind:
+            continue
+        total = sum(g.count for g in of_kind)
         out += _wrap(
-            f"{d.received} {d.node} {d.queue_id} {d.rcpt} [{d.group}] refused by {d.refused_by}",
+            f"{kind_title(kind, report.labels)}: {fmt_int(total)} in "
+            f"{fmt_int(len(of_kind))} repl{'y' if len(of_kind) == 1 else 'ies'}",
             "    ",
             "  ",
         )
-        for p, o in (("legacy", d.legacy), ("new", d.new)):
-            out += _wrap(f"{p:<6} {outcome_text(o)}: {reply_text(o)}", "        ", "    ")
+        shown, more, more_count = worst(report.divergence_groups, kind)
+        for g in shown:
+            reply = fmt_reply(g.smtp_code, g.enhanced_code, g.reply)
+            out += _wrap(
+                f"{fmt_int(g.count):>7}  {REASON_LABELS.get(g.reason, g.reason)} · {reply}",
+                " " * 13,
+                "    ",
+            )
+            example = ", ".join(f"{e['node']} {e['queue_id']}" for e in g.examples[:1])
+            out += _wrap(
+                f"{fmt_int(g.users)} user{'' if g.users == 1 else 's'}; {', '.join(g.groups)}; "
+                f"{fmt_time(g.first_received, tz)} .. {fmt_time(g.last_received, tz)}; "
+                f"e.g. {example}",
+                " " * 13,
+            )
+        if more:
+            out.append(
+                f"    … {fmt_int(more)} more repl{'y' if more == 1 else 'ies'} "
+                f"({fmt_int(more_count)} divergences): see the JSON or CSV"
+            )
     out.append("")
     return out
 
 
-def _readiness(report: Report) -> list[str]:
-    out = ["Readiness (pilot groups)"]
-    if not report.verdicts:
-        out.append("  no pilot groups")
-    for v in report.verdicts:
-        out += _wrap(f"{v.group}: {v.verdict.upper()} — {v.reason}", "    ", "  ")
-    th = report.thresholds
-    out += _wrap(
-        f"thresholds: min_pairs {th.min_pairs}, min_delivery_ratio {th.min_delivery_ratio:g}, "
-        f"max_p95_increase_ms {th.max_p95_increase_ms:g}, max_divergences {th.max_divergences}, "
-        f"max_pending_ratio {th.max_pending_ratio:g}",
-        "  ",
-        "",
+def _providers(report: Report) -> list[str]:
+    t = _table(
+        f"Per provider, all traffic (unit: message × recipient; each provider's own pairs: "
+        f"{report.labels['legacy']}'s include non-pilot mail, {report.labels['new']}'s are "
+        "pilots' only)",
+        ("provider", "planned", "delivered", "bounced", "expired", "deleted", "pending",
+         "deferrals", "rate", "1st try"),
+    )  # fmt: skip
+    for p, s in report.providers.items():
+        _row(t, report.labels[p], *_count_cells(s), *_rate_cells(s))
+    return _rendered(t)
+
+
+def _latency(report: Report) -> list[str]:
+    t = _table(
+        "Latency, all traffic (ms)",
+        ("provider", "count", "p50", "p95", "max"),
     )
-    return out
+    for p, s in report.providers.items():
+        lat = s.latency_ms
+        _row(t, report.labels[p], fmt_int(lat.count), *_latency_cells(lat))
+    return _rendered(t)
+
+
+def _reasons(report: Report) -> list[str]:
+    t = _table(
+        "Reason classes, all traffic (bounced pairs; deferred attempts)",
+        ("class", "provider", "bounced", "deferred"),
+        left=2,
+    )
+    for r, label in REASON_LABELS.items():
+        for i, (p, s) in enumerate(report.providers.items()):
+            _row(t, label if i == 0 else "", report.labels[p], fmt_int(s.rejections[r]),
+                 fmt_int(s.deferral_reasons[r]))  # fmt: skip
+    return _rendered(t)
+
+
+def scope_title(kind: str, what: str) -> str:
+    """Title of an all-traffic scope table (also the HTML caption)."""
+    if kind == "user":
+        return f"Per pilot user: {what}"
+    return f"Per group, all traffic: {what}"
+
+
+def _scope_outcomes(kind: str, scopes: list[ScopeStats], labels: dict[str, str]) -> list[str]:
+    t = _table(
+        scope_title(kind, "outcomes"),
+        (kind, "provider", "planned", "delivered", "bounced", "expired", "deleted",
+         "pending", "deferrals"),
+        left=2,
+    )  # fmt: skip
+    for sc in scopes:
+        for i, (p, s) in enumerate(shown_providers(sc)):
+            _row(t, sc.name if i == 0 else "", labels[p], *_count_cells(s))
+    return _rendered(t)
+
+
+def _scope_rates(kind: str, scopes: list[ScopeStats], labels: dict[str, str]) -> list[str]:
+    user = kind == "user"
+    lead = (kind, "group") if user else (kind,)
+    t = _table(
+        scope_title(kind, "rates and latency (ms)"),
+        (*lead, "provider", "rate", "1st try", "p50", "p95", "max"),
+        left=len(lead) + 1,
+    )
+    for sc in scopes:
+        names = [sc.name, sc.group or ""] if user else [sc.name]
+        for i, (p, s) in enumerate(shown_providers(sc)):
+            lead_cells = names if i == 0 else [""] * len(names)
+            _row(t, *lead_cells, labels[p], *_rate_cells(s), *_latency_cells(s.latency_ms))
+    return _rendered(t)
+
+
+def _groups(report: Report) -> list[str]:
+    return _scope_outcomes("group", report.groups, report.labels) + _scope_rates(
+        "group", report.groups, report.labels
+    )
+
+
+def _users(report: Report) -> list[str]:
+    if not report.users:
+        return []
+    labels = report.labels
+    scopes = [(u.name, u.comparison) for u in report.users if u.comparison is not None]
+    out = _joined_table("Per pilot user: pilot pairs by joined class", "user", scopes, labels)
+    return (
+        out
+        + _scope_outcomes("user", report.users, labels)
+        + _scope_rates("user", report.users, labels)
+    )
 
 
 def render_text(report: Report) -> str:
-    """The text report: summary, provider tables, groups and users, divergences, verdicts."""
+    """The text report: verdicts, pilot comparison, divergences, then all traffic and users."""
     sections = (
-        _header, _providers, _latency, _reasons, _scopes, _authentication, _divergences,
-        _readiness,
+        _header, _readiness, _comparison, _divergences, _providers, _latency, _reasons,
+        _groups, _users, _authentication,
     )  # fmt: skip
     out = [line for section in sections for line in section(report)]
     return "\n".join(line.rstrip() for line in out) + "\n"

@@ -20,6 +20,7 @@ from typing import Any
 import watchfiles
 
 from relay import config
+from relay.archive.writer import ArchiveWriter, retention
 from relay.bounce import Bouncer
 from relay.delivery import Reply
 from relay.ingress import Ingress, IngressHandler
@@ -83,9 +84,11 @@ class Relay:
             self.log = DeliveryLog(s.log, s.node_name, s.log_buffer)
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
+        self.archive = ArchiveWriter(s, self.log.node) if s.archive.enabled else None
         self.scheduler = Scheduler(
-            s, self.spool, self.log, clock=clock, on_final_failure=self._bounce
-        )
+            s, self.spool, self.log, clock=clock, on_final_failure=self._bounce,
+            archiver=self.archive,
+        )  # fmt: skip
         self.bouncer = Bouncer(
             self.spool, self.log, s.listen.hostname,
             lambda p: self.scheduler.provider_settings(p).host, self.scheduler.clock.now,
@@ -149,6 +152,10 @@ class Relay:
         for qid in bad:
             oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
         self.scheduler.recover(stored)
+        if self.archive:
+            with starting(f"archive {self.archive.store.root}"):
+                await asyncio.to_thread(self.archive.start)
+            self.spool.also_on_disk = (self.archive.store.root,)
         with starting(f"spool {root}"):
             await self.spool.start()
         self.scheduler.start()
@@ -164,6 +171,9 @@ class Relay:
         self._tasks.append(
             asyncio.create_task(serve_control(self.spool, self.scheduler), name="queue-control")
         )
+        if self.archive:
+            purge = retention(self.archive.store, self.cfg.relay.archive.retention_days, self.log)
+            self._tasks.append(asyncio.create_task(purge, name="archive-retention"))
         self.started = True
         oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
 

@@ -26,6 +26,7 @@ from typing import Any, Literal, Unpack, overload
 import structlog
 
 from relay.records import (
+    ArchivePurgedEvent,
     BounceSentEvent,
     DeletedEvent,
     DeliveryEvent,
@@ -34,6 +35,7 @@ from relay.records import (
     LogEventsDroppedEvent,
     ReceivedEvent,
     RejectedEvent,
+    ReplayedEvent,
 )
 
 
@@ -145,6 +147,12 @@ class DeliveryLog:
     def emit(self, event: Literal["deleted"], **fields: Unpack[DeletedEvent]) -> None: ...
     @overload
     def emit(self, event: Literal["bounce_sent"], **fields: Unpack[BounceSentEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["replayed"], **fields: Unpack[ReplayedEvent]) -> None: ...
+    @overload
+    def emit(
+        self, event: Literal["archive_purged"], **fields: Unpack[ArchivePurgedEvent]
+    ) -> None: ...
 
     @overload
     def emit(

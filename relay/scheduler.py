@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from relay import retry
 from relay.config import ProviderSettings, RelaySettings
@@ -36,6 +37,8 @@ MAX_WAIT = 1.0
 # stay far below: at most max_recipients / recipients-per-transaction.
 LOOP_LIMIT = 20
 LOOP_WINDOW = 60.0
+# `provider: archive` has no SMTP host: only its number of concurrent writes is used
+ARCHIVE_SLOTS = ProviderSettings(host="(archive)", max_connections=4)
 
 
 def drain_budget(timeout: float) -> float:
@@ -116,6 +119,13 @@ class Message:
 
 Sender = Callable[[ProviderSettings, str, list[str], Content, list[str], str], Awaitable[Attempt]]
 FinalFailure = Callable[["Message", list[tuple[DeliveryState, Reply]]], Awaitable[None]]
+# writes a message's archive copy (relay/archive/writer.py); its reply is the outcome
+Archiver = Callable[[Envelope, Callable[[], tuple[BinaryIO, int]]], Awaitable[Reply]]
+
+
+async def _no_archive(envelope: Envelope, opener: object) -> Reply:
+    """A message queued for the archive while it was enabled: final, never bounced."""
+    return Reply.from_smtp(554, "5.3.0 archive disabled in the configuration", "data")
 
 
 class Scheduler:
@@ -128,9 +138,11 @@ class Scheduler:
         rng: random.Random | None = None,
         sender: Sender | None = None,
         on_final_failure: FinalFailure | None = None,
+        archiver: Archiver | None = None,
     ):
         """`on_final_failure`: called after a primary delivery bounced or expired (the
-        app queues a DSN); None where nothing is sent (`relay queue`)."""
+        app queues a DSN); None where nothing is sent (`relay queue`). `archiver`
+        writes the `archive` destination (SPEC Part 2 "Safety net")."""
         self.settings = settings
         self.spool = spool
         self.log = log
@@ -139,6 +151,7 @@ class Scheduler:
         self.agent = Agent()  # cached provider connections (the default sender)
         self.sender: Sender = sender or self.agent.send
         self.on_final_failure = on_final_failure
+        self.archiver: Archiver = archiver or _no_archive
         self.messages: dict[str, Message] = {}
         self._heaps: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PROVIDERS}
         self._wake = {p: asyncio.Event() for p in PROVIDERS}
@@ -157,6 +170,8 @@ class Scheduler:
     def provider_settings(self, provider: str) -> ProviderSettings:
         if provider == "bounce":
             return self.settings.bounce or self.settings.providers.legacy
+        if provider == "archive":
+            return ARCHIVE_SLOTS
         return getattr(self.settings.providers, provider)
 
     # -- queue contents ----------------------------------------------------------
@@ -376,6 +391,9 @@ class Scheduler:
         rcpts = [d.plan.delivered_to for d in batch]
         env = msg.envelope
         try:
+            if provider == "archive":  # in a thread: encryption and fsync never block the loop
+                opener = functools.partial(self.spool.open_content, msg.queue_id)
+                return Attempt(dict.fromkeys(rcpts, await self.archiver(env, opener)))
             # Streamed from the spool file in chunks, never whole (SPEC: bounded memory);
             # a small message is read on the loop, cheaper than a thread hop.
             content = await Content.open(

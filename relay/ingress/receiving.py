@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from relay.archive.plan import archive_entry
 from relay.config import RelaySettings
 from relay.ingress._aiosmtpd import Envelope, Session
 from relay.ingress.clienttext import printable
@@ -180,6 +181,9 @@ class Intake:
                 plan.append(
                     PlanEntry(rcpt, d.provider, d.delivered_to, d.role, d.group, d.mode, d.pilot)
                 )
+        archived = archive_entry(self.settings.archive, plan)
+        if archived is not None:
+            plan.append(archived)
         record = Record(
             queue_id=msg.queue_id,
             received=utc_ts(now),

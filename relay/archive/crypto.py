@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import pyrage
 
-from relay.archive.store import ArchiveError
+from relay.archive.store import ENCRYPTED, ArchiveError, ArchiveStore, Entry, Record, parse_record
 
 Recipient = pyrage.x25519.Recipient
 Identity = pyrage.x25519.Identity
@@ -58,6 +58,19 @@ def decrypt(data: bytes, identities: Sequence[Identity]) -> bytes:
         return pyrage.decrypt(data, list(identities))
     except pyrage.DecryptError as exc:
         raise ArchiveError(f"cannot decrypt ({exc}): not encrypted to these identities?") from None
+
+
+def load_record(store: ArchiveStore, entry: Entry, identities: Sequence[Identity]) -> Record:
+    """One archived message, decrypted and checked against its index line."""
+    path = store.path(entry)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArchiveError(f"{entry.file}: {exc.strerror or exc}") from None
+    record = parse_record(decrypt(data, identities) if path.suffix == ENCRYPTED else data)
+    if hashlib.sha256(record.content).hexdigest() != entry.sha256:
+        raise ArchiveError(f"{entry.file}: content does not match its index sha256")
+    return record
 
 
 class Joined(io.RawIOBase):

@@ -23,7 +23,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,19 @@ class ArchiveStore:
                 found[entry.queue_id] = entry
         return sorted(found.values(), key=lambda e: (e.epoch, e.queue_id))
 
+    def select(
+        self, since: float | None = None, until: float | None = None, users: Sequence[str] = ()
+    ) -> list[Entry]:
+        """Entries received in [since, until) with any of `users` among their recipients."""
+        wanted = {self.user_hash(u) for u in users}
+        return [
+            e
+            for e in self.entries()
+            if (since is None or e.epoch >= since)
+            and (until is None or e.epoch < until)
+            and (not wanted or wanted.intersection(e.rcpts))
+        ]
+
     def remove(self, doomed: Callable[[Entry], bool]) -> list[Entry]:
         """Delete the messages `doomed` picks: their files first (durably), then their
         index lines (the index is rewritten and renamed into place). A crash between
@@ -245,4 +258,3 @@ class ArchiveStore:
             os.rename(tmp, self.index)
             fsync_dir(self.root)
         return removed
-

@@ -72,6 +72,11 @@ def check(config_path: str) -> None:
     cfg = _load(config_path, warn=True)
     for issue in config_mod.missing_secrets(cfg):
         click.echo(f"warning: {issue} (needed by relay serve)", err=True)
+    if cfg.relay.archive.enabled:
+        from relay.archive.commands import capacity_warning
+
+        if capacity := capacity_warning(cfg.relay):
+            click.echo(f"warning: {capacity}", err=True)
     table = PilotTable.build(cfg.pilots, cfg.relay)
     now = datetime.now(UTC)
     rows = [("address", "group", "mode", "legacy", "new", "cutover")]
@@ -334,7 +339,7 @@ def archive_export(
 
     try:
         store = commands.open_store(_queue_settings(config_path))
-        keys = crypto.load_identities(Path(i) for i in identities)
+        keys = crypto.load_identities(Path(i) for i in identities) if identities else []
         entries = store.select(*_window(since, until), [user])
         written, problems = commands.export(store, entries, keys, Path(out))
     except commands.ArchiveError as exc:

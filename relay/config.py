@@ -405,6 +405,13 @@ def missing_secrets(cfg: Config) -> list[ConfigIssue]:
 
 def _relay_warnings(settings: RelaySettings, shown: str, doc: _Doc) -> list[str]:
     warnings = []
+    archive = settings.archive
+    if archive.enabled and archive.insecure_plaintext and not archive.encrypt_to:
+        line = doc.line_of(("archive", "insecure_plaintext")) or 1
+        warnings.append(
+            f"{shown}:{line}: archive.insecure_plaintext: the archive keeps messages in clear; "
+            "anyone who can read its directory reads the pilot users' mail"
+        )
     if settings.bounce is None:
         warnings.append(
             f"{shown}:{doc.line_of(('bounce',)) or 1}: bounce: not set; bounces go through the "

@@ -45,7 +45,7 @@ def load_identities(paths: Iterable[Path]) -> list[Identity]:
             except pyrage.IdentityError:
                 raise ArchiveError(f"{path}:{n}: not an age identity") from None
     if not found:
-        raise ArchiveError("no age identity given (--identity FILE)")
+        raise ArchiveError("no age identity in the --identity files")
     return found
 
 
@@ -54,6 +54,8 @@ def encrypt(src: BinaryIO, dst: BinaryIO, to: Sequence[Recipient]) -> None:
 
 
 def decrypt(data: bytes, identities: Sequence[Identity]) -> bytes:
+    if not identities:
+        raise ArchiveError("encrypted, and no age identity given (--identity FILE)")
     try:
         return pyrage.decrypt(data, list(identities))
     except pyrage.DecryptError as exc:

@@ -52,8 +52,8 @@ async def test_sigkill_during_archive_writes_loses_nothing(tmp_path: Path) -> No
     key = pyrage.x25519.Identity.generate()
     async with Provider("legacy") as legacy, Provider("new") as new:
         port = free_port()
-        cfg = relay_config(tmp_path, port, legacy, new,
-                           archive={"enabled": True, "encrypt_to": [str(key.to_public())]})  # fmt: skip
+        settings = {"enabled": True, "encrypt_to": [str(key.to_public())]}
+        cfg = relay_config(tmp_path, port, legacy, new, archive=settings)
         spool, archive = tmp_path / "var" / "spool", tmp_path / "var" / "archive"
         relay = RelayProcess(cfg, port, tmp_path / "relay-stderr.log")
         load = Load(port, clients=6, size=256 * 1024)  # large: archive writes take a while

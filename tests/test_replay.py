@@ -88,6 +88,15 @@ async def test_replay_after_outage_sends_exactly_the_missing_pairs_once(
     await asyncio.sleep(0.5)
     assert len(env.new.messages) == 1 + OUTAGE
 
+    # the report: replays fill the completeness line, and no other figure
+    from relay.report.logs import build_report
+
+    report = build_report([env.cfg.relay.log])
+    (sales,) = report.completeness
+    assert (sales.legacy_delivered, sales.new_holds, sales.live, sales.replayed) == (21, 21, 1, 20)
+    assert report.providers["new"].delivered == 1 and report.providers["new"].expired == OUTAGE
+    assert report.inputs.corrupt_lines == report.inputs.orphan_events == 0
+
 
 async def test_replay_without_a_running_relay_waits_in_the_spool(
     relay_env: Any, tmp_path: Path

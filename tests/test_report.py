@@ -740,6 +740,7 @@ JSON_KEYS = {
     "users",
     "divergences",
     "verdicts",
+    "completeness",  # SPEC Part 2 "Safety net": per group, live and replayed
 }
 PROVIDER_KEYS = {
     "planned",

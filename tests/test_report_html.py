@@ -457,7 +457,7 @@ def test_builder_counts_latency_buckets_and_hours(tmp_path: Path) -> None:
     }
     assert set(rep.to_dict()) == {
         "report_version", "inputs", "filters", "thresholds", "totals", "providers", "groups",
-        "users", "divergences", "verdicts",
+        "users", "divergences", "verdicts", "completeness",
     }  # fmt: skip
     unit, rows = activity_rows(rep)
     assert unit == "hour" and [r[0] for r in rows] == [

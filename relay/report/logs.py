@@ -24,6 +24,7 @@ from collections.abc import Container, Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
+from relay.report.completeness import Completeness
 from relay.report.figures import (
     ScopeCounters,
     group_figures,
@@ -169,6 +170,7 @@ class _Builder:
         # [legacy delivered, new delivered, legacy refused, new refused, relay rejections]
         self.lat_hist = ([0] * (len(LATENCY_BUCKETS_MS) + 1), [0] * (len(LATENCY_BUCKETS_MS) + 1))
         self.hours: dict[str, list[int]] = {}
+        self.completeness = Completeness()  # replays count there and nowhere else
 
     def _hour(self, ts: str) -> list[int] | None:
         key = _hour_key(ts)
@@ -222,10 +224,16 @@ class _Builder:
                 if hour is not None:
                     hour[4] += count
             return True
+        if kind == "archive_purged":
+            self.stats.events += 1
+            return True
         qid = ev.get("queue_id")
         if type(qid) is not str:
             return False
         key = (node, qid)
+        if kind == "replayed" or (kind == "delivery" and ev.get("role") == "replay"):
+            self.stats.events += 1
+            return self.completeness.event(ev)
         if kind == "received":
             if not self._valid_received(ev):
                 return False
@@ -472,6 +480,12 @@ class _Builder:
             divergence = ""
             if pair.pilot:
                 divergence = self._basis(key, msg, pair, cats, scopes[1])
+                legacy_has = cats[0] == O_DELIVERED or (
+                    pair.forwarded(msg) and pair.slots[1] is not None and not pair.slots[1].primary
+                )
+                self.completeness.pair(
+                    pair.group, (*key, pair.rcpt.lower()), legacy_has, cats[1] == O_DELIVERED
+                )
             if self.sink is not None:
                 self.sink(self._row(key, msg, pair, divergence, discarded=pair.discarded))
         if any_included:
@@ -592,6 +606,7 @@ class _Builder:
             users=user_figures(self.users),
             divergences=self.divergences,
             verdicts=verdicts,
+            completeness=self.completeness.result(),
             latency_histogram=dict(zip(PROVIDERS, self.lat_hist, strict=True)),
             hourly=[
                 HourCounts(

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from relay.report.completeness import GroupCompleteness
 from relay.report.reasons import REASONS
 
 PROVIDERS: tuple[str, str] = ("legacy", "new")
@@ -187,6 +188,7 @@ class Report:
     users: list[ScopeStats]
     divergences: list[Divergence]
     verdicts: list[Verdict]
+    completeness: list[GroupCompleteness] = field(default_factory=list)
     # Chart data (HTML report; not in the JSON document): provider -> pairs per
     # LATENCY_BUCKETS_MS bucket (len + 1 counts), and activity per hour, in order.
     latency_histogram: dict[str, list[int]] = field(default_factory=dict)
@@ -205,6 +207,7 @@ class Report:
             "users": [_scope_dict(s, "user") for s in self.users],
             "divergences": [asdict(d) for d in self.divergences],
             "verdicts": [asdict(v) for v in self.verdicts],
+            "completeness": [asdict(c) for c in self.completeness],
         }
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from relay.report.completeness import completeness_sentences
 from relay.report.format import (
     fmt_int,
     fmt_ms,
@@ -229,8 +230,23 @@ def _readiness(report: Report) -> list[str]:
     return out
 
 
+def _completeness(report: Report) -> list[str]:
+    """New's copies of what legacy delivered, live or replayed (relay/report/completeness.py)."""
+    out = ["Completeness (pilot pairs legacy delivered that new holds)"]
+    since = report.filters.get("since") or report.totals.first_received
+    for sentence in completeness_sentences(report.completeness, since):
+        out += _wrap(sentence, "    ", "  ")
+    if not report.completeness:
+        out.append("  no pilot pairs delivered by legacy")
+    out.append("")
+    return out
+
+
 def render_text(report: Report) -> str:
-    """The text report: summary, provider tables, groups and users, divergences, verdicts."""
-    sections = (_header, _providers, _latency, _reasons, _scopes, _divergences, _readiness)
+    """The text report: summary, provider tables, groups and users, divergences,
+    completeness, verdicts."""
+    sections = (
+        _header, _providers, _latency, _reasons, _scopes, _divergences, _completeness, _readiness
+    )  # fmt: skip
     out = [line for section in sections for line in section(report)]
     return "\n".join(line.rstrip() for line in out) + "\n"

@@ -191,6 +191,8 @@ class Relay:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.spool.stop()
+        if self.archive:
+            self.archive.close()
         self.log.close()
         self._stack.close()
         if self.started:  # after a failed start the one-line StartupError says it all

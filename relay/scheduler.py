@@ -38,7 +38,7 @@ MAX_WAIT = 1.0
 LOOP_LIMIT = 20
 LOOP_WINDOW = 60.0
 # `provider: archive` has no SMTP host: only its number of concurrent writes is used
-ARCHIVE_SLOTS = ProviderSettings(host="(archive)", max_connections=4)
+ARCHIVE_SLOTS = ProviderSettings(host="(archive)", max_connections=16)
 
 
 def drain_budget(timeout: float) -> float:

@@ -220,15 +220,15 @@ async def test_archive_write_failure_defers_and_keeps_the_message(
     _, recipient = identity(tmp_path / "keys")
     env = await relay_env(archive_yaml(recipient).replace("max_age: 1", "max_age: 60"))
     assert env.relay.archive is not None
-    real, calls = env.relay.archive.write, []
+    real, calls = env.relay.archive._write_tmp, []
 
-    def failing(*args: Any) -> Any:
+    def failing(job: Any) -> None:
         calls.append(1)
         if len(calls) == 1:
             raise OSError(28, "No space left on device")
-        return real(*args)
+        real(job)
 
-    monkeypatch.setattr(env.relay.archive, "write", failing)
+    monkeypatch.setattr(env.relay.archive, "_write_tmp", failing)
     (qid,) = [await env.send(["alice@example.com"], message(1))]
     await env.wait_for(lambda: len(env.legacy.messages) == 1 and len(env.new.messages) == 1)
     await asyncio.sleep(0.05)

@@ -191,14 +191,15 @@ class ArchiveStore:
         finally:
             os.close(fd)
 
-    def append(self, entry: Entry) -> None:
-        """Add an entry durably. A line torn by a crash is ended first, so ours stays whole."""
+    def append(self, *entries: Entry) -> None:
+        """Add entries durably, in one write. A line torn by a crash is ended first, so
+        ours stay whole."""
         with self.locked():
             fd = os.open(self.index, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 size = os.fstat(fd).st_size
                 torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-                os.write(fd, (b"\n" if torn else b"") + entry.to_line())
+                os.write(fd, b"".join([b"\n" if torn else b"", *(e.to_line() for e in entries)]))
                 os.fdatasync(fd)
             finally:
                 os.close(fd)

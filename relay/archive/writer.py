@@ -1,13 +1,15 @@
 """The scheduler's `archive` destination, and the running relay's daily retention purge.
 
-Writing one message, in a thread (the event loop never waits on encryption or
-fsync): the record streams from the spool file through age into
-`<day>/<id>.tmp`, which is fdatasync'd, renamed `<id>.age` and its directory
-fsync'd; then the index line is appended and fdatasync'd. Only then is the
-reply 250 and the delivery recorded, so a message leaves the spool only with
-its copy durable. A crash before the rename leaves a `.tmp` (removed at the
-next start); after it, the delivery is still open and the message is written
-again under the same name (the index keeps the last line of an id).
+Writing, in the writer's own threads (the event loop never waits on encryption
+or fsync), by group commit as in the spool: every message that came while the
+previous batch was written is one batch. Each record streams from the spool
+file through age into `<day>/<id>.tmp`; the batch's files are fdatasync'd
+together, renamed `<id>.age`, their directories fsync'd and their index lines
+appended with one write and one fdatasync. Only then is the reply 250 and the
+delivery recorded, so a message leaves the spool only with its copy durable.
+A crash before the rename leaves a `.tmp` (removed at the next start); after
+it, the delivery is still open and the message is written again under the same
+name (the index keeps the last line of an id). Cost: docs/archive.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import io
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import BinaryIO
 
 from relay.archive import crypto
@@ -32,6 +37,8 @@ from relay.spool.store import fsync_dir
 DAY = 86_400.0
 PURGE_EVERY = DAY  # seconds between retention purges of the running relay
 Opener = Callable[[], tuple[BinaryIO, int]]  # the spool's content, as `Spool.open_content`
+# the writer's own threads: one writes and encrypts a batch, these sync its files
+SYNC_THREADS = 8
 
 
 def user_address(rcpt: str, settings: RelaySettings) -> str:
@@ -39,6 +46,16 @@ def user_address(rcpt: str, settings: RelaySettings) -> str:
     to the real domain, so `--user alice@example.com` also finds what legacy forwarded."""
     resolved = resolve_recipient(rcpt, settings)
     return resolved[0] if resolved else rcpt
+
+
+@dataclass
+class _Job:
+    envelope: Envelope
+    opener: Opener
+    done: asyncio.Future[Entry] | None = None  # None: written by `write`, in its caller
+    entry: Entry | None = None
+    tmp: Path | None = None
+    error: Exception | None = None
 
 
 class ArchiveWriter:
@@ -51,49 +68,120 @@ class ArchiveWriter:
         self.store = ArchiveStore(self.archive.dir, settings.recipient_delimiter)
         self.keys = self.archive.encrypt_to
         self.recipients = crypto.recipients(self.keys)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
+        self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="archive-sync")
+        self._jobs: list[_Job] = []
+        self._committer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.store.create()
         self.store.key()
 
     async def __call__(self, envelope: Envelope, opener: Opener) -> Reply:
-        """Archive one message; a 250 only once file and index line are durable."""
+        """Archive one message; a 250 only once its file and index line are durable."""
+        done: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_Job(envelope, opener, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit(), name="archive-commit")
         try:
-            entry = await asyncio.to_thread(self.write, envelope, opener)
+            entry = await done
         except Exception as exc:  # a full disk, a vanished spool file: retried, never bounced
             oplog.error("archive write failed", queue_id=envelope.queue_id, error=repr(exc))
             return Reply(None, f"archive write failed: {type(exc).__name__}: {exc}", "data")
         return Reply.from_smtp(250, f"2.0.0 archived as {entry.file}", "data")
 
+    async def _commit(self) -> None:
+        """Group commit: every message that came while the last batch was written, in
+        one thread call (one hop, however many messages)."""
+        loop = asyncio.get_running_loop()
+        while self._jobs:
+            jobs, self._jobs = self._jobs, []
+            try:
+                await loop.run_in_executor(self._thread, self.write_batch, jobs)
+            except Exception as exc:  # the index or a directory sync: the whole batch
+                for job in jobs:
+                    job.error = job.error or exc
+            for job in jobs:
+                assert job.done is not None
+                if job.error is not None:
+                    job.done.set_exception(job.error)
+                else:
+                    assert job.entry is not None
+                    job.done.set_result(job.entry)
+
     def write(self, envelope: Envelope, opener: Opener) -> Entry:
-        day = datetime.fromtimestamp(envelope.received_epoch, UTC).strftime("%Y-%m-%d")
+        """One message on its own, in the caller's thread (commands and tests)."""
+        job = _Job(envelope, opener)
+        self.write_batch([job])
+        if job.error is not None:
+            raise job.error
+        assert job.entry is not None
+        return job.entry
+
+    def write_batch(self, jobs: list[_Job]) -> None:
+        """Each job's `.tmp` written, all fdatasync'd together (concurrent syncs share
+        journal commits), renamed, their directories fsync'd, their index lines
+        appended in one write. A job's own failure is its `error`; others go on."""
+        for job in jobs:
+            try:
+                self._write_tmp(job)
+            except Exception as exc:
+                job.error = exc
+        written = [j for j in jobs if j.error is None]
+
+        def sync(job: _Job) -> None:
+            assert job.tmp is not None
+            try:
+                fd = os.open(job.tmp, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                job.error = exc
+
+        list(self._sync_pool.map(sync, written))
+        done = []
+        for job in written:
+            assert job.tmp is not None and job.entry is not None
+            if job.error is None:
+                os.rename(job.tmp, self.store.path(job.entry))
+                done.append(job.entry)
+            else:
+                job.tmp.unlink(missing_ok=True)
+        for folder in {self.store.path(e).parent for e in done}:
+            fsync_dir(folder)
+        if done:
+            self.store.append(*done)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
+        self._sync_pool.shutdown(wait=False)
+
+    def _write_tmp(self, job: _Job) -> None:
+        """Encrypt into `<day>/<id>.tmp` (not synced yet); set the job's index entry."""
+        env = job.envelope
+        day = datetime.fromtimestamp(env.received_epoch, UTC).strftime("%Y-%m-%d")
         folder = self.store.day_dir(day)
-        name = envelope.queue_id + (ENCRYPTED if self.recipients else PLAIN)
-        tmp = folder / f"{envelope.queue_id}.tmp"
-        fh, length = opener()
+        name = env.queue_id + (ENCRYPTED if self.recipients else PLAIN)
+        job.tmp = folder / f"{env.queue_id}.tmp"
+        fh, length = job.opener()
         with fh:
-            src = crypto.Joined(record_header(self.node, envelope), fh, length)
-            with open(tmp, "wb") as out:
+            src = crypto.Joined(record_header(self.node, env), fh, length)
+            with open(job.tmp, "wb") as out:
                 if self.recipients:
                     crypto.encrypt(io.BufferedReader(src), out, self.recipients)
                 else:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
-                out.flush()
-                os.fdatasync(out.fileno())
-        os.rename(tmp, folder / name)
-        fsync_dir(folder)
-        groups = sorted({p.group for p in envelope.plan if p.group is not None})
+        groups = sorted({p.group for p in env.plan if p.group is not None})
         users = dict.fromkeys(
-            self.store.user_hash(user_address(r, self.settings)) for r in envelope.rcpts
+            self.store.user_hash(user_address(r, self.settings)) for r in env.rcpts
         )
-        entry = Entry(
-            envelope.queue_id, self.node, envelope.received, envelope.received_epoch,
-            tuple(groups), tuple(users), length, src.sha256.hexdigest(), f"{day}/{name}",
-            self.keys,
+        job.entry = Entry(
+            env.queue_id, self.node, env.received, env.received_epoch, tuple(groups),
+            tuple(users), length, src.sha256.hexdigest(), f"{day}/{name}", self.keys,
         )  # fmt: skip
-        self.store.append(entry)
-        return entry
 
 
 def purge_expired(store: ArchiveStore, retention_days: int, now: float) -> tuple[int, int, str]:

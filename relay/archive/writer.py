@@ -55,6 +55,7 @@ class _Job:
     done: asyncio.Future[Entry] | None = None  # None: written by `write`, in its caller
     entry: Entry | None = None
     tmp: Path | None = None
+    out: BinaryIO | None = None  # the open `.tmp`, closed once synced
     error: Exception | None = None
 
 
@@ -103,6 +104,8 @@ class ArchiveWriter:
                     job.error = job.error or exc
             for job in jobs:
                 assert job.done is not None
+                if job.done.done():  # its attempt was cancelled (shutdown): nobody waits
+                    continue
                 if job.error is not None:
                     job.done.set_exception(job.error)
                 else:
@@ -127,16 +130,16 @@ class ArchiveWriter:
                 self._write_tmp(job)
             except Exception as exc:
                 job.error = exc
+                if job.tmp is not None:
+                    job.tmp.unlink(missing_ok=True)
         written = [j for j in jobs if j.error is None]
 
         def sync(job: _Job) -> None:
-            assert job.tmp is not None
+            assert job.out is not None
             try:
-                fd = os.open(job.tmp, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                with job.out:
+                    job.out.flush()
+                    os.fdatasync(job.out.fileno())
             except OSError as exc:
                 job.error = exc
 
@@ -168,12 +171,16 @@ class ArchiveWriter:
         fh, length = job.opener()
         with fh:
             src = crypto.Joined(record_header(self.node, env), fh, length)
-            with open(job.tmp, "wb") as out:
+            job.out = out = open(job.tmp, "wb")  # noqa: SIM115 - closed by write_batch's sync
+            try:
                 if self.recipients:
                     crypto.encrypt(io.BufferedReader(src), out, self.recipients)
                 else:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
+            except BaseException:
+                out.close()
+                raise
         groups = sorted({p.group for p in env.plan if p.group is not None})
         users = dict.fromkeys(
             self.store.user_hash(user_address(r, self.settings)) for r in env.rcpts

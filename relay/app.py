@@ -91,7 +91,7 @@ class Relay:
         )  # fmt: skip
         self.bouncer = Bouncer(
             self.spool, self.log, s.listen.hostname,
-            lambda p: self.scheduler.provider_settings(p).host, self.scheduler.clock.now,
+            lambda p: self.scheduler.provider_settings(p).nexthop, self.scheduler.clock.now,
             enqueue=self.scheduler.add,
         )  # fmt: skip
         now: Callable[[], datetime] = (

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 TlsMode = Literal["none", "starttls", "required", "implicit"]
@@ -69,7 +70,8 @@ class ListenSettings(_Strict):
 
 
 class ProviderSettings(_Strict):
-    host: str = "127.0.0.1"
+    host: str | tuple[str, ...] = "127.0.0.1"  # one name or a list, tried in order
+    mx: str | None = None  # instead of host: the MX hosts of this domain
     port: int = Field(25, ge=1, le=65535)
     tls: TlsMode = "none"
     ca_file: Path | None = None
@@ -80,6 +82,38 @@ class ProviderSettings(_Strict):
     connect_timeout: float = Field(30, gt=0)
     command_timeout: float = Field(300, gt=0)
     data_timeout: float = Field(600, gt=0)
+    dead_host_time: float = Field(60, ge=0)  # a host that failed to connect is skipped this long
+    auth_failure_hold: float = Field(300, ge=0)  # deliveries held after an AUTH-stage failure
+
+    @field_validator("host")
+    @classmethod
+    def _hosts(cls, v: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        names = (v,) if isinstance(v, str) else v
+        if not names or any(not n.strip("[] ") for n in names):
+            raise ValueError("needs at least one host name")
+        return v
+
+    @model_validator(mode="after")
+    def _host_or_mx(self) -> ProviderSettings:
+        if self.mx is not None and "host" in self.model_fields_set:
+            raise ValueError("set host or mx, not both")
+        return self
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The `host` names in order; `[name]` (Postfix's literal host) is the name itself."""
+        names = (self.host,) if isinstance(self.host, str) else self.host
+        return tuple(n.strip().removeprefix("[").removesuffix("]") for n in names)
+
+    @property
+    def nexthop(self) -> str:
+        """The destination's name, for messages: the MX domain, else the first host."""
+        return self.mx or self.hosts[0]
+
+    @property
+    def destination(self) -> tuple[str, tuple[str, ...], int]:
+        """What makes two providers the same next hop (shared connections, slots)."""
+        return ("mx", (self.mx,), self.port) if self.mx else ("host", self.hosts, self.port)
 
     def password(self) -> str | None:
         """The secret is read at use time so it never sits in a settings dump."""
@@ -114,6 +148,21 @@ class RetrySettings(_Strict):
     def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if not v or any(x <= 0 for x in v):
             raise ValueError("must be a non-empty list of positive seconds")
+        return v
+
+
+class DnsSettings(_Strict):
+    """The resolver for every lookup the relay makes; no nameservers: the system's."""
+
+    nameservers: tuple[str, ...] = ()
+    port: int = Field(53, ge=1, le=65535)
+    timeout: float = Field(5, gt=0)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for ns in v:
+            ipaddress.ip_address(ns)
         return v
 
 
@@ -163,6 +212,7 @@ class RelaySettings(_Strict):
     retry: RetrySettings = RetrySettings()
     shutdown_timeout: float = Field(30, ge=0)
     metrics: MetricsSettings = MetricsSettings()
+    dns: DnsSettings = DnsSettings()
     workers: int = Field(1, ge=1, le=64)
     pid_file: Path | None = None
     log_buffer: int = Field(10_000, ge=0)
@@ -425,6 +475,10 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
     issues = []
     for loc, p in _providers(settings):
         issues += _provider_issues(p, loc, doc)
+        if p.mx is not None and p.mx.lower().rstrip(".") in settings.domains:
+            sub = (*loc, "mx")
+            msg = f"{p.mx} is in domains: its MX is this relay (a mail loop)"
+            issues.append(ConfigIssue(doc.path, doc.line_of(sub), _dotted(sub), msg))
     if (settings.listen.tls_cert is None) != (settings.listen.tls_key is None):
         loc = ("listen", "tls_cert" if settings.listen.tls_cert else "tls_key")
         issues.append(

@@ -210,6 +210,7 @@ class DeliveryEvent(PlanDict):
     latency_ms: int
     tls: str | None
     remote_id: str | None
+    by: NotRequired[str]  # "relay": a refusal the relay decided, not the provider
 
 
 class DeletedEvent(TypedDict):

@@ -36,9 +36,10 @@ def classify(reply: Reply, progress: bool) -> Outcome:
         return "accepted"
     if reply.permanent:
         return "rejected"
-    # a per-transaction limit, not a failure: the rest go at once in the next
-    # transaction (as Postfix does); some recipient got through, so this cannot loop
-    if progress and reply.code == 452 and reply.enhanced == "4.5.3":
+    # "452 4.5.3 Too many recipients" (or Exim's bare "452 too many recipients") is a
+    # per-transaction limit, not a failure: the rest go at once in the next transaction
+    # (as Postfix does); some recipient got through, so this cannot loop
+    if progress and reply.too_many_recipients:
         return "retry_now"
     return "transient"
 

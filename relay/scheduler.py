@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from relay import retry
+from relay.authhold import AuthHold
 from relay.config import ProviderSettings, RelaySettings
-from relay.delivery import Agent, Attempt, Content, Reply
+from relay.delivery import Agent, Attempt, Content, Hosts, Reply
 from relay.log import DeliveryLog, oplog
 from relay.records import FINAL, PROVIDERS, Envelope, PlanEntry, Provider, StateLine, Status
+from relay.resolver import Resolver
 from relay.spool import Spool, SpoolError, Stored
 
 SMALL_MESSAGE = 64 * 1024  # bytes: read on the event loop rather than in a thread
@@ -148,7 +150,8 @@ class Scheduler:
         self.log = log
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
-        self.agent = Agent()  # cached provider connections (the default sender)
+        # cached provider connections (the default sender)
+        self.agent = Agent(hosts=Hosts(Resolver(settings.dns)))
         self.sender: Sender = sender or self.agent.send
         self.on_final_failure = on_final_failure
         self.archiver: Archiver = archiver or _no_archive
@@ -157,7 +160,8 @@ class Scheduler:
         self._wake = {p: asyncio.Event() for p in PROVIDERS}
         self._seq = 0
         self._workers: list[asyncio.Task[None]] = []
-        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, tuple[str, ...], int], asyncio.Semaphore] = {}
+        self._holds: dict[tuple[tuple[str, tuple[str, ...], int], str | None], AuthHold] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
         # (queue id, provider) taken by a worker and not yet finished: at most one
         # attempt per message and provider, whatever stray heap entries exist.
@@ -278,10 +282,18 @@ class Scheduler:
         """Connection slots per destination: with `bounce: null` DSNs go to the legacy
         host through the same `max_connections` as legacy's own mail."""
         cfg = self.provider_settings(provider)
-        key = (cfg.host, cfg.port)
+        key = cfg.destination
         if key not in self._slots:
             self._slots[key] = asyncio.Semaphore(cfg.max_connections)
         return self._slots[key]
+
+    def _auth_hold(self, provider: str) -> AuthHold:
+        """The AUTH hold of the account `provider` logs in with (shared, like slots)."""
+        cfg = self.provider_settings(provider)
+        key = (cfg.destination, cfg.username)
+        if key not in self._holds:
+            self._holds[key] = AuthHold(cfg)
+        return self._holds[key]
 
     def _attempt_done(self, queue_id: str, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -297,7 +309,9 @@ class Scheduler:
         heap, wake = self._heaps[provider], self._wake[provider]
         while not self._stopping:
             now = self.clock.now()
-            while heap:
+            hold = self._auth_hold(provider)
+            pause = hold.pause(now)
+            while heap and pause is None:
                 due, _, qid = heap[0]
                 msg = self.messages.get(qid)
                 open_ = msg.open(provider) if msg else []
@@ -312,9 +326,10 @@ class Scheduler:
                     break
                 heapq.heappop(heap)
                 self._claimed.add((qid, provider))
+                hold.taken()
                 return msg
             wake.clear()
-            delay = (heap[0][0] - now) if heap else MAX_WAIT
+            delay = pause if pause is not None else (heap[0][0] - now) if heap else MAX_WAIT
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=max(0.0, min(delay, MAX_WAIT)))
         return None
@@ -338,6 +353,7 @@ class Scheduler:
         key = (msg.queue_id, provider)
         self._claimed.add(key)
         msg.busy += 1
+        replies: list[Reply] = []
         try:
             async with msg.lock(provider):
                 batch = msg.open(provider)
@@ -347,6 +363,7 @@ class Scheduler:
                     self._hold(msg, batch, "attempt loop: more than LOOP_LIMIT attempts")
                     return
                 result = await self._send(msg, provider, batch)
+                replies = list(result.replies.values())
                 if sent is not None and not sent.done():
                     sent.set_result(None)
                 try:
@@ -354,6 +371,8 @@ class Scheduler:
                 except Exception as exc:  # never an immediate resend: back off instead
                     self._hold(msg, batch, f"recording the outcome failed: {exc!r}", exc)
         finally:
+            if self._auth_hold(provider).settle(replies, self.clock.now()):
+                self.wake()  # the probe is back: the others may go, or wait for the hold
             if sent is not None and not sent.done():
                 sent.set_result(None)
             self._claimed.discard(key)
@@ -410,7 +429,9 @@ class Scheduler:
         except Exception as exc:  # our fault, not the provider's: retried, never bounced
             oplog.error("delivery attempt failed", queue_id=msg.queue_id, provider=provider,
                         error=repr(exc), exc_info=exc)  # fmt: skip
-            reply = Reply(None, f"internal error: {type(exc).__name__}: {exc}", "connect")
+            reply = Reply(
+                None, f"internal error: {type(exc).__name__}: {exc}", "connect", by="relay"
+            )
             return Attempt({r: reply for r in rcpts})
 
     async def _record(
@@ -451,6 +472,7 @@ class Scheduler:
                 smtp_code=reply.code, enhanced_code=reply.enhanced,
                 smtp_response=reply.text, attempt=d.attempts, latency_ms=max(0, latency),
                 tls=result.tls, remote_id=result.remote_id if reply.ok else None,
+                **({"by": reply.by} if reply.by else {}),
             )  # fmt: skip
         if failed and self.on_final_failure and not msg.envelope.dsn:
             try:

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import yaml
 
 from relay.testing import Provider
-from tests.conftest import write_config
+from tests.harness import relay_settings, write_relay
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_HEADER = b"X-Test-Seq: "
@@ -48,10 +46,14 @@ ROUTES: list[tuple[list[str], set[tuple[str, str]]]] = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# relays run as subprocesses: short retries and timeouts, many clients from one IP
+PROCESS_PROFILE = {
+    "node": "crash",
+    "retry": {"schedule": [0.1, 0.2], "max_age": 3600},
+    "limits": {"max_connections_per_ip": 100},
+}
+PROCESS_PROVIDER = {"connect_timeout": 2, "command_timeout": 5, "data_timeout": 5,
+                    "max_connections": 4}  # fmt: skip
 
 
 def write_relay_config(
@@ -63,25 +65,11 @@ def write_relay_config(
     **overrides: Any,
 ) -> Path:
     """`provider_keys`: extra `providers.<name>` keys, e.g. {"legacy": {"username": ...}}."""
-
-    def provider(p: Provider) -> dict[str, Any]:
-        return {"port": p.port, "connect_timeout": 2, "command_timeout": 5, "data_timeout": 5,
-                "max_connections": 4, **(provider_keys or {}).get(p.name, {})}  # fmt: skip
-
-    settings: dict[str, Any] = {
-        "listen": {"port": port, "hostname": "relay.test"},
-        "node": "crash",
-        "domains": ["example.com", "dev.example.com"],
-        "providers": {"legacy": provider(legacy), "new": provider(new)},
-        "spool": "../var/spool",
-        "log": "../var/deliveries.jsonl",
-        "retry": {"schedule": [0.1, 0.2], "max_age": 3600},
-        "limits": {"min_free_space": 0, "max_connections_per_ip": 100},
-        "shutdown_timeout": 2,
-        "metrics": {"port": 0},
-    }
-    settings.update(overrides)
-    return write_config(folder / "config", yaml.safe_dump(settings))
+    settings = relay_settings(
+        legacy.port, new.port, PROCESS_PROFILE, {"listen": {"port": port}},
+        {"providers": provider_keys or {}}, overrides, provider=PROCESS_PROVIDER,
+    )  # fmt: skip
+    return write_relay(folder / "config", settings)
 
 
 class RelayProcess:

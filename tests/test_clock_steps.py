@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
-from relay.app import Relay
 from relay.scheduler import Clock
 from relay.testing import Provider, Rule
-from tests.conftest import write_config
+from tests.harness import RelayEnv, relay_settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -34,14 +32,9 @@ async def test_deferred_mail_waits_no_longer_after_a_step_back(tmp_path: Path) -
     legacy.add(Rule("defer", rcpt="zed@example.com", times=1))
     await legacy.start()
     await new.start()
-    relay_yaml = (
-        "listen: {port: 0}\nnode: t\ndomains: [example.com, dev.example.com]\n"
-        f"providers:\n  legacy: {{port: {legacy.port}}}\n  new: {{port: {new.port}}}\n"
-        "spool: ../var/spool\nlog: ../var/deliveries.jsonl\nshutdown_timeout: 2\n"
-        "limits: {min_free_space: 0}\nmetrics: {port: 0}\nretry: {schedule: [2]}\n"
-    )
     clock = SteppedClock()
-    relay = Relay(config.load(write_config(tmp_path / "config", relay_yaml)), clock=clock)
+    settings = relay_settings(legacy.port, new.port, {"retry": {"schedule": [2]}})
+    relay = RelayEnv.build(tmp_path / "config", settings, clock=clock).relay
     await relay.start()
     try:
         import aiosmtplib

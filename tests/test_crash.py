@@ -30,10 +30,10 @@ from pathlib import Path
 import pytest
 
 from relay.testing import Provider
+from tests.harness import free_port
 from tests.relayproc import (
     Load,
     RelayProcess,
-    free_port,
     logged_remote_ids,
     open_transactions,
     queue_files,

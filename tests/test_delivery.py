@@ -25,6 +25,7 @@ import yaml
 
 from relay import config
 from relay.app import Relay
+from relay.delivery.content import _scan as content_scan
 from relay.delivery.pool import Agent
 from relay.delivery.reply import Attempt
 from relay.records import Envelope, PlanEntry, StateLine
@@ -193,7 +194,7 @@ def provider_yaml(p: Provider, **overrides: Any) -> dict[str, Any]:
         "data_timeout": 5, "max_connections": 4,
     }  # fmt: skip
     base.update(overrides)
-    return base
+    return {k: v for k, v in base.items() if v is not None}  # None: leave the key out
 
 
 Factory = Callable[..., Awaitable[Env]]
@@ -201,7 +202,8 @@ Factory = Callable[..., Awaitable[Env]]
 
 @pytest.fixture
 async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
-    """make_env(legacy=Provider(...), new=..., legacy_cfg={...}, retry={...}) → Env."""
+    """make_env(legacy=Provider(...), new=..., legacy_cfg={...}, retry={...}, extra={...})
+    → Env; `extra`: more top-level relay.yaml keys."""
     stack = contextlib.AsyncExitStack()
     counter = [0]
 
@@ -215,6 +217,7 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
         start_legacy: bool = True,
         clock: Clock | None = None,
         root: Path | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Env:
         legacy = legacy or Provider("legacy")
         new = new or Provider("new")
@@ -242,6 +245,7 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Factory]:
             "limits": {"min_free_space": 0},
             "shutdown_timeout": 2,
             "metrics": {"port": 0},
+            **(extra or {}),
         }
         cfg = config.load(write_config(root / "config", yaml.safe_dump(settings)))
         clock = clock or FakeClock()
@@ -618,24 +622,105 @@ async def test_8bitmime_and_smtputf8_passed_on(make_env: Factory) -> None:
 
 
 @pytest.mark.parametrize(
-    ("lacking", "options", "enhanced"),
+    ("lacking", "options", "sender", "enhanced"),
     [
-        ({"eight_bit_mime": False}, ["BODY=8BITMIME"], "5.6.3"),
-        ({"smtputf8": False}, ["SMTPUTF8"], "5.6.7"),
+        ({"eight_bit_mime": False}, ["BODY=8BITMIME"], SENDER, "5.6.3"),
+        # SPEC Part 2 "Corrections": SMTPUTF8 is final only for a copy that needs it
+        # (here the sender), no longer for every message sent with the parameter.
+        ({"smtputf8": False}, ["SMTPUTF8"], "jörg@example.org", "5.6.7"),
     ],
 )
 async def test_provider_lacking_extension_is_final_never_downgraded(
-    make_env: Factory, lacking: dict[str, bool], options: list[str], enhanced: str
+    make_env: Factory, lacking: dict[str, bool], options: list[str], sender: str, enhanced: str
 ) -> None:
     env = await make_env(new=Provider("new", **lacking))  # type: ignore[arg-type]
-    sent = await env.send(["alice@example.com"], options=options, body="é\r\n".encode())
+    sent = await env.send(
+        ["alice@example.com"], sender=sender, options=options, body="é\r\n".encode()
+    )
     [e] = await env.wait_events(1, provider="new")
     assert e["outcome"] == "bounced" and e["enhanced_code"] == enhanced
     assert e["smtp_code"] is not None and e["smtp_code"] >= 500
+    assert e["by"] == "relay"  # the relay refused it: the report must not blame "new"
     assert env.new.messages == []
     assert not any(c.startswith("MAIL") for c in env.new.commands)  # not even tried
     await env.wait_events(1, provider="legacy", outcome="delivered")
     assert len(copies(env.legacy, sent.marker)) == 1
+
+
+@pytest.mark.parametrize(
+    ("lacking", "options", "body", "expect_options"),
+    [
+        # SPEC Part 2 "Corrections": nothing in the copy needs the extension
+        ({"smtputf8": False}, ["SMTPUTF8"], b"plain\r\n", set()),
+        ({"eight_bit_mime": False}, ["BODY=8BITMIME"], b"plain\r\n", set()),
+        (
+            {"smtputf8": False, "eight_bit_mime": False},
+            ["SMTPUTF8", "BODY=8BITMIME"],
+            b"plain\r\n",
+            set(),
+        ),
+        # an ASCII header and envelope with an 8-bit body: 8BITMIME covers it
+        ({"smtputf8": False}, ["SMTPUTF8"], "Grüße\r\n".encode(), {"BODY=8BITMIME"}),
+    ],
+)
+async def test_parameter_left_out_when_nothing_needs_it(
+    make_env: Factory,
+    lacking: dict[str, bool],
+    options: list[str],
+    body: bytes,
+    expect_options: set[str],
+) -> None:
+    env = await make_env(new=Provider("new", **lacking))  # type: ignore[arg-type]
+    sent = await env.send(["alice@example.com"], options=options, body=body)
+    [e] = await env.wait_events(1, provider="new")
+    assert e["outcome"] == "delivered", e
+    [m] = copies(env.new, sent.marker)
+    assert {"SMTPUTF8", "BODY=8BITMIME"} & set(m.mail_options) == expect_options
+    assert_faithful(m, sent)
+    [m] = copies(env.legacy, sent.marker)  # the provider with the extensions gets them
+    assert set(options) <= set(m.mail_options)
+
+
+@pytest.mark.parametrize(
+    ("lacking", "header", "body", "enhanced"),
+    [
+        ({"smtputf8": False}, "Subject: Grüße\r\n", (b"x" * 998 + b"\r\n") * 600, "5.6.7"),
+        # 8-bit only at the end of a body far longer than one read chunk
+        (
+            {"smtputf8": False, "eight_bit_mime": False},
+            "",
+            (b"x" * 998 + b"\r\n") * 600 + "é\r\n".encode(),
+            "5.6.3",
+        ),
+    ],
+)
+async def test_a_copy_that_needs_the_extension_is_final(
+    make_env: Factory, lacking: dict[str, bool], header: str, body: bytes, enhanced: str
+) -> None:
+    env = await make_env(new=Provider("new", **lacking))  # type: ignore[arg-type]
+    marker = env.marker()
+    data = (f"X-Test-Marker: {marker}\r\n{header}\r\n").encode() + body
+    await env.send(["alice@example.com"], options=["SMTPUTF8"], data=data)
+    [e] = await env.wait_events(1, provider="new")
+    assert (e["outcome"], e["enhanced_code"], e["by"]) == ("bounced", enhanced, "relay")
+    assert not any(c.startswith("MAIL") for c in env.new.commands)
+    await env.wait_events(1, provider="legacy", outcome="delivered")
+
+
+def test_eight_bit_scan_finds_the_header_end_across_chunks() -> None:
+    """Header and body told apart wherever the chunks split the empty line."""
+    cases = [
+        (b"A: b\r\n\r\n\xc3\xa9\r\n", (False, True)),
+        (b"A: \xc3\xa9\r\n\r\nbody\r\n", (True, False)),
+        (b"\r\n\xc3\xa9\r\n", (False, True)),  # no header at all
+        (b"A: b\r\nC: \xc3\xa9\r\n", (True, False)),  # no body at all
+        (b"A: b\r\n\r\nplain\r\n", (False, False)),
+    ]
+    for data, expected in cases:
+        for cut in range(len(data) + 1):
+            for second in range(cut, len(data) + 1):
+                chunks = [data[:cut], data[cut:second], data[second:]]
+                assert content_scan(chunks) == expected, (data, cut, second)
 
 
 # ----------------------------------------------------------------- connection reuse

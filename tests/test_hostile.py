@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from relay.testing import Provider
+from tests.harness import free_port
 from tests.helpers_ingress import RawClient, RelayEnv, RelayFactory, relay_factory  # noqa: F401
-from tests.relayproc import RelayProcess, free_port, write_relay_config
+from tests.relayproc import RelayProcess, write_relay_config
 
 pytestmark = pytest.mark.timeout(30)
 SENDER = "sender@origin.test"

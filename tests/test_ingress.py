@@ -24,7 +24,8 @@ import trustme
 from relay.ingress import policy
 from relay.ingress.protocol import RelaySMTP
 from relay.testing import Provider
-from tests.conftest import PILOTS, read_content, write_config
+from tests.conftest import PILOTS, read_content
+from tests.harness import tmpfs, write_relay
 from tests.helpers_ingress import (
     HOSTNAME,
     NODE,
@@ -32,8 +33,8 @@ from tests.helpers_ingress import (
     RelayEnv,
     RelayFactory,
     dead_port,
+    ingress_settings,
     relay_factory,  # noqa: F401
-    relay_yaml,
     spool_messages,
 )
 
@@ -486,14 +487,8 @@ async def test_received_lines_in_the_body_are_not_hops(relay_factory: RelayFacto
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Any:
-    mnt = tmp_path / "relay" / "var"
-    mnt.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "relay" / "var", "1m") as mnt:
+        yield mnt
 
 
 async def test_spool_below_min_free_space_at_mail(
@@ -972,7 +967,7 @@ def vm_hwm_kb(pid: int) -> int:
 async def test_50mb_message_peak_rss_growth_under_100mb(tmp_path: Path) -> None:
     sock_l, legacy = dead_port()
     sock_n, new = dead_port()
-    cfg = write_config(tmp_path / "config", relay_yaml(legacy, new), PILOTS)
+    cfg = write_relay(tmp_path / "config", ingress_settings(legacy, new))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", DRIVER, str(cfg), cwd=Path(__file__).parent.parent,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

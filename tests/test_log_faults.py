@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,29 +17,17 @@ from typing import Any
 
 import pytest
 
-from relay import config
-from relay.app import Relay
 from relay.log import DeliveryLog
 from relay.testing import Provider, Rule
-from tests.conftest import write_config
+from tests.harness import RelayEnv, relay_settings, tmpfs
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 def log_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs for the delivery log alone (root may mount; else skip)."""
-    mnt = tmp_path / "logfs"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "logfs", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def fill(folder: Path) -> Path:
@@ -106,13 +93,8 @@ async def test_mail_flows_while_the_log_disk_is_full(tmp_path: Path, log_fs: Pat
     legacy.add(Rule("reject", rcpt="gone@example.com", code=550, text="5.1.1 User unknown"))
     await legacy.start()
     await new.start()
-    relay_yaml = (
-        "listen: {port: 0}\nnode: t\ndomains: [example.com, dev.example.com]\n"
-        f"providers:\n  legacy: {{port: {legacy.port}}}\n  new: {{port: {new.port}}}\n"
-        f"spool: ../var/spool\nlog: {log_fs}/deliveries.jsonl\nshutdown_timeout: 2\n"
-        "limits: {min_free_space: 0}\nmetrics: {port: 0}\n"
-    )
-    relay = Relay(config.load(write_config(tmp_path / "config", relay_yaml)))
+    settings = relay_settings(legacy.port, new.port, {"log": f"{log_fs}/deliveries.jsonl"})
+    relay = RelayEnv.build(tmp_path / "config", settings).relay
     await relay.start()
     try:
         filler = fill(log_fs)

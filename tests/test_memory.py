@@ -18,7 +18,8 @@ import aiosmtplib
 import pytest
 
 from relay.testing import Provider
-from tests.relayproc import RelayProcess, free_port, write_relay_config
+from tests.harness import free_port
+from tests.relayproc import RelayProcess, write_relay_config
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from relay.testing import Provider, Rule
-from tests.relayproc import Load, RelayProcess, free_port, queue_files, tally, write_relay_config
+from tests.harness import free_port
+from tests.relayproc import Load, RelayProcess, queue_files, tally, write_relay_config
 
 pytestmark = pytest.mark.timeout(60)
 

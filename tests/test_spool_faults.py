@@ -11,12 +11,12 @@ import asyncio
 import contextlib
 import os
 import smtplib
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness import tmpfs
 from tests.helpers_ingress import RelayFactory, relay_factory  # noqa: F401
 
 pytestmark = pytest.mark.timeout(30)
@@ -24,17 +24,8 @@ pytestmark = pytest.mark.timeout(30)
 
 @pytest.fixture
 def spool_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "relay" / "var"
-    mnt.mkdir(parents=True)
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "relay" / "var", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def send(port: int, body: bytes) -> tuple[int, bytes]:

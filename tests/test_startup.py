@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from relay.cli import cli
 from tests.conftest import PILOTS, RelayEnv, write_config
+from tests.harness import free_port, relay_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,18 +33,12 @@ NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
           "--inh-caps=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def relay_yaml(port: int, extra: str = "", log: str = "../var/deliveries.jsonl") -> str:
-    return (
-        f"listen: {{port: {port}}}\nnode: t\ndomains: [example.com, dev.example.com]\n"
-        f"spool: ../var/spool\nlog: {log}\nmetrics: {{port: 0}}\n"
-        "shutdown_timeout: 1\nlimits: {min_free_space: 0}\n" + extra
-    )
+def relay_yaml(port: int, *overrides: str | dict[str, object]) -> str:
+    """A relay.yaml for these tests, as text (written with write_config)."""
+    dead = free_port()
+    settings = relay_settings(dead, dead, {"listen": {"port": port}, "shutdown_timeout": 1},
+                              *overrides)  # fmt: skip
+    return yaml.safe_dump(settings)
 
 
 def serve(cfg: Path, prefix: list[str] | None = None, timeout: float = 30) -> tuple[int, str]:
@@ -81,30 +77,24 @@ def test_spool_locked(tmp_path: Path) -> None:
     assert_one_line(code, err, f"relay: spool {spool}: in use by another relay")
 
 
-def test_spool_permission_denied(tmp_path: Path) -> None:
-    var = tmp_path / "var"
-    var.mkdir()
-    cfg = write_config(tmp_path / "config", relay_yaml(free_port(), log="../log/deliveries.jsonl"))
-    var.chmod(0o555)
-    try:
-        code, err = serve(cfg, NO_DAC)
-    finally:
-        var.chmod(0o755)
-    assert_one_line(code, err, f"relay: spool {var / 'spool'}: Permission denied")
-
-
-def test_log_unwritable(tmp_path: Path) -> None:
-    logdir = tmp_path / "log"
-    logdir.mkdir()
-    cfg = write_config(tmp_path / "config", relay_yaml(free_port(), log="../log/deliveries.jsonl"))
-    logdir.chmod(0o555)
-    try:
-        code, err = serve(cfg, NO_DAC)
-    finally:
-        logdir.chmod(0o755)
-    assert_one_line(
-        code, err, f"relay: delivery log {logdir / 'deliveries.jsonl'}: Permission denied"
+@pytest.mark.parametrize(
+    ("readonly", "what"),
+    [("var", "spool {tmp}/var/spool"), ("log", "delivery log {tmp}/log/deliveries.jsonl")],
+    ids=["spool", "log"],
+)
+def test_permission_denied(tmp_path: Path, readonly: str, what: str) -> None:
+    folder = tmp_path / readonly
+    folder.mkdir()
+    cfg = write_config(
+        tmp_path / "config", relay_yaml(free_port(), {"log": "../log/deliveries.jsonl"})
     )
+    (tmp_path / "log").mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    try:
+        code, err = serve(cfg, NO_DAC)
+    finally:
+        folder.chmod(0o755)
+    assert_one_line(code, err, f"relay: {what.format(tmp=tmp_path)}: Permission denied")
 
 
 def test_pid_file_in_missing_directory(tmp_path: Path) -> None:
@@ -199,12 +189,13 @@ SECRET_YAML = "providers:\n  legacy:\n    username: relay\n    password_env: REL
 def test_secrets_needed_by_serve_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RELAY_TEST_UNSET_PW", raising=False)
     monkeypatch.chdir(tmp_path)
-    write_config(tmp_path / "config", relay_yaml(free_port(), SECRET_YAML))
+    cfg = write_config(tmp_path / "config", relay_yaml(free_port(), SECRET_YAML))
+    line = cfg.read_text().splitlines().index("    password_env: RELAY_TEST_UNSET_PW") + 1
     runner = CliRunner()
     res = runner.invoke(cli, ["check", "-c", "config/relay.yaml"])
     assert res.exit_code == 0, res.output
     assert (
-        "warning: config/relay.yaml:12: providers.legacy.password_env: environment variable "
+        f"warning: config/relay.yaml:{line}: providers.legacy.password_env: environment variable "
         "RELAY_TEST_UNSET_PW is not set (needed by relay serve)" in res.output
     )
     for args in (["queue", "list"], ["route", "alice@example.com"], ["queue", "retry"]):
@@ -214,7 +205,7 @@ def test_secrets_needed_by_serve_only(tmp_path: Path, monkeypatch: pytest.Monkey
     code, err = serve(Path("config/relay.yaml"))
     assert code == 1 and "Traceback" not in err
     assert (
-        "config/relay.yaml:12: providers.legacy.password_env: environment variable "
+        f"config/relay.yaml:{line}: providers.legacy.password_env: environment variable "
         "RELAY_TEST_UNSET_PW is not set" in err.splitlines()
     )
 

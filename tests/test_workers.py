@@ -22,11 +22,11 @@ import pytest
 
 from relay.testing import Provider
 from tests.conftest import write_config
+from tests.harness import free_port
 from tests.relayproc import (
     ROOT,
     Load,
     RelayProcess,
-    free_port,
     queue_files,
     tally,
     write_relay_config,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
+from typing import Any
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPResponseException
@@ -123,7 +124,12 @@ class Protocol(SMTPProtocol):
 
 
 class SMTP(aiosmtplib.SMTP):
-    """aiosmtplib's client on `Protocol`."""
+    """aiosmtplib's client on `Protocol`, connecting to an address (`hostname`)
+    while verifying implicit TLS against a name (`server_hostname`)."""
+
+    def __init__(self, *, server_hostname: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server_hostname = server_hostname
 
     def pipeline(self) -> tuple[Protocol, asyncio.Lock]:
         """The protocol to write our commands on, and the lock to hold meanwhile."""
@@ -143,6 +149,7 @@ class SMTP(aiosmtplib.SMTP):
             transport, _ = await asyncio.wait_for(
                 self.loop.create_connection(
                     lambda: protocol, host=host, port=port, ssl=tls,
+                    server_hostname=(self.server_hostname or host) if tls else None,
                     ssl_handshake_timeout=timeout if tls else None,
                     local_addr=self.source_address,
                 ),

@@ -2,7 +2,8 @@
 
 Every failure becomes a `Failed` carrying the reply that stands for it, with
 the stage that decides its class (TLS and AUTH faults are deferred, never
-bounced: see `Reply.permanent`).
+bounced: see `Reply.permanent`). A TLS failure without a provider's reply,
+and AUTH not offered, are the relay's own policy at work: `by="relay"`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 
 from relay.config import ProviderSettings
 from relay.delivery._aiosmtplib import SMTP
+from relay.delivery.hosts import Host
 from relay.delivery.reply import Failed, Reply, Stage, error_reply
 
 
@@ -25,6 +27,7 @@ class Session:
 
     smtp: SMTP
     cfg: ProviderSettings
+    host: Host
     tls: str | None
     opened: float
     uses: int = 0
@@ -41,10 +44,14 @@ def tls_context(cfg: ProviderSettings) -> ssl.SSLContext:
     return ctx
 
 
-async def open_session(cfg: ProviderSettings, helo: str) -> Session:
-    """Connect, EHLO, STARTTLS and AUTH as `cfg` says; raise `Failed` otherwise."""
+async def open_session(cfg: ProviderSettings, host: Host, helo: str) -> Session:
+    """Connect to `host`, EHLO, STARTTLS and AUTH as `cfg` says; raise `Failed` otherwise.
+
+    TLS certificates are verified against the host's name, never its address.
+    """
     smtp = SMTP(
-        hostname=cfg.host,
+        hostname=host.address,
+        server_hostname=host.name,
         port=cfg.port,
         local_hostname=helo,
         timeout=cfg.command_timeout,
@@ -57,7 +64,7 @@ async def open_session(cfg: ProviderSettings, helo: str) -> Session:
         await smtp.connect(timeout=cfg.connect_timeout)
         await _hello(smtp)  # aiosmtplib does not EHLO on connect: no extensions known before
         stage = "tls"
-        if await _secure(smtp, cfg):
+        if await _secure(smtp, cfg, host.name):
             await _hello(smtp)  # RFC 3207: forget what was learnt before TLS
         stage = "auth"
         await _authenticate(smtp, cfg)
@@ -68,12 +75,12 @@ async def open_session(cfg: ProviderSettings, helo: str) -> Session:
         smtp.close()
         cause = exc.__cause__
         if stage == "connect" and isinstance(cause, ssl.SSLError):  # implicit TLS handshake
-            raise Failed(Reply(None, f"TLS failed: {cause}", "tls")) from exc
+            raise Failed(Reply(None, f"TLS failed: {cause}", "tls", by="relay")) from exc
         raise Failed(error_reply(exc, stage)) from exc
     except BaseException:  # cancelled (shutdown)
         smtp.close()
         raise
-    return Session(smtp, cfg, _tls_version(smtp), asyncio.get_running_loop().time())
+    return Session(smtp, cfg, host, _tls_version(smtp), asyncio.get_running_loop().time())
 
 
 async def _hello(smtp: aiosmtplib.SMTP) -> None:
@@ -91,23 +98,23 @@ def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:
     return ssl_obj.version() if ssl_obj else None
 
 
-async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> bool:
+async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings, name: str) -> bool:
     """STARTTLS as `cfg.tls` says; True when the session was upgraded."""
     if cfg.tls not in ("starttls", "required"):
         return False  # none: never STARTTLS, even when offered; implicit: already TLS
     if not smtp.supports_extension("starttls"):
         if cfg.tls == "required":
-            raise Failed(Reply(None, "STARTTLS not offered (tls: required)", "tls"))
+            raise Failed(Reply(None, "STARTTLS not offered (tls: required)", "tls", by="relay"))
         return False
     try:
-        await smtp.starttls(tls_context=tls_context(cfg), server_hostname=cfg.host)
+        await smtp.starttls(tls_context=tls_context(cfg), server_hostname=name)
     except SMTPResponseException as exc:
         if exc.code < 0:
-            raise Failed(Reply(None, f"TLS failed: {exc.message}", "tls")) from exc
+            raise Failed(Reply(None, f"TLS failed: {exc.message}", "tls", by="relay")) from exc
         # a refused STARTTLS is a TLS failure: retried, never a bounce
         raise Failed(Reply.from_smtp(exc.code, exc.message, "tls")) from exc
     except (ssl.SSLError, SMTPException, OSError) as exc:
-        raise Failed(Reply(None, f"TLS failed: {exc}", "tls")) from exc
+        raise Failed(Reply(None, f"TLS failed: {exc}", "tls", by="relay")) from exc
     return True
 
 
@@ -116,7 +123,7 @@ async def _authenticate(smtp: aiosmtplib.SMTP, cfg: ProviderSettings) -> None:
     if not cfg.username:
         return
     if not smtp.supports_extension("auth"):
-        raise Failed(Reply(None, "AUTH not offered by the provider", "auth"))
+        raise Failed(Reply(None, "AUTH not offered by the provider", "auth", by="relay"))
     password = cfg.password() or ""
     try:
         if cfg.auth_mechanism == "login":

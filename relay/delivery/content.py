@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, cast
 
 CHUNK = 256 * 1024  # content read from the spool and written to the provider at a time
 
@@ -28,6 +28,7 @@ class Content:
         self._head = head  # the first chunk (without a file: the whole content)
         self._fh = fh
         self._start = start
+        self._eight_bit: tuple[bool, bool] | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Content:
@@ -67,9 +68,47 @@ class Content:
             _pread, self._fh, min(CHUNK, self.length - offset), self._start + offset
         )
 
+    async def eight_bit(self) -> tuple[bool, bool]:
+        """(the header section, the body) hold an octet above 127: read once, a
+        chunk at a time in a thread for a spooled file, so a large message is
+        never in memory whole."""
+        if self._eight_bit is None:
+            if self._fh is None:
+                self._eight_bit = _scan([self._head])
+            else:
+                self._eight_bit = await asyncio.to_thread(_scan, self._chunks())
+        return self._eight_bit
+
+    def _chunks(self) -> Iterator[bytes]:
+        fh = cast(BinaryIO, self._fh)
+        yield self._head
+        for offset in range(CHUNK, self.length, CHUNK):
+            yield _pread(fh, min(CHUNK, self.length - offset), self._start + offset)
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+
+
+def _scan(chunks: Iterable[bytes]) -> tuple[bool, bool]:
+    """Whether the header section and the body (after the first empty line) hold
+    8-bit octets; the spool holds CRLF lines, so the header ends at CRLF CRLF."""
+    header_8bit = body_8bit = False
+    in_header, tail = True, b"\r\n"  # an empty first line: no header at all
+    for chunk in chunks:
+        if in_header:
+            end = (tail + chunk).find(b"\r\n\r\n")
+            if end < 0:
+                header_8bit = header_8bit or not chunk.isascii()
+                tail = (tail + chunk)[-3:]
+                continue
+            split = max(0, end + 4 - len(tail))
+            header_8bit = header_8bit or not chunk[:split].isascii()
+            chunk, in_header = chunk[split:], False
+        body_8bit = body_8bit or not chunk.isascii()
+        if body_8bit:
+            break
+    return header_8bit, body_8bit
 
 
 def _pread(fh: BinaryIO, size: int, position: int) -> bytes:

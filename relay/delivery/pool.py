@@ -11,13 +11,15 @@ import contextlib
 
 import aiosmtplib
 
-from relay.config import ProviderSettings
+from relay.config import DnsSettings, ProviderSettings
 from relay.delivery.connect import Session, open_session
 from relay.delivery.content import Content
-from relay.delivery.reply import Attempt, Failed, fill
+from relay.delivery.hosts import Hosts
+from relay.delivery.reply import Attempt, Failed, Reply, fill
 from relay.delivery.transaction import transaction
+from relay.resolver import Resolver
 
-_Key = tuple[str, int, str, str | None, str]
+_Key = tuple[tuple[str, tuple[str, ...], int], str, str | None, str]
 
 
 class Agent:
@@ -33,12 +35,22 @@ class Agent:
     provider sees. A cached connection that turns out to be broken before the
     final "." of DATA (a reset, an EOF, a 421) is replaced at once by a new one
     and the transaction sent again: the provider cannot have the message.
+
+    A new connection goes to the provider's hosts in turn (`Hosts`) until one
+    takes the transaction.
     """
 
-    def __init__(self, idle: float = 2.0, max_uses: int | None = None, max_age: float = 300.0):
+    def __init__(
+        self,
+        idle: float = 2.0,
+        max_uses: int | None = None,
+        max_age: float = 300.0,
+        hosts: Hosts | None = None,
+    ):
         self.idle = idle
         self.max_uses = max_uses
         self.max_age = max_age
+        self.hosts = hosts or Hosts(Resolver(DnsSettings()))
         self._cache: dict[_Key, list[Session]] = {}
 
     async def send(
@@ -59,7 +71,7 @@ class Agent:
         if isinstance(content, bytes):
             content = Content.from_bytes(content)
         rcpts = list(dict.fromkeys(rcpts))
-        key: _Key = (cfg.host, cfg.port, cfg.tls, cfg.username, helo)
+        key: _Key = (cfg.destination, cfg.tls, cfg.username, helo)
         session = self._take(key)
         if session is not None:
             attempt = Attempt({}, tls=session.tls)
@@ -68,16 +80,32 @@ class Agent:
                 self._release(key, session, outcome == "reusable")
                 return attempt
             session.smtp.close()  # broke before the final ".": once more, at once
-        attempt = Attempt({})
         try:
-            session = await open_session(cfg, helo)
+            hosts, skipped = await self.hosts.route(cfg)
         except Failed as failed:
-            fill(attempt.replies, rcpts, failed.reply)
-            return attempt
-        attempt.tls = session.tls
-        outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
-        self._release(key, session, outcome == "reusable")
-        return attempt
+            return Attempt(dict.fromkeys(rcpts, failed.reply))
+        refusals: list[Reply] = []
+        for n, host in enumerate(hosts, 1):
+            attempt = Attempt({})
+            try:
+                session = await open_session(cfg, host, helo)
+            except Failed as failed:
+                reply = failed.reply
+                if reply.stage == "connect" and reply.code is None:
+                    self.hosts.failed(cfg, host)
+                refusals.append(reply)
+                if n < len(hosts) and _next_host(cfg, reply):
+                    continue
+                fill(attempt.replies, rcpts, _every_host_failed(refusals, skipped))
+                return attempt
+            self.hosts.connected(cfg, host)
+            attempt.tls = session.tls
+            outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
+            self._release(key, session, outcome == "reusable")
+            if outcome != "stale" or n == len(hosts):
+                return attempt
+            # 421 before the final ".": this host is closing, the next may take it
+        raise AssertionError("unreachable: the last host always returns")
 
     def _take(self, key: _Key) -> Session | None:
         idle = self._cache.get(key)
@@ -127,6 +155,29 @@ class Agent:
                     with contextlib.suppress(Exception):
                         session.smtp.protocol.write(b"QUIT\r\n")
                 session.smtp.close()
+
+
+def _next_host(cfg: ProviderSettings, reply: Reply) -> bool:
+    """Whether a failure to open a session sends the attempt on to the next host:
+    a refused or timed-out connection, a 4xx/5xx greeting (or EHLO), a 421, a
+    TLS failure under `tls: required|implicit`. Never an AUTH failure: every
+    host checks the same account, and each try could count towards a lockout."""
+    if reply.stage == "connect" or reply.code == 421:
+        return True
+    return reply.stage == "tls" and cfg.tls in ("required", "implicit")
+
+
+def _every_host_failed(refusals: list[Reply], skipped: int) -> Reply:
+    """The reply an attempt ends with when no host took it: the last one, final
+    only when every host answered 5xx at the greeting (none skipped as dead),
+    else the last transient one, so the attempt is retried."""
+    last = refusals[-1]
+    if not last.permanent or (skipped == 0 and all(r.permanent for r in refusals)):
+        return last
+    transient = [r for r in refusals if not r.permanent]
+    if transient:
+        return transient[-1]
+    return Reply(None, f"{last.code} {last.text} ({skipped} dead host(s) not tried)", last.stage)
 
 
 _quitting: set[asyncio.Task[None]] = set()

@@ -18,7 +18,20 @@ from aiosmtplib import SMTPResponseException
 Stage = Literal["connect", "tls", "auth", "mail", "rcpt", "data", "after_data"]
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b\s*")
 _AUTH_CODES = frozenset({530, 534, 535, 538})
-_QUEUED_AS = re.compile(r"queued as\s+<?([^\s>]+)", re.I)
+# The provider's id for the message in its final reply, in the forms the big
+# MTAs and mailbox providers use; the first that matches wins.
+_REMOTE_ID = tuple(
+    re.compile(pattern, re.I)
+    for pattern in (
+        r"queued as\s+<?([^\s>]+)",  # Postfix: "2.0.0 Ok: queued as 4WxYz1abcD"
+        r"\bid=([^\s,;]+)",  # Exim: "OK id=1tWxyz-000abc-De"
+        r"\bOK\s+\d+\s+(\S+)\s+-\s+gsmtp\b",  # Gmail: "2.0.0 OK  1717171717 ID - gsmtp"
+        r"<([^<>\s]+@[^<>\s]+)>.*queued mail for delivery",  # Microsoft 365
+        r"\[InternalId=(\d+)",  # Microsoft 365, no Message-ID in the reply
+        r"^(\S*\d\S*)\s+(?:message\s+)?accepted for delivery",  # Sendmail: "ID Message accepted…"
+        r"^(?:ok\s+)?([\w.@-]*\d[\w.@-]{5,})$",  # a bare id: "2.0.0 ID", "Ok ID"
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class Reply:
     text: str
     stage: Stage
     enhanced: str | None = None
+    by: Literal["relay"] | None = None  # "relay": the relay decided it, no provider said it
 
     @classmethod
     def from_smtp(cls, code: int, message: str, stage: Stage) -> Reply:
@@ -50,7 +64,22 @@ class Reply:
         """
         if self.code is None or self.code < 500:
             return False
-        return self.stage not in ("auth", "tls") and self.code not in _AUTH_CODES
+        return self.stage not in ("auth", "tls") and not self.auth_fault
+
+    @property
+    def auth_fault(self) -> bool:
+        """A failure at the AUTH stage, or an AUTH code later: a wrong or missing login."""
+        return not self.ok and (self.stage == "auth" or self.code in _AUTH_CODES)
+
+    @property
+    def too_many_recipients(self) -> bool:
+        """A per-transaction recipient limit: "452 4.5.3", or Exim's bare "452 too many
+        recipients" (RFC 5321 §4.5.3.1.10 gives 452 without an enhanced code)."""
+        if self.code != 452:
+            return False
+        if self.enhanced is not None:
+            return self.enhanced == "4.5.3"
+        return "too many recipients" in self.text.lower()
 
 
 @dataclass
@@ -86,6 +115,9 @@ def fill(replies: dict[str, Reply], rcpts: list[str], reply: Reply) -> None:
 
 
 def remote_id(message: str) -> str | None:
-    """The provider's queue id in its final reply ("250 2.0.0 Ok: queued as X")."""
-    m = _QUEUED_AS.search(message)
-    return m.group(1) if m else None
+    """The provider's id for the message in its final reply, if it gives one."""
+    text = _ENHANCED.sub("", message.strip(), count=1)
+    for pattern in _REMOTE_ID:
+        if m := pattern.search(text):
+            return m.group(1)
+    return None

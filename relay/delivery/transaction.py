@@ -9,6 +9,7 @@ chunks, dot-stuffed on the way and otherwise sent exactly as stored.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Literal
 
@@ -38,8 +39,10 @@ async def transaction(
     their replies are read in order; without it, one round trip each, and
     no DATA when every recipient was refused. Returns
 
-    - "stale": a reused session broke (or said 421) before the final "." was
-      written; nothing was filled, and the provider cannot have the message;
+    - "stale": the provider said 421 before the final "." (the replies are
+      filled with it, for when no other host is left), or a reused session
+      broke there (nothing filled); either way it cannot have the message, so
+      the transaction may go at once on another connection or host;
     - "reusable": the session is in step and may carry another transaction
       (after RSET if `session.dirty`);
     - "closed": the session was closed or must be.
@@ -47,14 +50,17 @@ async def transaction(
     Cancelled (shutdown), it closes the session before the cancellation goes on.
     """
     try:
-        mail_options = _mail_options(session.smtp, options, content.length)
+        mail_options = await _mail_options(session.smtp, options, content, [mail_from, *rcpts])
         mail = _command(b"MAIL FROM:", mail_from, mail_options)
         rcpt_commands = [_command(b"RCPT TO:", rcpt, []) for rcpt in rcpts]
     except Failed as failed:
         fill(attempt.replies, rcpts, failed.reply)
         return "reusable"  # refused before anything was sent: the session is untouched
+    except ContentError as exc:
+        fill(attempt.replies, rcpts, _unreadable(exc, "mail"))
+        return "reusable"
     except ValueError as exc:
-        fill(attempt.replies, rcpts, error_reply(exc, "mail"))
+        fill(attempt.replies, rcpts, dataclasses.replace(error_reply(exc, "mail"), by="relay"))
         return "reusable"
     return await _Transaction(session, rcpts, attempt).run(mail, rcpt_commands, content)
 
@@ -70,7 +76,7 @@ class _Transaction:
     """One transaction's progress: the stage reached and the replies so far.
 
     `stage` is the stage a failure is charged to; `replies` go into the
-    attempt at the end, unless the outcome is "stale" (then nothing does).
+    attempt at the end, unless a reused session broke ("stale", nothing filled).
     """
 
     def __init__(self, session: Session, rcpts: list[str], attempt: Attempt) -> None:
@@ -105,14 +111,13 @@ class _Transaction:
             return self._merge("reusable")
         except _Closing as closing:
             smtp.close()
-            if reused:
-                return "stale"
             r = closing.response
             fill(self.replies, self.rcpts, Reply.from_smtp(r.code, r.message, self.stage))
-            return self._merge("closed")
+            self._merge("closed")
+            return "stale"
         except ContentError as exc:  # the spool failed us mid-way: never end DATA with "."
             smtp.close()
-            fill(self.replies, self.rcpts, Reply(None, f"content unreadable: {exc}", self.stage))
+            fill(self.replies, self.rcpts, _unreadable(exc, self.stage))
             return self._merge("closed")
         except Exception as exc:  # every failure becomes a reply
             smtp.close()
@@ -264,17 +269,40 @@ async def write_content(proto: Protocol, content: Content, timeout: float) -> No
     proto.write(b".\r\n")  # empty content
 
 
-def _mail_options(smtp: aiosmtplib.SMTP, options: list[str], size: int) -> list[str]:
-    """Pass BODY=8BITMIME / SMTPUTF8 on; a provider lacking them is a final failure."""
-    out = []
-    if "BODY=8BITMIME" in options:
-        if not smtp.supports_extension("8bitmime"):
-            raise Failed(Reply(554, "5.6.3 provider does not support 8BITMIME", "mail", "5.6.3"))
-        out.append("BODY=8BITMIME")
-    if "SMTPUTF8" in options:
-        if not smtp.supports_extension("smtputf8"):
-            raise Failed(Reply(554, "5.6.7 provider does not support SMTPUTF8", "mail", "5.6.7"))
-        out.append("SMTPUTF8")
+async def _mail_options(
+    smtp: aiosmtplib.SMTP, options: list[str], content: Content, addresses: list[str]
+) -> list[str]:
+    """BODY=8BITMIME / SMTPUTF8 passed on; to a provider lacking one, left out when
+    nothing in this copy needs it (as Postfix does), else a final failure the
+    relay decided (5.6.3 / 5.6.7): never downgraded, never sent broken.
+
+    SMTPUTF8 is needed by a non-ASCII envelope address (as sent to this
+    provider) or header section; left out, an 8-bit body still needs 8BITMIME.
+    8BITMIME is needed by any 8-bit octet in the content. The content is
+    scanned only when a provider lacks an extension the message asked for.
+    """
+    eight_bit = "BODY=8BITMIME" in options
+    utf8 = "SMTPUTF8" in options
+    if utf8 and not smtp.supports_extension("smtputf8"):
+        header_8bit, body_8bit = await content.eight_bit()
+        if header_8bit or not all(a.isascii() for a in addresses):
+            raise Failed(_refusal("5.6.7", "SMTPUTF8"))
+        utf8, eight_bit = False, eight_bit or body_8bit
+    if eight_bit and not smtp.supports_extension("8bitmime"):
+        if any(await content.eight_bit()):
+            raise Failed(_refusal("5.6.3", "8BITMIME"))
+        eight_bit = False
+    out = (["BODY=8BITMIME"] if eight_bit else []) + (["SMTPUTF8"] if utf8 else [])
     if smtp.supports_extension("size"):
-        out.append(f"SIZE={size}")
+        out.append(f"SIZE={content.length}")
     return out
+
+
+def _unreadable(exc: ContentError, stage: Stage) -> Reply:
+    """The spool failed us: the relay's fault, retried, never charged to the provider."""
+    return Reply(None, f"content unreadable: {exc}", stage, by="relay")
+
+
+def _refusal(enhanced: str, extension: str) -> Reply:
+    text = f"{enhanced} provider does not support {extension}, which this message needs"
+    return Reply(554, text, "mail", enhanced, by="relay")

@@ -67,7 +67,7 @@ _HOUR_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}")
 class _Final:
     """The final event of one planned delivery."""
 
-    __slots__ = ("attempt", "code", "enhanced", "latency", "outcome", "response", "ts")
+    __slots__ = ("attempt", "by", "code", "enhanced", "latency", "outcome", "response", "ts")
 
     def __init__(self, outcome: int, ev: dict[str, Any]) -> None:
         self.outcome = outcome
@@ -82,6 +82,7 @@ class _Final:
             float(lat) if isinstance(lat, (int, float)) and not isinstance(lat, bool) else None
         )
         self.attempt = _int_or_none(ev.get("attempt"))
+        self.by = ev.get("by")
 
 
 class _Slot:
@@ -371,7 +372,9 @@ class _Builder:
         if outcome == "deferred":
             slot.deferrals += 1
             if pair.included:
-                r = REASON_INDEX[classify_reason(ev.get("enhanced_code"), ev.get("smtp_response"))]
+                by = ev.get("by")
+                why = classify_reason(ev.get("enhanced_code"), ev.get("smtp_response"), by)
+                r = REASON_INDEX[why]
                 for scope in self._scopes(pair):
                     agg = scope.prov[i]
                     agg.deferrals += 1
@@ -459,7 +462,7 @@ class _Builder:
                 cats[i] = cat
                 reason = -1
                 if cat == O_BOUNCED and fin is not None:
-                    reason = REASON_INDEX[classify_reason(fin.enhanced, fin.response)]
+                    reason = REASON_INDEX[classify_reason(fin.enhanced, fin.response, fin.by)]
                 if fin is not None and cat != O_DELETED:
                     if cat == O_DELIVERED and fin.latency is not None:
                         self.lat_hist[i][bisect_left(LATENCY_BUCKETS_MS, fin.latency)] += 1
@@ -628,7 +631,7 @@ def _outcome(slot: _Slot | None) -> Outcome:
         return Outcome(OUTCOMES[O_PENDING], attempt=slot.attempts or None, deferrals=slot.deferrals)
     reason = None
     if fin.outcome in (O_BOUNCED, O_EXPIRED):
-        reason = classify_reason(fin.enhanced, fin.response)
+        reason = classify_reason(fin.enhanced, fin.response, fin.by)
     return Outcome(
         OUTCOMES[fin.outcome],
         smtp_code=fin.code,

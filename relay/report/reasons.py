@@ -36,6 +36,7 @@ REASON_LABELS: dict[str, str] = {
     "unknown_user": "unknown user",
     "size": "size",
     "rate_limit": "rate limit",
+    "relay": "refused by the relay",  # `by: relay`: the relay decided, not the provider
     "other": "other",
 }
 REASONS: tuple[str, ...] = tuple(REASON_LABELS)
@@ -86,8 +87,11 @@ _ENHANCED_RE = re.compile(r"\b[245]\.(\d{1,3}\.\d{1,3})\b")
 _reason_cache: dict[tuple[str | None, str | None], str] = {}
 
 
-def classify_reason(enhanced_code: str | None, smtp_response: str | None) -> str:
-    """The reason class of a refusal or deferral (first matching REASON_RULES row)."""
+def classify_reason(enhanced_code: str | None, smtp_response: str | None, by: object = None) -> str:
+    """The reason class of a refusal or deferral: `relay` for one the relay made
+    (`by: relay` in the event), else the first matching REASON_RULES row."""
+    if by == "relay":
+        return "relay"
     if not isinstance(enhanced_code, str):
         enhanced_code = None
     if not isinstance(smtp_response, str):

@@ -33,7 +33,7 @@ def _new_queue_id() -> str:
     return secrets.token_hex(6).upper()
 
 
-def _abort_transport(transport: asyncio.BaseTransport | None) -> None:
+def abort_transport(transport: asyncio.BaseTransport | None) -> None:
     """Close without flushing (a TCP reset for the peer when possible)."""
     if isinstance(transport, asyncio.Transport):
         transport.abort()
@@ -176,7 +176,7 @@ class ProviderSMTP(SMTP):
         raise asyncio.CancelledError  # pragma: no cover - the future is never resolved
 
     async def _drop(self) -> NoReturn:
-        _abort_transport(self.transport)
+        abort_transport(self.transport)
         await self._hang()
 
     async def _refuse(self, rule: Rule) -> str:
@@ -188,8 +188,8 @@ class ProviderSMTP(SMTP):
         return rule.reply()
 
     def _abort(self) -> None:
-        _abort_transport(self.transport)
-        _abort_transport(self._original_transport)
+        abort_transport(self.transport)
+        abort_transport(self._original_transport)
         if not self._forever.done():
             self._forever.cancel()
 

@@ -20,7 +20,8 @@ import pytest
 
 from relay.archive.store import ArchiveStore, parse_record
 from relay.testing import Provider
-from tests.relayproc import Load, RelayProcess, free_port, queue_files, seq_of, tally
+from tests.harness import free_port
+from tests.relayproc import Load, RelayProcess, queue_files, seq_of, tally
 from tests.relayproc import write_relay_config as relay_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -116,6 +116,7 @@ async def test_replay_without_a_running_relay_waits_in_the_spool(
 
     from relay.app import Relay
 
+    env.new.add(Rule("defer", stage="mail", times=2))  # replays are retried like any delivery
     relay = Relay(env.cfg)
     await relay.start()
     try:
@@ -125,6 +126,9 @@ async def test_replay_without_a_running_relay_waits_in_the_spool(
         await relay.stop()
     origins = [m.data.split(b"\r\n")[0].split()[-1].decode() for m in env.new.messages]
     assert sorted(origins) == sorted(ids)
+    replays = [e for e in env.events("delivery") if e["role"] == "replay"]
+    assert [e["outcome"] for e in replays].count("deferred") >= 1
+    assert [e["outcome"] for e in replays].count("delivered") == OUTAGE
 
 
 async def test_replay_failing_finally_is_offered_again(relay_env: Any, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from relay.report.html import render_html
 from relay.report.logs import build_report
 from relay.report.text import render_text
 
@@ -77,6 +78,8 @@ def test_replays_fill_completeness_and_nothing_else(tmp_path: Path) -> None:
     assert f"sales: new holds 2 of 3 messages legacy delivered since {T0}: 1 live, 1 replayed" in (
         " ".join(text.split())
     )
+    html = " ".join(render_html(rep).split())
+    assert "<strong>sales</strong>: new holds 2 of 3 messages legacy delivered since" in html
     assert rep.to_dict()["completeness"] == [
         {"group": "sales", "legacy_delivered": 3, "new_holds": 2, "live": 1, "replayed": 1}
     ]

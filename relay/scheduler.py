@@ -127,7 +127,7 @@ Archiver = Callable[[Envelope, Callable[[], tuple[BinaryIO, int]]], Awaitable[Re
 
 async def _no_archive(envelope: Envelope, opener: object) -> Reply:
     """A message queued for the archive while it was enabled: final, never bounced."""
-    return Reply.from_smtp(554, "5.3.0 archive disabled in the configuration", "data")
+    return Reply(554, "5.3.0 archive disabled in the configuration", "data", "5.3.0", by="relay")
 
 
 class Scheduler:

@@ -88,7 +88,8 @@ class ArchiveWriter:
             entry = await done
         except Exception as exc:  # a full disk, a vanished spool file: retried, never bounced
             oplog.error("archive write failed", queue_id=envelope.queue_id, error=repr(exc))
-            return Reply(None, f"archive write failed: {type(exc).__name__}: {exc}", "data")
+            reason = f"archive write failed: {type(exc).__name__}: {exc}"
+            return Reply(None, reason, "data", by="relay")
         return Reply.from_smtp(250, f"2.0.0 archived as {entry.file}", "data")
 
     async def _commit(self) -> None:

@@ -327,3 +327,24 @@ def test_check_warns_when_the_disk_cannot_hold_the_retention(tmp_path: Path) -> 
     assert "warning: archive:" in run("check", "-c", str(path)).output
     small = settings.archive.model_copy(update={"retention_days": 1})
     assert capacity_warning(settings.model_copy(update={"archive": small}), now) is None
+
+
+def test_start_removes_only_the_half_written_files_of_processes_gone(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    store = ArchiveStore(tmp_path / "archive")
+    day = tmp_path / "archive" / "2026-12-01"
+    day.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now
+    files = {
+        "mine": day / f"AAA.{os.getpid()}.tmp",  # a worker of this relay, writing right now
+        "gone": day / f"BBB.{gone.pid}.tmp",
+        "old": day / "CCC.tmp",
+        "done": day / "DDD.age",
+    }
+    for f in files.values():
+        f.write_bytes(b"x")
+    store.create()
+    assert {k for k, f in files.items() if f.exists()} == {"mine", "done"}

@@ -129,10 +129,17 @@ class ArchiveStore:
         self._key: bytes | None = None
 
     def create(self) -> None:
-        """Make the directory; remove records a crash left half written (never indexed)."""
+        """Make the directory; remove records a crash left half written (never indexed).
+
+        A record being written is `<id>.<pid>.tmp`: only those of processes gone
+        are removed, so a worker starting never takes another's file away."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         for tmp in self.root.glob("*/*.tmp"):
-            tmp.unlink(missing_ok=True)
+            if not _alive(tmp.suffixes[-2].lstrip(".") if len(tmp.suffixes) > 1 else ""):
+                tmp.unlink(missing_ok=True)
+
+    def tmp_path(self, folder: Path, queue_id: str) -> Path:
+        return folder / f"{queue_id}.{os.getpid()}.tmp"
 
     # -- recipient hashes
 
@@ -259,3 +266,16 @@ class ArchiveStore:
             os.rename(tmp, self.index)
             fsync_dir(self.root)
         return removed
+
+
+def _alive(pid: str) -> bool:
+    """Whether a process of that id exists (not ours to signal is alive too)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

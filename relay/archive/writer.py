@@ -3,7 +3,7 @@
 Writing, in the writer's own threads (the event loop never waits on encryption
 or fsync), by group commit as in the spool: every message that came while the
 previous batch was written is one batch. Each record streams from the spool
-file through age into `<day>/<id>.tmp`; the batch's files are fdatasync'd
+file through age into `<day>/<id>.<pid>.tmp`; the batch's files are fdatasync'd
 together, renamed `<id>.age`, their directories fsync'd and their index lines
 appended with one write and one fdatasync. Only then is the reply 250 and the
 delivery recorded, so a message leaves the spool only with its copy durable.
@@ -163,12 +163,12 @@ class ArchiveWriter:
         self._sync_pool.shutdown(wait=False)
 
     def _write_tmp(self, job: _Job) -> None:
-        """Encrypt into `<day>/<id>.tmp` (not synced yet); set the job's index entry."""
+        """Encrypt into `<day>/<id>.<pid>.tmp` (not synced yet); set the job's index entry."""
         env = job.envelope
         day = datetime.fromtimestamp(env.received_epoch, UTC).strftime("%Y-%m-%d")
         folder = self.store.day_dir(day)
         name = env.queue_id + (ENCRYPTED if self.recipients else PLAIN)
-        job.tmp = folder / f"{env.queue_id}.tmp"
+        job.tmp = self.store.tmp_path(folder, env.queue_id)
         fh, length = job.opener()
         with fh:
             src = crypto.Joined(record_header(self.node, env), fh, length)

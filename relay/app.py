@@ -21,12 +21,15 @@ import watchfiles
 
 from relay import config
 from relay.archive.writer import ArchiveWriter, retention
+from relay.auth import Verifier
+from relay.auth.arc import ArcKeyError
 from relay.bounce import Bouncer
 from relay.delivery import Reply
 from relay.ingress import Ingress, IngressHandler
 from relay.log import DeliveryLog, oplog, setup_operational_log
 from relay.metrics import Metrics, oldest_age
 from relay.queue_admin import serve_control
+from relay.resolver import Resolver
 from relay.routing import PilotTable
 from relay.scheduler import Clock, DeliveryState, Message, Scheduler, drain_budget
 from relay.spool import Spool
@@ -66,6 +69,16 @@ class PilotList:
                 self.reload()
 
 
+def auth_verifier(s: config.RelaySettings, resolver: Resolver) -> Verifier | None:
+    """The verifier `auth.verify` asks for; an unusable ARC key stops the start."""
+    if not s.auth.verify:
+        return None
+    try:
+        return Verifier(s, resolver)
+    except ArcKeyError as exc:
+        raise StartupError("auth.arc.key_file", str(exc)) from None
+
+
 class Relay:
     """One running relay: everything `relay serve` starts, and how it stops."""
 
@@ -84,11 +97,13 @@ class Relay:
             self.log = DeliveryLog(s.log, s.node_name, s.log_buffer)
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
+        resolver = Resolver(s.dns)  # one cache for MX and authentication lookups
         self.archive = ArchiveWriter(s, self.log.node) if s.archive.enabled else None
         self.scheduler = Scheduler(
             s, self.spool, self.log, clock=clock, on_final_failure=self._bounce,
-            archiver=self.archive,
+            resolver=resolver, archiver=self.archive,
         )  # fmt: skip
+        self.verifier = auth_verifier(s, resolver)
         self.bouncer = Bouncer(
             self.spool, self.log, s.listen.hostname,
             lambda p: self.scheduler.provider_settings(p).nexthop, self.scheduler.clock.now,
@@ -99,8 +114,9 @@ class Relay:
             (lambda: datetime.now(UTC))
         )  # fmt: skip
         self.handler = IngressHandler(
-            s, self.spool, self.log, self.pilots.current, on_queued=self.scheduler.add, clock=now
-        )
+            s, self.spool, self.log, self.pilots.current, on_queued=self.scheduler.add, clock=now,
+            verifier=self.verifier,
+        )  # fmt: skip
         self.ingress = Ingress(self.handler)
         self.metrics = Metrics()
         self.log.observers.append(self.metrics.observe)
@@ -191,6 +207,8 @@ class Relay:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.spool.stop()
+        if self.verifier:
+            self.verifier.close()
         if self.archive:
             self.archive.close()
         self.log.close()

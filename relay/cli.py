@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Literal, NoReturn, TypeVar
+from typing import BinaryIO, Literal, NoReturn, TypeVar
 
 import click
 
@@ -69,9 +69,18 @@ def cli() -> None:
 @config_option
 def check(config_path: str) -> None:
     """Validate both YAML files and print the routing table."""
+    from relay.auth import commands as auth
+
     cfg = _load(config_path, warn=True)
+    key_issues = auth.arc_key_issues(cfg)
+    for issue in key_issues:
+        click.echo(str(issue), err=True)
+    if key_issues:
+        sys.exit(1)
     for issue in config_mod.missing_secrets(cfg):
         click.echo(f"warning: {issue} (needed by relay serve)", err=True)
+    for warning in auth.check_warnings(cfg):
+        click.echo(f"warning: {warning}", err=True)
     if cfg.relay.archive.enabled:
         from relay.archive.commands import capacity_warning
 
@@ -165,6 +174,38 @@ def serve(config_path: str, worker: int | None) -> None:
     if missing:
         sys.exit(1)
     sys.exit(app.run(cfg, worker))
+
+
+@cli.command("auth-test")
+@config_option
+@click.argument("eml", type=click.File("rb"))
+@click.option("--client-ip", required=True, help="The address the message came from.")
+@click.option("--mail-from", required=True, help='The envelope sender ("" for <>).')
+@click.option("--helo", default="", help="The client's EHLO name.")
+@click.option("--json", "as_json", is_flag=True, help="The verdict as the received event has it.")
+def auth_test(
+    config_path: str, eml: BinaryIO, client_ip: str, mail_from: str, helo: str, as_json: bool
+) -> None:
+    """Judge one message offline (SPF, DKIM, DMARC, ARC) and print the header it would get."""
+    from relay.auth import commands as auth
+
+    cfg = _load(config_path)
+    try:
+        judgement = auth.auth_test(cfg, eml.read(), client_ip, mail_from.strip("<>"), helo)
+    except auth.ArcKeyError as exc:
+        click.echo(f"error: auth.arc.key_file: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(judgement.verdict.to_dict()))
+        return
+    texts = dict(judgement.prepend)
+    for provider, text in texts.items():
+        if len(set(texts.values())) > 1:
+            click.echo(f"# {provider}:")
+        click.echo(text.replace("\r\n", "\n"), nl=False)
+        if len(set(texts.values())) == 1:
+            break
+    click.echo(f"# class: {judgement.verdict.auth_class}")
 
 
 @cli.group()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -166,6 +167,27 @@ class DnsSettings(_Strict):
         return v
 
 
+class ArcSettings(_Strict):
+    """ARC sealing (RFC 8617) of the copies for providers that trust the relay as a sealer."""
+
+    seal: bool = False
+    providers: tuple[Literal["legacy", "new"], ...] = ("new",)
+    domain: str | None = None
+    selector: str | None = None
+    key_file: Path | None = None
+
+
+class AuthSettings(_Strict):
+    """SPF, DKIM, DMARC and ARC verdicts at the end of DATA (relay/auth/)."""
+
+    verify: bool = False
+    authserv_id: str | None = None  # default: listen.hostname
+    timeout: float = Field(5, gt=0)  # seconds for all lookups of one message
+    add_authentication_results: bool = False
+    max_dkim_size: int = Field(10_485_760, ge=0)  # bytes; larger messages: DKIM not verified
+    arc: ArcSettings = ArcSettings()
+
+
 class MetricsSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(9325, ge=0, le=65535)
@@ -213,6 +235,7 @@ class RelaySettings(_Strict):
     shutdown_timeout: float = Field(30, ge=0)
     metrics: MetricsSettings = MetricsSettings()
     dns: DnsSettings = DnsSettings()
+    auth: AuthSettings = AuthSettings()
     workers: int = Field(1, ge=1, le=64)
     pid_file: Path | None = None
     log_buffer: int = Field(10_000, ge=0)
@@ -407,6 +430,13 @@ def _resolve_paths(settings: RelaySettings, base: Path) -> RelaySettings:
                 legacy=provider(settings.providers.legacy), new=provider(settings.providers.new)
             ),
             "bounce": provider(settings.bounce) if settings.bounce else None,
+            "auth": settings.auth.model_copy(
+                update={
+                    "arc": settings.auth.arc.model_copy(
+                        update={"key_file": rel(settings.auth.arc.key_file)}
+                    )
+                }
+            ),
             "archive": settings.archive.model_copy(update={"dir": rel(settings.archive.dir)}),
         }
     )
@@ -499,6 +529,7 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
     if settings.metrics.port and settings.metrics.port + settings.workers - 1 > 65535:
         msg = f"worker metrics ports {settings.metrics.port}+0..{settings.workers - 1} exceed 65535"
         issues.append(ConfigIssue(doc.path, doc.line_of(("workers",)), "workers", msg))
+    issues += _arc_issues(settings.auth, doc)
     archive = settings.archive
     if archive.enabled and not archive.encrypt_to and not archive.insecure_plaintext:
         loc = ("archive", "encrypt_to")
@@ -515,6 +546,38 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
             loc = ("forward_domains", fwd)
             msg = f"maps to {real}, which is not in domains"
             issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
+    return issues
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _arc_issues(auth: AuthSettings, doc: _Doc) -> list[ConfigIssue]:
+    """ARC sealing needs our own verdict to seal and a key to sign with (the key's
+    content is checked by `relay check` and at start, relay/auth/arc.py)."""
+    arc = auth.arc
+    if not arc.seal:
+        return []
+    issues = []
+
+    def add(key: str, msg: str) -> None:
+        loc = ("auth", "arc", key) if key else ("auth", "arc", "seal")
+        issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
+
+    if not (auth.verify and auth.add_authentication_results):
+        add("", "needs auth.verify and auth.add_authentication_results (the seal carries them)")
+    for key in ("domain", "selector"):
+        value = getattr(arc, key)
+        if not value:
+            add(key, "needed with seal: true")
+        elif not all(_LABEL.fullmatch(part) for part in value.rstrip(".").split(".")):
+            add(key, f"{value!r} is not a DNS name")
+    if arc.key_file is None:
+        add("key_file", "needed with seal: true")
+    elif not arc.key_file.is_file():
+        add("key_file", f"{arc.key_file}: file not found")
+    if not arc.providers:
+        add("providers", "name at least one provider to seal for")
     return issues
 
 

@@ -70,6 +70,11 @@ class Metrics:
             "relay_delivery_latency_seconds", "From the 250 to the provider's final 250",
             ["provider"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.auth_results = Counter(
+            "relay_auth_results", "Authentication verdicts at ingress by method (spf, dkim "
+            "per signature, dmarc, arc; class: the message's class) and result",
+            ["method", "result"], registry=self.registry,
+        )  # fmt: skip
         self.ready: Callable[[], bool] = lambda: False
 
     def live(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
@@ -79,6 +84,8 @@ class Metrics:
         """Called for every delivery-log event."""
         if event == "received":
             self.received.inc()
+            if "auth" in fields:
+                self._auth(fields["auth"])
         elif event == "rejected":
             # a session's summary event stands for `count` refusals
             self.rejections.labels(fields["stage"], fields["reason"]).inc(fields.get("count", 1))
@@ -86,6 +93,12 @@ class Metrics:
             self.deliveries.labels(fields["provider"], fields["outcome"]).inc()
             if fields["outcome"] == "delivered":
                 self.latency.labels(fields["provider"]).observe(fields["latency_ms"] / 1000)
+
+    def _auth(self, auth: Mapping[str, Any]) -> None:
+        for method in ("spf", "dmarc", "arc", "class"):
+            self.auth_results.labels(method, auth[method]).inc()
+        for sig in auth["dkim"] or [{"result": "none"}]:
+            self.auth_results.labels("dkim", sig["result"]).inc()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -77,6 +77,48 @@ class PlanEntry:
         }  # fmt: skip
 
 
+AuthClass = Literal["aligned_pass", "auth_no_policy", "none", "fail", "temperror"]
+AUTH_CLASSES: tuple[AuthClass, ...] = get_args(AuthClass)
+
+
+class DkimDict(TypedDict):
+    domain: str  # d=, "" when the signature was too broken to name one
+    result: str  # RFC 8601 dkim result: pass, fail, neutral, temperror, permerror
+
+
+# A verdict as JSON (in the envelope and the `received` event): domains only, no local
+# parts. The functional form because "class" is a Python keyword.
+AuthDict = TypedDict(
+    "AuthDict",
+    {
+        "spf": str, "spf_domain": str | None, "dkim": list[DkimDict], "dmarc": str,
+        "dmarc_policy": str | None, "arc": str, "from_domain": str | None, "class": AuthClass,
+    },
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AuthVerdict:
+    """SPF, DKIM, DMARC and ARC as the relay judged them at the end of DATA (relay/auth/)."""
+
+    spf: str
+    spf_domain: str | None  # the domain SPF checked: MAIL FROM's, or HELO's for <>
+    dkim: tuple[tuple[str, str], ...]  # (domain, result) per signature, in header order
+    dmarc: str
+    dmarc_policy: str | None  # the published p= (or sp=) that applied; None: no record
+    arc: str
+    from_domain: str | None
+    auth_class: AuthClass
+
+    def to_dict(self) -> AuthDict:
+        return {
+            "spf": self.spf, "spf_domain": self.spf_domain,
+            "dkim": [{"domain": d, "result": r} for d, r in self.dkim], "dmarc": self.dmarc,
+            "dmarc_policy": self.dmarc_policy, "arc": self.arc, "from_domain": self.from_domain,
+            "class": self.auth_class,
+        }  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """What the spool keeps with a message's content: the SMTP envelope and the plan."""
@@ -94,6 +136,14 @@ class Envelope:
     plan: tuple[PlanEntry, ...]
     dsn: bool
     dsn_for: str | None = None  # a DSN's original message (the key exists only then)
+    auth: AuthVerdict | None = None  # with auth.verify (the key exists only then)
+    # header fields put above the spooled content when sending, per provider: our
+    # Authentication-Results and ARC set (the key exists only when there are some)
+    prepend: tuple[tuple[Provider, str], ...] = ()
+
+    def prepended(self, provider: Provider) -> bytes:
+        """The header fields to send above the content to `provider` (b"" for none)."""
+        return "".join(text for p, text in self.prepend if p == provider).encode("ascii")
 
     def to_json(self) -> bytes:
         """The stored form; the keys in version 1's order."""
@@ -107,6 +157,10 @@ class Envelope:
         }  # fmt: skip
         if self.dsn_for is not None:
             record["dsn_for"] = self.dsn_for
+        if self.auth is not None:
+            record["auth"] = self.auth.to_dict()
+        if self.prepend:
+            record["prepend"] = dict(self.prepend)
         return json.dumps(record, separators=(",", ":")).encode()
 
 
@@ -178,6 +232,7 @@ class ReceivedEvent(TypedDict):
     rcpts: list[str]
     plan: list[PlanDict]
     forwarded: bool
+    auth: NotRequired[AuthDict]  # with auth.verify
 
 
 class DiscardedEvent(TypedDict):
@@ -358,6 +413,32 @@ def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
         forwarded=f.flag("forwarded"),
         plan=tuple(parse_plan_entry(p, f"envelope plan[{i}]") for i, p in enumerate(plan)),
         dsn=f.flag("dsn"), dsn_for=cast(str | None, f.value("dsn_for", (str,), optional=True)),
+        auth=None if "auth" not in obj else parse_auth(obj["auth"]), prepend=_prepend(obj),
+    )  # fmt: skip
+
+
+def _prepend(obj: Mapping[str, Any]) -> tuple[tuple[Provider, str], ...]:
+    raw = _object(obj.get("prepend", {}), "envelope prepend")
+    f = _Fields(raw, "envelope prepend")
+    for key in raw:
+        if key not in PROVIDERS:
+            raise RecordError(f"envelope prepend: unknown provider {key!r}")
+        if not f.text(key).isascii():
+            raise RecordError(f"envelope prepend: {key!r} is not ASCII")
+    return tuple((cast(Provider, key), f.text(key)) for key in raw)
+
+
+def parse_auth(raw: bytes | str | Mapping[str, Any], what: str = "auth") -> AuthVerdict:
+    """A verdict as the envelope and the `received` event hold it."""
+    f = _Fields(_object(raw, what), what)
+    dkim = []
+    for i, sig in enumerate(f.value("dkim", (list,))):
+        g = _Fields(_object(sig, f"{what} dkim[{i}]"), f"{what} dkim[{i}]")
+        dkim.append((g.text("domain"), g.text("result")))
+    return AuthVerdict(
+        spf=f.text("spf"), spf_domain=f.text_or_none("spf_domain"), dkim=tuple(dkim),
+        dmarc=f.text("dmarc"), dmarc_policy=f.text_or_none("dmarc_policy"), arc=f.text("arc"),
+        from_domain=f.text_or_none("from_domain"), auth_class=f.choice("class", AUTH_CLASSES),
     )  # fmt: skip
 
 

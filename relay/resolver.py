@@ -56,7 +56,7 @@ class Resolver:
     async def mx(self, domain: str) -> list[MX]:
         """The MX records of `domain`, unsorted; [] when it has none (RFC 5321 §5.1:
         the domain itself is then the host, which the caller decides)."""
-        answer = await self._query(domain, "MX")
+        answer = await self.records(domain, "MX")
         return [
             MX(r.preference, r.exchange.to_text(omit_final_dot=True).rstrip(".").lower())
             for r in answer
@@ -75,11 +75,12 @@ class Resolver:
             return await self._getaddrinfo(name)
         found = []
         for rdtype in ("A", "AAAA"):
-            found += [r.address for r in await self._query(name, rdtype)]
+            found += [r.address for r in await self.records(name, rdtype)]
         return found
 
-    async def _query(self, name: str, rdtype: str) -> list[Any]:
-        """The records (dnspython rdata) of `name`; [] for NXDOMAIN or no such records."""
+    async def records(self, name: str, rdtype: str) -> list[Any]:
+        """The records (dnspython rdata) of `name`; [] for NXDOMAIN or no such records
+        (MX, A, AAAA here; TXT, PTR for relay/auth/)."""
         try:
             answer = await self._dns.resolve(dns.name.from_text(name), rdtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):

@@ -140,18 +140,20 @@ class Scheduler:
         rng: random.Random | None = None,
         sender: Sender | None = None,
         on_final_failure: FinalFailure | None = None,
+        resolver: Resolver | None = None,
         archiver: Archiver | None = None,
     ):
         """`on_final_failure`: called after a primary delivery bounced or expired (the
-        app queues a DSN); None where nothing is sent (`relay queue`). `archiver`
-        writes the `archive` destination (SPEC Part 2 "Safety net")."""
+        app queues a DSN); None where nothing is sent (`relay queue`). `resolver`:
+        the app's, shared with the authentication checks (its cache with it).
+        `archiver` writes the `archive` destination (SPEC Part 2 "Safety net")."""
         self.settings = settings
         self.spool = spool
         self.log = log
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
         # cached provider connections (the default sender)
-        self.agent = Agent(hosts=Hosts(Resolver(settings.dns)))
+        self.agent = Agent(hosts=Hosts(resolver or Resolver(settings.dns)))
         self.sender: Sender = sender or self.agent.send
         self.on_final_failure = on_final_failure
         self.archiver: Archiver = archiver or _no_archive
@@ -418,6 +420,7 @@ class Scheduler:
             content = await Content.open(
                 functools.partial(self.spool.open_content, msg.queue_id),
                 inline=env.size <= SMALL_MESSAGE,
+                prefix=env.prepended(provider),
             )
             try:
                 return await self.sender(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,8 @@ from tests.harness import (
     relay_settings,
     write_config,
 )
+from tests.helpers_auth import zone as auth_zone
+from tests.helpers_dns import LoopbackDNS
 
 __all__ = ["PILOTS", "RelayEnv", "read_content", "write_config"]
 
@@ -70,3 +72,11 @@ async def relay_env(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Rel
         await env.stop()
     for p in providers:
         await p.stop()
+
+
+@pytest.fixture
+def auth_dns() -> Iterator[LoopbackDNS]:
+    """The zone of tests/helpers_auth.py on a loopback DNS server; slow.example is never
+    answered."""
+    with LoopbackDNS(auth_zone(), silent=("slow.example",)) as server:
+        yield server

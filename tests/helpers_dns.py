@@ -2,7 +2,8 @@
 
 UDP answers over 512 octets are truncated (TC bit), as a classic server does,
 so a client that cannot fall back to TCP fails visibly. `queries` counts the
-questions asked, by (name, type), to see what a cache saved.
+questions asked, by (name, type), to see what a cache saved. Names in `silent`
+(and every name below them) are never answered, like a dead authoritative server.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import socket
 from types import TracebackType
 from typing import Any
 
-from dnslib import QTYPE, RCODE, DNSHeader, DNSRecord
+from dnslib import QTYPE, RCODE, DNSError, DNSHeader, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 from dnslib.zoneresolver import ZoneResolver
 
@@ -24,6 +25,10 @@ class _Handler(DNSHandler):
 
     def get_reply(self, data: bytes) -> bytes:
         request = DNSRecord.parse(data)
+        name = str(request.q.qname).rstrip(".").lower()
+        if any(name == s or name.endswith("." + s) for s in self.server.resolver.silent):
+            self.server.resolver.queries[(name, QTYPE[request.q.qtype])] += 1
+            raise DNSError(f"{name}: silent")  # dnslib's handler then sends nothing
         reply = self.server.resolver.resolve(request, self)
         packed: bytes = reply.pack()
         if self.protocol == "udp" and len(packed) > 512:
@@ -34,9 +39,10 @@ class _Handler(DNSHandler):
 
 
 class _Counting(ZoneResolver):
-    def __init__(self, zone: str) -> None:
+    def __init__(self, zone: str, silent: tuple[str, ...] = ()) -> None:
         super().__init__(zone, glob=False)
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.silent = tuple(s.lower() for s in silent)
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         """The zone's answer; a name that exists without records of the type asked
@@ -52,8 +58,8 @@ class _Counting(ZoneResolver):
 class LoopbackDNS:
     """`with LoopbackDNS(zone_text) as dns:` serves the zone on 127.0.0.1:`dns.port`."""
 
-    def __init__(self, zone: str) -> None:
-        self.resolver = _Counting(zone)
+    def __init__(self, zone: str, silent: tuple[str, ...] = ()) -> None:
+        self.resolver = _Counting(zone, silent)
         self.port = 0
         self._servers: list[DNSServer] = []
 

@@ -136,6 +136,23 @@ async def test_v1_spool_is_recovered_and_delivered(make_env: Factory, tmp_path: 
 # -- malformed records --------------------------------------------------------------------
 
 GOOD = json.loads(raw_envelope(V1 / f"{A}.msg"))
+AUTH = {
+    "spf": "pass", "spf_domain": "example.org", "dkim": [{"domain": "example.org",
+    "result": "pass"}], "dmarc": "pass", "dmarc_policy": "reject", "arc": "none",
+    "from_domain": "example.org", "class": "aligned_pass",
+}  # fmt: skip
+
+
+def test_an_envelope_with_a_verdict_reads_back_the_same() -> None:
+    """auth.verify adds `auth` and `prepend`; an envelope without them (every spool
+    written before) reads as before, with neither."""
+    raw = {**GOOD, "auth": AUTH, "prepend": {"legacy": "A: 1\r\n", "new": "B: 2\r\nA: 1\r\n"}}
+    env = parse_envelope(json.dumps(raw, separators=(",", ":")))
+    assert env.auth is not None and env.auth.to_dict() == AUTH
+    assert (env.prepended("legacy"), env.prepended("new")) == (b"A: 1\r\n", b"B: 2\r\nA: 1\r\n")
+    assert json.loads(env.to_json()) == raw
+    old = parse_envelope(json.dumps(GOOD))
+    assert (old.auth, old.prepend, old.prepended("new")) == (None, (), b"")
 
 
 def with_field(key: str, value: Any) -> dict[str, Any]:
@@ -164,6 +181,11 @@ def with_plan_field(key: str, value: Any) -> dict[str, Any]:
         with_plan_field("role", "copy"), with_plan_field("mode", "sometimes"),
         with_plan_field("pilot", "yes"), with_plan_field("group", 3),
         {k: v for k, v in GOOD.items() if k != "queue_id"},
+        with_field("auth", None), with_field("auth", {**AUTH, "class": "great"}),
+        with_field("auth", {**AUTH, "dkim": [{"domain": "x"}]}),
+        with_field("auth", {k: v for k, v in AUTH.items() if k != "spf"}),
+        with_field("prepend", {"elsewhere": "X: y\r\n"}), with_field("prepend", {"new": 1}),
+        with_field("prepend", {"new": "X: \u00e9\r\n"}), with_field("prepend", []),
     ],
 )  # fmt: skip
 def test_malformed_envelope(raw: bytes | dict[str, Any]) -> None:

@@ -217,3 +217,21 @@ def test_replay_rate_must_be_positive(tmp_path: Path, rate: str) -> None:
     result = run("replay", "-c", str(tmp_path / "x.yaml"), "--to", "new", "--since", "2026-01-01",
                  "--rate", rate)  # fmt: skip
     assert result.exit_code == 2 and "positive rate" in result.output
+
+
+def test_a_replay_carries_the_originals_header_fields_for_its_provider() -> None:
+    from relay.archive.store import Entry, Record
+    from relay.records import Envelope, PlanEntry
+
+    plan = PlanEntry("a@example.com", "new", "a@example-new.com", "replay", "sales", "dual", True)
+    original = Envelope(
+        "Q1", "2026-01-01T00:00:00.000Z", 1.0, "s@example.org", ("a@example.com",), ("SMTPUTF8",),
+        "127.0.0.1", "<m@x>", 5, False, (), False,
+        prepend=(("legacy", "Authentication-Results: l\r\n"), ("new", "ARC-Seal: n\r\n")),
+    )  # fmt: skip
+    entry = Entry("Q1", "n1", "", 1.0, (), (), 5, "", "f", ())
+    c = rp.Candidate(entry, Record("n1", original, b"hello"), "a@example.com", plan)
+    env = rp.replay_envelope(c, "R1", 2.0, len(c.content()))
+    assert env.prepended("new") == b"ARC-Seal: n\r\n" and env.prepended("legacy") == b""
+    assert env.plan == (plan,) and env.options == ("SMTPUTF8",) and env.message_id == "<m@x>"
+    assert c.content() == b"X-Relay-Replay: n1 Q1\r\nhello"

@@ -740,6 +740,8 @@ JSON_KEYS = {
     "users",
     "divergences",
     "verdicts",
+    "by_authentication",  # SPEC Part 2 "Judging fairly"
+    "fairness",
     "completeness",  # SPEC Part 2 "Safety net": per group, live and replayed
 }
 PROVIDER_KEYS = {

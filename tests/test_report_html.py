@@ -457,7 +457,8 @@ def test_builder_counts_latency_buckets_and_hours(tmp_path: Path) -> None:
     }
     assert set(rep.to_dict()) == {
         "report_version", "inputs", "filters", "thresholds", "totals", "providers", "groups",
-        "users", "divergences", "verdicts", "completeness",
+        "users", "divergences", "verdicts", "by_authentication", "fairness",  # SPEC Part 2
+        "completeness",
     }  # fmt: skip
     unit, rows = activity_rows(rep)
     assert unit == "hour" and [r[0] for r in rows] == [

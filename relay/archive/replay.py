@@ -175,6 +175,8 @@ def replay_envelope(c: Candidate, queue_id: str, now: float, size: int) -> Envel
         received_epoch=now, mail_from=env.mail_from, rcpts=(c.rcpt,), options=env.options,
         client_ip=None, message_id=env.message_id, size=size, forwarded=False,
         plan=(c.plan,), dsn=False,
+        # the header fields the original's copy to that provider had above it
+        prepend=tuple((p, text) for p, text in env.prepend if p == c.plan.provider),
     )  # fmt: skip
 
 

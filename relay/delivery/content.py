@@ -23,11 +23,16 @@ class Content:
     retried at once simply reads from the start again. Close it after use.
     """
 
-    def __init__(self, length: int, head: bytes, fh: BinaryIO | None = None, start: int = 0):
-        self.length = length
-        self._head = head  # the first chunk (without a file: the whole content)
+    def __init__(
+        self, length: int, head: bytes, fh: BinaryIO | None = None, start: int = 0,
+        prefix: bytes = b"",
+    ):  # fmt: skip
+        self.length = len(prefix) + length
+        self._head = prefix + head  # the first chunk (without a file: the whole content)
         self._fh = fh
-        self._start = start
+        # file position of content offset len(self._head): header fields put above the
+        # spooled content (relay/records.py Envelope.prepend) shift every later read
+        self._start = start - len(prefix)
         self._eight_bit: tuple[bool, bool] | None = None
 
     @classmethod
@@ -36,12 +41,14 @@ class Content:
 
     @classmethod
     async def open(
-        cls, opener: Callable[[], tuple[BinaryIO, int]], inline: bool = False
-    ) -> Content:
+        cls, opener: Callable[[], tuple[BinaryIO, int]], inline: bool = False,
+        prefix: bytes = b"",
+    ) -> Content:  # fmt: skip
         """`opener()` gives (file positioned at the content, its length), as
         `partial(spool.open_content, queue_id)` does. `inline`: open and read on
         the event loop, for a message known to be small (a page-cache read of a
-        few KiB costs less than a thread hop)."""
+        few KiB costs less than a thread hop). `prefix`: header fields sent above
+        the spooled content (our Authentication-Results, an ARC set)."""
 
         def _open() -> Content:
             fh, length = opener()
@@ -53,8 +60,8 @@ class Content:
                 raise
             if length <= CHUNK:  # all of it read: the file is not needed any more
                 fh.close()
-                return cls(length, head)
-            return cls(length, head, fh, start)
+                return cls(length, head, prefix=prefix)
+            return cls(length, head, fh, start, prefix)
 
         return _open() if inline else await asyncio.to_thread(_open)
 
@@ -82,7 +89,7 @@ class Content:
     def _chunks(self) -> Iterator[bytes]:
         fh = cast(BinaryIO, self._fh)
         yield self._head
-        for offset in range(CHUNK, self.length, CHUNK):
+        for offset in range(len(self._head), self.length, CHUNK):
             yield _pread(fh, min(CHUNK, self.length - offset), self._start + offset)
 
     def close(self) -> None:

@@ -3,7 +3,15 @@
 `Receiving` streams the message into the spool behind its Received: and
 X-Relay-Trace: headers and checks the header section for mail loops. `Intake`
 is what every message shares: the spool, this relay's names and hop limit,
-the routing plan and the durable enqueue with its `received` event.
+the authentication verdict (with `auth.verify`), the routing plan and the
+durable enqueue with its `received` event.
+
+When our Authentication-Results is added, the header section is held back
+until it is complete (at most HEADER_SCAN_LIMIT), so that an incoming one
+claiming our authserv-id never reaches the spool (RFC 8601 §5). Our own field
+is not in the spooled content: the spool's content starts with the Received:
+written before the verdict exists, so the field rides in the envelope record
+(`prepend`) and goes on top of each copy as it is sent.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from relay.archive.plan import archive_entry
+from relay.auth import Judgement, Message, Verifier
+from relay.auth.results import strip_own
 from relay.config import RelaySettings
 from relay.ingress._aiosmtpd import Envelope, Session
 from relay.ingress.clienttext import printable
@@ -54,6 +64,10 @@ class Receiving:
         self.incoming = intake.spool.begin(self.queue_id)
         self.header = bytearray()
         self.header_done = False
+        self.header_whole = False  # the header section ended within HEADER_SCAN_LIMIT
+        # with our Authentication-Results: the content held until its header section is whole
+        self.held: bytearray | None = bytearray() if intake.strips else None
+        self.prefix_length = 0  # our Received: and X-Relay-Trace: at the start of the spool file
         self.store_error: str | None = None
         self.started = False
         self.submitted = False  # handed to the spool's commit: no longer ours to abort
@@ -76,20 +90,40 @@ class Receiving:
         if not self.header_done:
             self.header += data
             if self.header.startswith(b"\r\n"):  # no header section at all
-                self.header_done = True
+                self.header_done = self.header_whole = True
                 self.header.clear()
             else:
                 end = self.header.find(b"\r\n\r\n")
                 if end >= 0 or len(self.header) > HEADER_SCAN_LIMIT:
-                    self.header_done = True
+                    self.header_done, self.header_whole = True, end >= 0
                     del self.header[end + 2 if end >= 0 else HEADER_SCAN_LIMIT :]
+            if self.held is not None:
+                self.held += data
+                if not self.header_done:
+                    return
+                data = self._release()
+        await self._store(data)
+
+    def _release(self) -> bytes:
+        """The held content, without forged Authentication-Results when its header
+        section is whole (a section cut at the scan limit is passed on as it is)."""
+        assert self.held is not None
+        held, self.held = bytes(self.held), None
+        if not self.header_whole:
+            return held
+        header = bytes(self.header)
+        return strip_own(header, self.intake.authserv) + held[len(header) :]
+
+    async def _store(self, data: bytes) -> None:
         if self.store_error:
             return
         spool = self.intake.spool
         try:
             if not self.started:
                 self.started = True
-                await spool.write(self.incoming, self.received_header())
+                prefix = self.received_header()
+                self.prefix_length = len(prefix)
+                await spool.write(self.incoming, prefix)
             await spool.write(self.incoming, data)
         except SpoolError as exc:
             self.store_error = str(exc)
@@ -100,13 +134,17 @@ class Receiving:
             await self.intake.spool.abort(self.incoming)
 
     async def finish(self, parser: DataParser) -> str:
+        if self.held is not None:  # the message ended within its header section
+            self.header_whole = True
+            await self._store(self._release())
         refusal = self._content_refusal(parser)
         if refusal:
             await self.abort()
             return self.intake.rejections.refuse(self.server, "data", *refusal)
         if not self.started:  # an empty message still gets its trace headers
             await self.write(b"")
-        return await self.intake.enqueue(self, parser.size)
+        judgement = await self.intake.judge(self) if self.intake.verifier else None
+        return await self.intake.enqueue(self, parser.size, judgement)
 
     def _content_refusal(self, parser: DataParser) -> Refusal | None:
         """(reply, reason for the log) when the message must not be queued."""
@@ -145,8 +183,12 @@ class Intake:
         pilots: Callable[[], PilotTable],
         on_queued: Callable[[str, Record], object] | None,
         clock: Callable[[], datetime],
+        verifier: Verifier | None = None,
     ):
         self.settings = settings
+        self.verifier = verifier
+        self.strips = verifier is not None and verifier.add_header
+        self.authserv = verifier.authserv if verifier else ""
         self.hostname = settings.listen.hostname
         self.max_hops = settings.limits.max_hops
         self.spool = spool
@@ -161,7 +203,26 @@ class Intake:
     def begin(self, server: RelaySMTP) -> Receiving:
         return Receiving(self, server)
 
-    def plan(self, msg: Receiving, size: int) -> tuple[Record, list[str]]:
+    async def judge(self, msg: Receiving) -> Judgement:
+        """The verdict on the stored message: read back whole up to auth.max_dkim_size,
+        else its header section only (DKIM and ARC are then not verified)."""
+        assert self.verifier is not None
+        stored = msg.incoming.size - msg.prefix_length
+        whole = stored <= self.verifier.max_dkim_size
+        try:
+            content = await self.spool.read_back(msg.incoming, msg.prefix_length) if whole else b""
+        except SpoolError as exc:
+            oplog.error("message unreadable for its authentication check", error=str(exc))
+            whole = False
+        env = msg.envelope
+        return await self.verifier.judge(Message(
+            content if whole else bytes(msg.header) + b"\r\n", whole, msg.server.client_ip,
+            "" if env.mail_from == "<>" else (env.mail_from or ""), msg.session.host_name or "",
+        ))  # fmt: skip
+
+    def plan(
+        self, msg: Receiving, size: int, judgement: Judgement | None = None
+    ) -> tuple[Record, list[str]]:
         """The envelope record to store (routing plan included) and the discarded rcpts."""
         env = msg.envelope
         table = self.pilots()
@@ -197,16 +258,18 @@ class Intake:
             forwarded=forwarded_any,
             plan=tuple(plan),
             dsn=False,
+            auth=judgement.verdict if judgement else None,
+            prepend=judgement.prepend if judgement else (),
         )
         return record, discarded
 
-    async def enqueue(self, msg: Receiving, size: int) -> str:
+    async def enqueue(self, msg: Receiving, size: int, judgement: Judgement | None = None) -> str:
         """Store durably, then log and schedule; the reply to send after DATA.
 
         Once the commit is under way it runs to its end even if the session is
         cancelled (client gone): a message on disk is always also scheduled.
         """
-        record, discarded = self.plan(msg, size)
+        record, discarded = self.plan(msg, size, judgement)
         if not record.plan:
             await msg.abort()
             self._accepted(msg, record, discarded)
@@ -242,11 +305,12 @@ class Intake:
         return Reply.queued(msg.queue_id)
 
     def _accepted(self, msg: Receiving, record: Record, discarded: list[str]) -> None:
+        auth = {"auth": record.auth.to_dict()} if record.auth else {}
         self.log.emit(
             "received", queue_id=msg.queue_id, message_id=record.message_id,
             mail_from=record.mail_from, client_ip=record.client_ip, size=record.size,
             rcpts=list(record.rcpts), plan=[p.to_dict() for p in record.plan],
-            forwarded=record.forwarded,
+            forwarded=record.forwarded, **auth,
         )  # fmt: skip
         for rcpt in discarded:
             self.log.emit(

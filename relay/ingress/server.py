@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from relay.auth import Verifier
 from relay.config import RelaySettings
 from relay.ingress._aiosmtpd import Envelope, Session, route_library_log
 from relay.ingress.policy import Connections, Rejections, RelayPolicy
@@ -37,13 +38,16 @@ class IngressHandler:
         pilots: Callable[[], PilotTable],
         on_queued: Callable[[str, Record], object] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        verifier: Verifier | None = None,
     ):
         limits = settings.limits
         self.settings = settings
         self.rejections = Rejections(log)
         self.policy = RelayPolicy(settings, spool)
         self.conns = Connections(limits.max_connections, limits.max_connections_per_ip)
-        self.intake = Intake(settings, spool, log, self.rejections, pilots, on_queued, clock)
+        self.intake = Intake(
+            settings, spool, log, self.rejections, pilots, on_queued, clock, verifier
+        )
         self.shutting_down = False
 
     def _refuse(self, server: RelaySMTP, stage: str, reply: str, reason: str, **known: str) -> str:

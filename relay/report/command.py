@@ -61,6 +61,13 @@ def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | N
     metavar="FILE",
     help="YAML file overriding readiness thresholds.",
 )
+@click.option(
+    "--placement",
+    "placement",
+    metavar="PLACEMENT_LOG",
+    multiple=True,
+    help="A placement log (repeatable): the providers' own verdicts, for the fairness table.",
+)
 @click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
 def report_command(
     logs: tuple[str, ...],
@@ -69,6 +76,7 @@ def report_command(
     until: datetime | None,
     group: str | None,
     thresholds_path: str | None,
+    placement: tuple[str, ...],
     output: str | None,
 ) -> None:
     """Comparison report (legacy vs new) from one or many delivery logs (.gz, rotated)."""
@@ -92,7 +100,8 @@ def report_command(
             for err in rep.inputs.errors:
                 click.echo(f"warning: {err}", err=True)
             return
-        text = _render(fmt, build_report(logs, since, until, group, thresholds))
+        rep = build_report(logs, since, until, group, thresholds, placement=placement)
+        text = _render(fmt, rep)
         with _output(output) as out:
             out.write(text)
     except ReportError as exc:

@@ -24,6 +24,8 @@ from collections.abc import Container, Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
+from relay.records import AUTH_CLASSES
+from relay.report.auth import Fairness, auth_class
 from relay.report.completeness import Completeness
 from relay.report.figures import (
     ScopeCounters,
@@ -51,6 +53,7 @@ from relay.report.model import (
     PairRow,
     PairSink,
     Report,
+    ScopeStats,
     Thresholds,
     Totals,
 )
@@ -98,7 +101,9 @@ class _Slot:
 
 
 class _Pair:
-    __slots__ = ("bounce_seen", "discarded", "group", "included", "pilot", "rcpt", "slots")
+    __slots__ = (
+        "auth", "bounce_seen", "discarded", "group", "included", "pilot", "rcpt", "slots",
+    )  # fmt: skip
 
     def forwarded(self, msg: _Message) -> bool:
         """A forwarded copy: the message came via forward_domains and legacy is not planned."""
@@ -112,6 +117,7 @@ class _Pair:
         self.discarded = False
         self.bounce_seen = 0
         self.included = False
+        self.auth: str | None = None  # the message's authentication class at ingress
 
 
 class _Message:
@@ -153,6 +159,7 @@ class _Builder:
         until: datetime | None,
         group: str | None,
         sink: PairSink | None,
+        placement: Iterable[str] = (),
     ) -> None:
         self.since = since
         self.until = until
@@ -164,6 +171,8 @@ class _Builder:
         self.overall = ScopeCounters()
         self.groups: dict[str, ScopeCounters] = {}
         self.users: dict[str, ScopeCounters] = {}
+        self.by_auth: dict[str, ScopeCounters] = {}
+        self.fairness = Fairness(placement)
         self.divergences: list[Divergence] = []
         self.totals = Totals()
         self.stats = InputStats(files=[])
@@ -308,6 +317,7 @@ class _Builder:
             len({r.lower() for r in rcpts if isinstance(r, str)}),
         )
         msg.in_window = self._ts_in_window(msg.ts)
+        cls = auth_class(ev)
         for e in ev["plan"]:
             if e["provider"] not in PROVIDER_INDEX:
                 continue  # another route (the DSNs' "bounce"): not compared
@@ -318,6 +328,7 @@ class _Builder:
                 pilot = e.get("pilot") is True
                 g = e.get("group")
                 pair.pilot = pilot
+                pair.auth = cls
                 pair.group = g if isinstance(g, str) else (NO_GROUP if pilot else NON_PILOT_GROUP)
                 pair.included = msg.in_window and (self.group is None or pair.group == self.group)
             elif e.get("pilot") is True:
@@ -428,6 +439,11 @@ class _Builder:
             if u is None:
                 u = self.users[user] = ScopeCounters(pair.group)
             scopes.append(u)
+        if pair.auth is not None:
+            a = self.by_auth.get(pair.auth)
+            if a is None:
+                a = self.by_auth[pair.auth] = ScopeCounters()
+            scopes.append(a)
         return scopes
 
     def _fold(self, key: tuple[str, str], msg: _Message) -> None:
@@ -449,6 +465,7 @@ class _Builder:
             if pair.pilot:
                 totals.pilot_pairs += 1
             scopes = self._scopes(pair)
+            self.fairness.pair(key[0], key[1], pair.rcpt, pair.auth)
             for scope in scopes:
                 scope.pairs += 1
                 if pair.pilot:
@@ -599,6 +616,7 @@ class _Builder:
         self._settle_orphans()
         group_stats, verdicts = group_figures(self.groups, thresholds)
         self.divergences.sort(key=lambda d: (d.received, d.node, d.queue_id, d.rcpt))
+        self.stats.errors += self.fairness.errors
         return Report(
             inputs=self.stats,
             filters=filters,
@@ -620,6 +638,11 @@ class _Builder:
                 )
                 for k, c in sorted(self.hours.items())
             ],
+            by_auth=[
+                ScopeStats(c, s.pairs, s.pilot_pairs, provider_stats(s))
+                for c, s in sorted(self.by_auth.items(), key=lambda kv: AUTH_CLASSES.index(kv[0]))
+            ],
+            fairness=self.fairness.table(),
         )
 
 
@@ -665,6 +688,7 @@ def build_report(
     thresholds: Thresholds | None = None,
     *,
     pair_sink: PairSink | None = None,
+    placement: Iterable[str | os.PathLike[str]] = (),
 ) -> Report:
     """The comparison report of the given delivery logs.
 
@@ -672,12 +696,14 @@ def build_report(
     until exclusive; a plain date for `until` means the end of that day).
     `pair_sink`, if given, receives each (message, recipient) pair when its
     message closes, or at the end for messages still open (used for CSV).
+    `placement`: placement logs, for the fairness table (relay/report/auth.py).
     Raises ReportError for a missing input, ValueError for a bad time bound.
     """
     plist = [os.fspath(p) for p in paths]
     check_inputs(plist)
     since_t, until_t = _bound(since, False), _bound(until, True)
-    b = _Builder(since_t, until_t, group, pair_sink)
+    check_inputs([os.fspath(p) for p in placement])
+    b = _Builder(since_t, until_t, group, pair_sink, [os.fspath(p) for p in placement])
     for p in order_inputs(plist):
         b.read(p)
     filters = {"since": _filter_text(since_t), "until": _filter_text(until_t), "group": group}

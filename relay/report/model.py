@@ -177,6 +177,36 @@ class HourCounts:
     relay_rejections: int = 0  # `rejected` events (refused at SMTP by the relay)
 
 
+# a provider failing this share of aligned_pass copies gets the plain sentence
+FAIRNESS_ALERT_RATE = 0.05
+
+
+@dataclass
+class FairnessRow:
+    """relay/report/auth.py: one provider's own verdicts on mail the relay judged
+    aligned_pass."""
+
+    provider: str
+    aligned_pass: int  # copies the relay judged aligned_pass that the provider's verdict covers
+    fails: dict[str, int]  # token -> copies it said fail (or softfail)
+    any_fail: int
+    any_fail_rate: float | None
+    note: str | None  # the plain sentence when the rate is high
+
+
+@dataclass
+class AuthFairness:
+    rows: list[FairnessRow] = field(default_factory=list)
+    absent: str | None = None  # why there is no table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "absent": self.absent,
+            "alert_rate": FAIRNESS_ALERT_RATE,
+            "rows": [vars(r) for r in self.rows],
+        }
+
+
 @dataclass
 class Report:
     inputs: InputStats
@@ -193,6 +223,9 @@ class Report:
     # LATENCY_BUCKETS_MS bucket (len + 1 counts), and activity per hour, in order.
     latency_histogram: dict[str, list[int]] = field(default_factory=dict)
     hourly: list[HourCounts] = field(default_factory=list)
+    # relay/report/auth.py: the figures per authentication class, and the fairness table
+    by_auth: list[ScopeStats] = field(default_factory=list)
+    fairness: AuthFairness = field(default_factory=AuthFairness)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (stable keys, see docs/report.md)."""
@@ -207,6 +240,8 @@ class Report:
             "users": [_scope_dict(s, "user") for s in self.users],
             "divergences": [asdict(d) for d in self.divergences],
             "verdicts": [asdict(v) for v in self.verdicts],
+            "by_authentication": [_scope_dict(s, "class") for s in self.by_auth],
+            "fairness": self.fairness.to_dict(),
             "completeness": [asdict(c) for c in self.completeness],
         }
 

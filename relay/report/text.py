@@ -196,6 +196,46 @@ def _scopes(report: Report) -> list[str]:
     return out
 
 
+def _authentication(report: Report) -> list[str]:
+    """By authentication (each provider's figures per class) and the fairness table."""
+    if not report.by_auth:
+        return [f"By authentication: none ({report.fairness.absent})", ""]
+    t = _table(
+        "By authentication (the class the relay gave the message at ingress): outcomes",
+        ("class", "provider", "planned", "delivered", "bounced", "expired", "deleted",
+         "pending", "deferrals", "rate", "1st try"),
+        left=2,
+    )  # fmt: skip
+    r = _table(
+        "By authentication: reason classes of bounced pairs",
+        ("class", "provider", *REASON_LABELS.values()),
+        left=2,
+    )
+    for sc in report.by_auth:
+        for i, (p, st) in enumerate(shown_providers(sc)):
+            _row(t, sc.name if i == 0 else "", p, *_count_cells(st), *_rate_cells(st))
+            _row(
+                r, sc.name if i == 0 else "", p, *(fmt_int(st.rejections[k]) for k in REASON_LABELS)
+            )
+    out = _rendered(t) + _rendered(r)
+    fair = report.fairness
+    if fair.absent:
+        return [*out, *_wrap(f"Fairness: no table: {fair.absent}."), ""]
+    f = _table(
+        "Fairness: the providers' own verdicts on mail the relay judged aligned_pass",
+        ("provider", "aligned_pass", "spf fail", "dmarc fail", "compauth fail", "any fail", "rate"),
+    )
+    for row in fair.rows:
+        _row(f, row.provider, fmt_int(row.aligned_pass),
+             *(fmt_int(row.fails[k]) for k in ("spf", "dmarc", "compauth")),
+             fmt_int(row.any_fail), fmt_rate(row.any_fail_rate))  # fmt: skip
+    out += _rendered(f)
+    for row in fair.rows:
+        if row.note:
+            out += [*_wrap(row.note, "  ", ""), ""]
+    return out
+
+
 def _divergences(report: Report) -> list[str]:
     out = [
         f"Divergences: {len(report.divergences)} "
@@ -246,7 +286,8 @@ def render_text(report: Report) -> str:
     """The text report: summary, provider tables, groups and users, divergences,
     completeness, verdicts."""
     sections = (
-        _header, _providers, _latency, _reasons, _scopes, _divergences, _completeness, _readiness
+        _header, _providers, _latency, _reasons, _scopes, _authentication, _divergences,
+        _completeness, _readiness,
     )  # fmt: skip
     out = [line for section in sections for line in section(report)]
     return "\n".join(line.rstrip() for line in out) + "\n"

@@ -167,6 +167,26 @@ class Spool:
                 self._free = (0.0, 0)  # look at the disk again before the next MAIL
                 raise SpoolError(str(exc)) from exc
 
+    async def read_back(self, msg: Incoming, start: int) -> bytes:
+        """What has been written of a message being received, from offset `start`
+        (for a check that needs the whole message: DKIM). Read in a thread once
+        part of it is in the file; the caller bounds the size it asks for."""
+        flushed = msg.size - len(msg.buffer)
+
+        def read() -> bytes:
+            head = b""
+            if msg.fh is not None and flushed > start:
+                msg.fh.flush()
+                head = os.pread(msg.fh.fileno(), flushed - start, start)
+            return head + bytes(msg.buffer[max(0, start - flushed) :])
+
+        if msg.fh is None:
+            return read()
+        try:
+            return await asyncio.to_thread(read)
+        except OSError as exc:
+            raise SpoolError(str(exc)) from exc
+
     async def abort(self, msg: Incoming) -> None:
         await asyncio.to_thread(msg.discard)
 

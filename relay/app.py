@@ -14,17 +14,16 @@ import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-import watchfiles
 
 from relay import config
 from relay.archive.writer import ArchiveWriter, retention
-from relay.auth import Verifier
+from relay.auth import Verifier as AuthVerifier
 from relay.auth.arc import ArcKeyError
 from relay.bounce import Bouncer
 from relay.delivery import Reply
+from relay.dsn import Action
+from relay.filewatch import watch
 from relay.ingress import Ingress, IngressHandler
 from relay.log import DeliveryLog, oplog, setup_operational_log
 from relay.metrics import Metrics, oldest_age
@@ -37,6 +36,8 @@ from relay.spool.locks import SpoolLocked, lock_within, supervisor_lock
 from relay.spool.workers import gather, worker_roots
 from relay.startup import PidFile, StartupError, starting
 from relay.supervisor import EXIT_WORKER_STARTUP, FORWARDED, Supervisor, worker_config
+from relay.verify import RecipientCheck, RecipientList, Verifier
+from relay.verify.cache import VerifyCache
 
 
 class PilotList:
@@ -61,20 +62,15 @@ class PilotList:
         return True
 
     async def watch(self) -> None:
-        path = self.cfg.pilots_path
-        async for changes in watchfiles.awatch(
-            path.parent, debounce=200, step=50, rust_timeout=1000
-        ):
-            if any(Path(p).name == path.name for _, p in changes):
-                self.reload()
+        await watch(self.cfg.pilots_path, self.reload)
 
 
-def auth_verifier(s: config.RelaySettings, resolver: Resolver) -> Verifier | None:
+def auth_verifier(s: config.RelaySettings, resolver: Resolver) -> AuthVerifier | None:
     """The verifier `auth.verify` asks for; an unusable ARC key stops the start."""
     if not s.auth.verify:
         return None
     try:
-        return Verifier(s, resolver)
+        return AuthVerifier(s, resolver)
     except ArcKeyError as exc:
         raise StartupError("auth.arc.key_file", str(exc)) from None
 
@@ -100,22 +96,33 @@ class Relay:
         resolver = Resolver(s.dns)  # one cache for MX and authentication lookups
         self.archive = ArchiveWriter(s, self.log.node) if s.archive.enabled else None
         self.scheduler = Scheduler(
-            s, self.spool, self.log, clock=clock, on_final_failure=self._bounce,
-            resolver=resolver, archiver=self.archive,
+            s, self.spool, self.log, clock=clock, on_notice=self._bounce, resolver=resolver,
+            archiver=self.archive,
         )  # fmt: skip
-        self.verifier = auth_verifier(s, resolver)
+        self.auth_verifier = auth_verifier(s, resolver)
         self.bouncer = Bouncer(
             self.spool, self.log, s.listen.hostname,
             lambda p: self.scheduler.provider_settings(p).nexthop, self.scheduler.clock.now,
-            enqueue=self.scheduler.add,
+            enqueue=self.scheduler.add, max_age=s.retry.max_age,
         )  # fmt: skip
         now: Callable[[], datetime] = (
             (lambda: datetime.fromtimestamp(clock.now(), UTC)) if clock else
             (lambda: datetime.now(UTC))
         )  # fmt: skip
+        self.recipients = RecipientList(cfg) if cfg.recipients is not None else None
+        self.verifier = (
+            Verifier(s, VerifyCache(self.spool.verify_cache), self.scheduler)
+            if s.verify_recipients else None
+        )  # fmt: skip
+        check = (
+            RecipientCheck(s, self.recipients, self.verifier, self.pilots.current,
+                           self.scheduler.clock.now)
+            if self.recipients or self.verifier else None
+        )  # fmt: skip
         self.handler = IngressHandler(
             s, self.spool, self.log, self.pilots.current, on_queued=self.scheduler.add, clock=now,
-            verifier=self.verifier,
+            auth_verifier=self.auth_verifier,
+            recipients=check,
         )  # fmt: skip
         self.ingress = Ingress(self.handler)
         self.metrics = Metrics()
@@ -151,10 +158,18 @@ class Relay:
             except SpoolLocked as exc:
                 raise StartupError(f"spool {root}", str(exc)) from None
 
-    async def _bounce(self, msg: Message, failed: list[tuple[DeliveryState, Reply]]) -> None:
-        """The scheduler's `on_final_failure`: a DSN (the bouncer is built after the
+    async def _bounce(
+        self, msg: Message, items: list[tuple[DeliveryState, Reply]], action: Action
+    ) -> None:
+        """The scheduler's `on_notice`: a DSN (the bouncer is built after the
         scheduler, since it queues the DSN with the scheduler's add)."""
-        await self.bouncer.bounce(msg.queue_id, msg.envelope, failed)
+        await self.bouncer.bounce(msg.queue_id, msg.envelope, items, action)
+
+    def reload(self) -> None:
+        """SIGHUP: the pilot list and the recipients file read again."""
+        self.pilots.reload()
+        if self.recipients is not None:
+            self.recipients.reload()
 
     async def start(self) -> None:
         """Start everything; a failing step raises StartupError (stop() cleans up after it)."""
@@ -174,15 +189,20 @@ class Relay:
             self.spool.also_on_disk = (self.archive.store.root,)
         with starting(f"spool {root}"):
             await self.spool.start()
+        if self.verifier is not None:
+            await asyncio.to_thread(self.verifier.cache.load, self.scheduler.clock.now())
         self.scheduler.start()
         listen = self.cfg.relay.listen
-        with starting(f"listen {listen.host}:{listen.port}"):
+        with starting(f"listen {listen.shown}"):
             self.port = await self.ingress.start(reuse_port=self.reuse_port)
         m = self.cfg.relay.metrics
         with starting(f"metrics {m.host}:{m.port}"):
             self._metrics_server = await self.metrics.serve(m.host, m.port)
         self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self.pilots.watch(), name="pilot-watch"))
+        if self.recipients is not None:
+            task = watch(self.recipients.path, self.recipients.reload)
+            self._tasks.append(asyncio.create_task(task, name="recipients-watch"))
         self._tasks.append(asyncio.create_task(self.log.run(), name="log-retry"))
         self._tasks.append(
             asyncio.create_task(serve_control(self.spool, self.scheduler), name="queue-control")
@@ -206,9 +226,11 @@ class Relay:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.verifier is not None:
+            await self.verifier.close()
         await self.spool.stop()
-        if self.verifier:
-            self.verifier.close()
+        if self.auth_verifier:
+            self.auth_verifier.close()
         if self.archive:
             self.archive.close()
         self.log.close()
@@ -235,7 +257,7 @@ async def serve(cfg: config.Config, worker: int | None = None) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, relay.pilots.reload)
+    loop.add_signal_handler(signal.SIGHUP, relay.reload)
     loop.add_signal_handler(signal.SIGUSR1, relay.log.reopen)
     if worker is not None:  # blocked by the supervisor until now: nothing is lost meanwhile
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)

@@ -63,11 +63,32 @@ class _Strict(BaseModel):
 
 
 class ListenSettings(_Strict):
-    host: str = "127.0.0.1"
+    host: str | tuple[str, ...] = "127.0.0.1"  # one address or a list; "::" alone: dual stack
     port: int = Field(2525, ge=0, le=65535)
     hostname: str = "relay.example.com"
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _addresses(cls, v: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        hosts = (v,) if isinstance(v, str) else v
+        if not hosts:
+            raise ValueError("needs at least one address")
+        for host in hosts:
+            ipaddress.ip_address(host)
+        if len(set(hosts)) != len(hosts):
+            raise ValueError("an address is listed twice")
+        return v
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return (self.host,) if isinstance(self.host, str) else self.host
+
+    @property
+    def shown(self) -> str:
+        """`host:port` for messages, IPv6 in brackets, several joined by commas."""
+        return ",".join(f"[{h}]" if ":" in h else h for h in self.hosts) + f":{self.port}"
 
 
 class ProviderSettings(_Strict):
@@ -143,6 +164,7 @@ class LimitsSettings(_Strict):
 class RetrySettings(_Strict):
     schedule: tuple[float, ...] = (60, 300, 900, 3600)
     max_age: float = Field(432_000, gt=0)
+    delay_warning: float | None = Field(None, gt=0)  # seconds; then one "delayed" DSN (RFC 3464)
 
     @field_validator("schedule")
     @classmethod
@@ -224,7 +246,9 @@ class RelaySettings(_Strict):
     forward_networks: tuple[str, ...] = ()
     pilots: str = "pilot-users.yaml"
     recipient_delimiter: str = "+"
+    recipients: str | None = None  # the valid addresses, one a line; others get 550 5.1.1
     verify_recipients: bool = False
+    verify_timeout: float = Field(10, gt=0)
     providers: ProvidersSettings = ProvidersSettings()
     bounce: ProviderSettings | None = None
     spool: Path = Path("../var/spool")
@@ -454,6 +478,13 @@ class Config:
     shown: str = ""
     lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    recipients: RecipientsFile | None = None  # `recipients:` as loaded at start
+    recipients_path: Path | None = None
+
+    @property
+    def recipients_shown(self) -> str:
+        """The recipients file's path as messages name it (relative to `-c`'s folder)."""
+        return os.path.join(os.path.dirname(self.shown), self.relay.recipients or "")
 
     def line_of(self, loc: tuple[Any, ...]) -> int | None:
         """Line of a key of relay.yaml (or of its nearest enclosing key)."""
@@ -679,12 +710,55 @@ def _pilot_issues(
     return issues
 
 
+@dataclass(frozen=True)
+class RecipientsFile:
+    """The valid recipients (`recipients:`): addresses lowercased with their domain in
+    ASCII form, and the domains of `*@domain` lines."""
+
+    addresses: frozenset[str] = frozenset()
+    wildcards: frozenset[str] = frozenset()
+
+
+def load_recipients(path: Path, shown: str, relay: RelaySettings) -> RecipientsFile:
+    """One address a line, `#` to the end of a line a comment, `*@domain` every address of
+    that domain; an address outside `domains` is an error (it could never be used)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue(shown, None, "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(shown, None, "", str(exc))]) from None
+    addresses, wildcards, issues = set(), set(), []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        local, at, domain = line.rpartition("@")
+        domain = ascii_domain(domain)
+        if not at or not local or not domain or any(c.isspace() for c in line):
+            issues.append(ConfigIssue(shown, n, "", f"not an address: {line!r}"))
+        elif domain not in relay.domains:
+            issues.append(ConfigIssue(shown, n, "", f"domain {domain} is not in domains"))
+        elif local == "*":
+            wildcards.add(domain)
+        else:
+            addresses.add(f"{local.lower()}@{domain}")
+    if issues:
+        raise ConfigError(issues)
+    return RecipientsFile(frozenset(addresses), frozenset(wildcards))
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Load relay.yaml and its pilot file; raise ConfigError listing every problem."""
     relay, doc = load_relay(path)
     pilots_path = (Path(path).resolve().parent / relay.pilots).resolve()
     shown = os.path.join(os.path.dirname(os.fspath(path)), relay.pilots)
     pilots = load_pilots(pilots_path, shown, relay)
+    recipients_path = recipients = None
+    if relay.recipients is not None:
+        recipients_path = (Path(path).resolve().parent / relay.recipients).resolve()
+        recipients_shown = os.path.join(os.path.dirname(os.fspath(path)), relay.recipients)
+        recipients = load_recipients(recipients_path, recipients_shown, relay)
     return Config(
         relay=relay,
         pilots=pilots,
@@ -694,4 +768,6 @@ def load(path: str | os.PathLike[str]) -> Config:
         shown=os.fspath(path),
         lines=doc.lines,
         warnings=tuple(_relay_warnings(relay, os.fspath(path), doc)),
+        recipients=recipients,
+        recipients_path=recipients_path,
     )

@@ -6,7 +6,10 @@ plan), the JSON lines of `<id>.state`, the requests in `control/`. Each has one
 for anything malformed, so the rest of the code sees typed values only. The
 JSON is envelope version 1's, byte for byte (but for the `"r": null` it wrote
 when a never-tried delivery was retried, now left out): spools written before
-these types existed read back unchanged (tests/test_records.py).
+these types existed read back unchanged (tests/test_records.py). Keys added
+since (the RFC 3461 parameters `ret`, `envid`, a plan entry's `notify` and
+`orcpt`, a state line's `w`) are written only when they have a value, so a
+record without them is version 1's and an older spool reads as it always did.
 
 Frozen slotted dataclasses written with the json module, not pydantic models:
 addresses can hold lone surrogates (aiosmtpd decodes with surrogateescape),
@@ -69,12 +72,23 @@ class PlanEntry:
     group: str | None
     mode: PilotMode | None
     pilot: bool
+    # the recipient's RFC 3461 parameters (relay/dsn.py); in the envelope only when given
+    notify: str | None = None
+    orcpt: str | None = None
 
     def to_dict(self) -> PlanDict:
         return {
             "rcpt": self.rcpt, "provider": self.provider, "delivered_to": self.delivered_to,
             "role": self.role, "group": self.group, "mode": self.mode, "pilot": self.pilot,
         }  # fmt: skip
+
+    def to_record(self) -> dict[str, Any]:
+        """The entry as the envelope stores it: `to_dict`, and the DSN parameters given."""
+        record: dict[str, Any] = dict(self.to_dict())
+        for key, value in (("notify", self.notify), ("orcpt", self.orcpt)):
+            if value is not None:
+                record[key] = value
+        return record
 
 
 AuthClass = Literal["aligned_pass", "auth_no_policy", "none", "fail", "temperror"]
@@ -136,6 +150,8 @@ class Envelope:
     plan: tuple[PlanEntry, ...]
     dsn: bool
     dsn_for: str | None = None  # a DSN's original message (the key exists only then)
+    ret: str | None = None  # RFC 3461 RET (FULL | HDRS) and ENVID, decoded; keys only when given
+    envid: str | None = None
     auth: AuthVerdict | None = None  # with auth.verify (the key exists only then)
     # header fields put above the spooled content when sending, per provider: our
     # Authentication-Results and ARC set (the key exists only when there are some)
@@ -152,11 +168,12 @@ class Envelope:
             "received_epoch": self.received_epoch, "mail_from": self.mail_from,
             "rcpts": list(self.rcpts), "options": list(self.options),
             "client_ip": self.client_ip, "message_id": self.message_id, "size": self.size,
-            "forwarded": self.forwarded, "plan": [p.to_dict() for p in self.plan],
+            "forwarded": self.forwarded, "plan": [p.to_record() for p in self.plan],
             "dsn": self.dsn,
         }  # fmt: skip
-        if self.dsn_for is not None:
-            record["dsn_for"] = self.dsn_for
+        for key, value in (("dsn_for", self.dsn_for), ("ret", self.ret), ("envid", self.envid)):
+            if value is not None:
+                record[key] = value
         if self.auth is not None:
             record["auth"] = self.auth.to_dict()
         if self.prepend:
@@ -178,12 +195,15 @@ class StateLine:
     attempts: int | None = None
     due: float | None = None
     reply: str | None = None
+    warned: bool = False  # a delay warning (DSN) was sent; key `w` only when true
 
     def to_dict(self) -> dict[str, Any]:
         line: dict[str, Any] = {"i": self.index, "s": self.status}
         for key, value in (("n", self.attempts), ("due", self.due), ("r", self.reply)):
             if value is not None:
                 line[key] = value
+        if self.warned:
+            line["w"] = True
         return line
 
     def to_line(self) -> bytes:
@@ -278,6 +298,7 @@ class BounceSentEvent(TypedDict):
     queue_id: str
     rcpt: str
     dsn_queue_id: str
+    action: NotRequired[Literal["delayed", "relayed"]]  # a DSN that is not a bounce
 
 
 class LogEventsDroppedEvent(TypedDict):
@@ -349,6 +370,10 @@ class _Fields:
     def text_or_none(self, key: str, optional: bool = False) -> str | None:
         return cast(str | None, self.value(key, (str, type(None)), optional))
 
+    def optional_text(self, key: str) -> str | None:
+        """A string key that exists only when it has a value."""
+        return cast(str | None, self.value(key, (str,), optional=True))
+
     def flag(self, key: str) -> bool:
         return cast(bool, self.value(key, (bool,)))
 
@@ -393,7 +418,7 @@ def parse_plan_entry(raw: Mapping[str, Any], what: str = "plan entry") -> PlanEn
     return PlanEntry(
         f.text("rcpt"), f.choice("provider", PROVIDERS), f.text("delivered_to"),
         f.choice("role", ROLES), f.text_or_none("group"), f.choice("mode", (*MODES, None)),
-        f.flag("pilot"),
+        f.flag("pilot"), f.optional_text("notify"), f.optional_text("orcpt"),
     )  # fmt: skip
 
 
@@ -412,7 +437,8 @@ def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
         message_id=f.text_or_none("message_id"), size=_required(f.count("size")),
         forwarded=f.flag("forwarded"),
         plan=tuple(parse_plan_entry(p, f"envelope plan[{i}]") for i, p in enumerate(plan)),
-        dsn=f.flag("dsn"), dsn_for=cast(str | None, f.value("dsn_for", (str,), optional=True)),
+        dsn=f.flag("dsn"), dsn_for=f.optional_text("dsn_for"), ret=f.optional_text("ret"),
+        envid=f.optional_text("envid"),
         auth=None if "auth" not in obj else parse_auth(obj["auth"]), prepend=_prepend(obj),
     )  # fmt: skip
 
@@ -462,6 +488,7 @@ def parse_state_line(raw: bytes | str | Mapping[str, Any], plan_size: int) -> St
     return StateLine(
         index, f.choice("s", STATUSES), f.count("n", optional=True),
         f.number("due", optional=True), f.text_or_none("r", optional=True),
+        "w" in obj and f.flag("w"),
     )  # fmt: skip
 
 

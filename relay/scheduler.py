@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from relay import retry
+from relay import dsn, retry
 from relay.authhold import AuthHold
 from relay.config import ProviderSettings, RelaySettings
 from relay.delivery import Agent, Attempt, Content, Hosts, Reply
+from relay.dsn import Action
 from relay.log import DeliveryLog, oplog
 from relay.records import FINAL, PROVIDERS, Envelope, PlanEntry, Provider, StateLine, Status
 from relay.resolver import Resolver
@@ -69,6 +70,7 @@ class DeliveryState:
     attempts: int = 0
     due: float = 0.0
     last: str | None = None  # the last reply, as text
+    warned: bool = False  # a delay warning went out (`retry.delay_warning`)
 
     @property
     def final(self) -> bool:
@@ -86,10 +88,11 @@ class DeliveryState:
         self.due = 0.0 if line.due is None else line.due
         if line.reply is not None:
             self.last = line.reply
+        self.warned |= line.warned
 
     def line(self) -> StateLine:
         """The state change to record for what this delivery is now."""
-        return StateLine(self.index, self.status, self.attempts, self.due, self.last)
+        return StateLine(self.index, self.status, self.attempts, self.due, self.last, self.warned)
 
 
 @dataclass
@@ -119,8 +122,13 @@ class Message:
         return all(d.final for d in self.deliveries)
 
 
-Sender = Callable[[ProviderSettings, str, list[str], Content, list[str], str], Awaitable[Attempt]]
-FinalFailure = Callable[["Message", list[tuple[DeliveryState, Reply]]], Awaitable[None]]
+# (provider, sender, recipients, content, MAIL parameters, HELO name, RCPT parameters)
+Sender = Callable[
+    [ProviderSettings, str, list[str], Content, list[str], str, dict[str, list[str]]],
+    Awaitable[Attempt],
+]
+# a DSN due (relay/bounce.py): the message, the deliveries it is about, its action
+Notify = Callable[["Message", list[tuple[DeliveryState, Reply]], Action], Awaitable[None]]
 # writes a message's archive copy (relay/archive/writer.py); its reply is the outcome
 Archiver = Callable[[Envelope, Callable[[], tuple[BinaryIO, int]]], Awaitable[Reply]]
 
@@ -139,13 +147,14 @@ class Scheduler:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         sender: Sender | None = None,
-        on_final_failure: FinalFailure | None = None,
+        on_notice: Notify | None = None,
         resolver: Resolver | None = None,
         archiver: Archiver | None = None,
     ):
-        """`on_final_failure`: called after a primary delivery bounced or expired (the
-        app queues a DSN); None where nothing is sent (`relay queue`). `resolver`:
-        the app's, shared with the authentication checks (its cache with it).
+        """`on_notice`: called when deliveries' new states call for a DSN (a primary
+        bounced or expired, a delay warning, `relayed`: `bounce.notice`); the app
+        queues it. None where nothing is sent (`relay queue`). `resolver`: the app's,
+        shared with the authentication checks (its cache with it).
         `archiver` writes the `archive` destination (SPEC Part 2 "Safety net")."""
         self.settings = settings
         self.spool = spool
@@ -155,7 +164,7 @@ class Scheduler:
         # cached provider connections (the default sender)
         self.agent = Agent(hosts=Hosts(resolver or Resolver(settings.dns)))
         self.sender: Sender = sender or self.agent.send
-        self.on_final_failure = on_final_failure
+        self.on_notice = on_notice
         self.archiver: Archiver = archiver or _no_archive
         self.messages: dict[str, Message] = {}
         self._heaps: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PROVIDERS}
@@ -289,8 +298,9 @@ class Scheduler:
             self._slots[key] = asyncio.Semaphore(cfg.max_connections)
         return self._slots[key]
 
-    def _auth_hold(self, provider: str) -> AuthHold:
-        """The AUTH hold of the account `provider` logs in with (shared, like slots)."""
+    def auth_hold(self, provider: str) -> AuthHold:
+        """The AUTH hold of the account `provider` logs in with (shared, like slots;
+        recipient verification probes respect it too)."""
         cfg = self.provider_settings(provider)
         key = (cfg.destination, cfg.username)
         if key not in self._holds:
@@ -311,7 +321,7 @@ class Scheduler:
         heap, wake = self._heaps[provider], self._wake[provider]
         while not self._stopping:
             now = self.clock.now()
-            hold = self._auth_hold(provider)
+            hold = self.auth_hold(provider)
             pause = hold.pause(now)
             while heap and pause is None:
                 due, _, qid = heap[0]
@@ -373,7 +383,7 @@ class Scheduler:
                 except Exception as exc:  # never an immediate resend: back off instead
                     self._hold(msg, batch, f"recording the outcome failed: {exc!r}", exc)
         finally:
-            if self._auth_hold(provider).settle(replies, self.clock.now()):
+            if self.auth_hold(provider).settle(replies, self.clock.now()):
                 self.wake()  # the probe is back: the others may go, or wait for the hold
             if sent is not None and not sent.done():
                 sent.set_result(None)
@@ -411,6 +421,14 @@ class Scheduler:
     async def _send(self, msg: Message, provider: Provider, batch: list[DeliveryState]) -> Attempt:
         rcpts = [d.plan.delivered_to for d in batch]
         env = msg.envelope
+        # RFC 3461 parameters, for a provider that offers DSN: a shadow (or replayed)
+        # copy is NOTIFY=NEVER (as Postfix sends BCC copies), so it never bounces
+        rcpt_options = {
+            d.plan.delivered_to: dsn.rcpt_options(
+                "NEVER" if d.plan.role != "primary" else d.plan.notify, d.plan.orcpt
+            )
+            for d in batch
+        }
         try:
             if provider == "archive":  # in a thread: encryption and fsync never block the loop
                 opener = functools.partial(self.spool.open_content, msg.queue_id)
@@ -425,7 +443,8 @@ class Scheduler:
             try:
                 return await self.sender(
                     self.provider_settings(provider), env.mail_from, rcpts, content,
-                    list(env.options), self.settings.listen.hostname,
+                    [*env.options, *dsn.mail_options(env.ret, env.envid)],
+                    self.settings.listen.hostname, rcpt_options,
                 )  # fmt: skip
             finally:
                 content.close()
@@ -444,7 +463,10 @@ class Scheduler:
         now = self.clock.now()
         factor = retry.jitter(self.rng)
         progress = any(r.ok for r in result.replies.values())
-        states, events, failed = [], [], []
+        warn_after = self.settings.retry.delay_warning
+        warn = warn_after is not None and now - msg.received >= warn_after
+        states, events = [], []
+        notices: dict[Action, list[tuple[DeliveryState, Reply]]] = {}
         for d in batch:
             reply = result.replies.get(d.plan.delivered_to) or Reply(
                 None, "no reply recorded for this recipient", "connect"
@@ -458,10 +480,12 @@ class Scheduler:
             if decision.due is not None:
                 d.due = decision.due
             d.last = _reply_text(reply)
+            action = dsn.notice(d.plan, d.status, result.dsn, warn and not d.warned)
+            if action is not None and not msg.envelope.dsn:
+                d.warned |= action == "delayed"
+                notices.setdefault(action, []).append((d, reply))
             states.append(d.line())
             events.append((d, reply))
-            if d.status in ("bounced", "expired") and d.plan.role == "primary":
-                failed.append((d, reply))
         try:
             await self.spool.record(msg.queue_id, states)
         except SpoolError as exc:
@@ -477,12 +501,14 @@ class Scheduler:
                 tls=result.tls, remote_id=result.remote_id if reply.ok else None,
                 **({"by": reply.by} if reply.by else {}),
             )  # fmt: skip
-        if failed and self.on_final_failure and not msg.envelope.dsn:
+        for action, items in notices.items():
+            if self.on_notice is None:
+                break
             try:
-                await self.on_final_failure(msg, failed)
+                await self.on_notice(msg, items, action)
             except Exception as exc:  # the delivery outcome stands; say so loudly
                 oplog.error("bounce failed: no DSN sent", queue_id=msg.queue_id,
-                            error=repr(exc), exc_info=exc)  # fmt: skip
+                            action=action, error=repr(exc), exc_info=exc)  # fmt: skip
 
     # -- administration ------------------------------------------------------------------
 

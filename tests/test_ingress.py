@@ -121,7 +121,9 @@ async def test_every_reply_after_ehlo_carries_an_enhanced_code(relay_factory: Re
         (f"MAIL FROM:<{SENDER}> SIZE=abc", 501, "5.5.4"),
         (f"MAIL FROM:<{SENDER}> BODY=8BITMIME SMTPUTF8", 250, "2.1.0"),
         (f"MAIL FROM:<{SENDER}>", 503, "5.5.1"),  # nested
-        ("RCPT TO:<alice@example.com> NOTIFY=NEVER", 555, "5.5.4"),
+        # NOTIFY is accepted since the DSN extension (SPEC Part 2); other parameters are not
+        ("RCPT TO:<alice@example.com> FOO=BAR", 555, "5.5.4"),
+        ("RCPT TO:<alice@example.com> NOTIFY=SOMETIMES", 501, "5.5.4"),
         ("RCPT TO:", 501, "5.5.4"),
         ("RCPT TO:<alice@example.com>", 250, "2.1.5"),
         ("DATA now", 501, "5.5.4"),

@@ -117,6 +117,7 @@ async def test_replay_without_a_running_relay_waits_in_the_spool(
     from relay.app import Relay
 
     env.new.add(Rule("defer", stage="mail", times=2))  # replays are retried like any delivery
+    env.new.dsn = True  # and go as NOTIFY=NEVER, like a shadow copy: new never bounces them
     relay = Relay(env.cfg)
     await relay.start()
     try:
@@ -126,6 +127,9 @@ async def test_replay_without_a_running_relay_waits_in_the_spool(
         await relay.stop()
     origins = [m.data.split(b"\r\n")[0].split()[-1].decode() for m in env.new.messages]
     assert sorted(origins) == sorted(ids)
+    assert {tuple(m.rcpt_options["alice@example-new.com"]) for m in env.new.messages} == {
+        ("NOTIFY=NEVER",)
+    }
     replays = [e for e in env.events("delivery") if e["role"] == "replay"]
     assert [e["outcome"] for e in replays].count("deferred") >= 1
     assert [e["outcome"] for e in replays].count("delivered") == OUTAGE

@@ -152,6 +152,28 @@ async def test_extensions_can_be_switched_off() -> None:
         raw.close()
 
 
+async def test_dsn_flag_offers_dsn_and_records_the_parameters_as_sent() -> None:
+    async with Provider("dsn", dsn=True) as p:
+        async with client(p) as smtp:
+            await smtp.ehlo()
+            assert smtp.supports_extension("dsn")
+            await smtp.mail("a@x", options=["RET=HDRS", "ENVID=Id+2B1"])
+            await smtp.rcpt("b@x", options=["NOTIFY=NEVER", "ORCPT=rfc822;B@X"])
+            await smtp.rcpt("c@x")
+            await smtp.data(MESSAGE)
+        [m] = p.messages
+        assert m.mail_options[-2:] == ["RET=HDRS", "ENVID=Id+2B1"]  # case kept
+        assert m.rcpt_options == {"b@x": ["NOTIFY=NEVER", "ORCPT=rfc822;B@X"], "c@x": []}
+    async with Provider("plain") as p:  # without the flag: no DSN, its parameters refused
+        raw = await Raw.connect(p)
+        await raw.reply()
+        assert "DSN" not in await raw.cmd("EHLO me")
+        assert (await raw.cmd("MAIL FROM:<a@x> RET=FULL")).startswith("555")
+        assert (await raw.cmd("MAIL FROM:<a@x>")).startswith("250")
+        assert (await raw.cmd("RCPT TO:<b@x> NOTIFY=NEVER")).startswith("555")
+        raw.close()
+
+
 async def test_max_line_length_and_size_limit() -> None:
     async with Provider("strict", max_line_length=998, size_limit=5000) as p:
         async with client(p) as smtp:

@@ -158,8 +158,9 @@ def select(
             for d in r.deliveries:
                 if d.provider != provider or (groups and d.group not in groups):
                     continue
+                orcpt = next((p.orcpt for p in env.plan if p.rcpt == rcpt), None)
                 plan = PlanEntry(rcpt, d.provider, d.delivered_to, "replay", d.group, d.mode,
-                                 d.pilot)  # fmt: skip
+                                 d.pilot, orcpt=orcpt)  # fmt: skip
                 candidate = Candidate(entry, record, rcpt, plan)
                 if only_missing and candidate.original in present:
                     out.present += 1
@@ -174,7 +175,7 @@ def replay_envelope(c: Candidate, queue_id: str, now: float, size: int) -> Envel
         queue_id=queue_id, received=utc_ts(datetime.fromtimestamp(now, UTC)),
         received_epoch=now, mail_from=env.mail_from, rcpts=(c.rcpt,), options=env.options,
         client_ip=None, message_id=env.message_id, size=size, forwarded=False,
-        plan=(c.plan,), dsn=False,
+        plan=(c.plan,), dsn=False, ret=env.ret, envid=env.envid,
         # the header fields the original's copy to that provider had above it
         prepend=tuple((p, text) for p, text in env.prepend if p == c.plan.provider),
     )  # fmt: skip

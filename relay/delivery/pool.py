@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiosmtplib
 
@@ -16,7 +17,7 @@ from relay.delivery.connect import Session, open_session
 from relay.delivery.content import Content
 from relay.delivery.hosts import Hosts
 from relay.delivery.reply import Attempt, Failed, Reply, fill
-from relay.delivery.transaction import transaction
+from relay.delivery.transaction import Outcome, probe, transaction
 from relay.resolver import Resolver
 
 _Key = tuple[tuple[str, tuple[str, ...], int], str, str | None, str]
@@ -61,21 +62,46 @@ class Agent:
         content: Content | bytes,
         options: list[str],
         helo: str,
+        rcpt_options: Mapping[str, list[str]] | None = None,
     ) -> Attempt:
         """One transaction carrying `rcpts`; a reply for every one of them.
 
         Never raises for anything the provider or the network does: every
         failure becomes a `Reply` (code None when no reply came). Duplicate
-        recipients are sent once and share the reply.
+        recipients are sent once and share the reply. `rcpt_options`: each
+        recipient's DSN parameters (NOTIFY, ORCPT), for a provider that offers DSN.
         """
         if isinstance(content, bytes):
             content = Content.from_bytes(content)
+        body = content
         rcpts = list(dict.fromkeys(rcpts))
+
+        def exchange(session: Session, attempt: Attempt) -> Awaitable[Outcome]:
+            return transaction(session, mail_from, rcpts, body, options, attempt, rcpt_options)
+
+        return await self._run(cfg, helo, rcpts, exchange)
+
+    async def probe(self, cfg: ProviderSettings, rcpt: str, helo: str) -> Reply:
+        """Whether the provider takes mail for `rcpt`: `MAIL FROM:<>`, `RCPT TO`, `RSET`
+        (Postfix's verify(8) probe), over the same cached connections as `send`."""
+        attempt = await self._run(
+            cfg, helo, [rcpt], lambda session, attempt: probe(session, rcpt, attempt)
+        )
+        return attempt.replies[rcpt]
+
+    async def _run(
+        self,
+        cfg: ProviderSettings,
+        helo: str,
+        rcpts: list[str],
+        exchange: Callable[[Session, Attempt], Awaitable[Outcome]],
+    ) -> Attempt:
+        """`exchange` on a cached session, else on a new one to each host in turn."""
         key: _Key = (cfg.destination, cfg.tls, cfg.username, helo)
         session = self._take(key)
         if session is not None:
             attempt = Attempt({}, tls=session.tls)
-            outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
+            outcome = await exchange(session, attempt)
             if outcome != "stale":
                 self._release(key, session, outcome == "reusable")
                 return attempt
@@ -100,7 +126,7 @@ class Agent:
                 return attempt
             self.hosts.connected(cfg, host)
             attempt.tls = session.tls
-            outcome = await transaction(session, mail_from, rcpts, content, options, attempt)
+            outcome = await exchange(session, attempt)
             self._release(key, session, outcome == "reusable")
             if outcome != "stale" or n == len(hosts):
                 return attempt

@@ -89,6 +89,7 @@ class Attempt:
     replies: dict[str, Reply]
     tls: str | None = None
     remote_id: str | None = None
+    dsn: bool = False  # the provider offers DSN (RFC 3461): it reports on, not the relay
     notes: list[str] = field(default_factory=list)
 
 

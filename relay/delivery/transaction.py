@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 import aiosmtplib
@@ -32,8 +33,12 @@ async def transaction(
     content: Content,
     options: list[str],
     attempt: Attempt,
+    rcpt_options: Mapping[str, list[str]] | None = None,
 ) -> Outcome:
     """MAIL, RCPT…, DATA and the content on an open session, filling `attempt`.
+
+    `rcpt_options` (NOTIFY, ORCPT) and the RET/ENVID of `options` go only to a
+    provider that offers DSN (RFC 3461 §5.2: a relay without it drops them).
 
     With PIPELINING (RFC 2920) the commands up to DATA go in one write and
     their replies are read in order; without it, one round trip each, and
@@ -52,7 +57,10 @@ async def transaction(
     try:
         mail_options = await _mail_options(session.smtp, options, content, [mail_from, *rcpts])
         mail = _command(b"MAIL FROM:", mail_from, mail_options)
-        rcpt_commands = [_command(b"RCPT TO:", rcpt, []) for rcpt in rcpts]
+        dsn = session.smtp.supports_extension("dsn")
+        attempt.dsn = dsn
+        per_rcpt = rcpt_options if dsn and rcpt_options else {}
+        rcpt_commands = [_command(b"RCPT TO:", r, per_rcpt.get(r, [])) for r in rcpts]
     except Failed as failed:
         fill(attempt.replies, rcpts, failed.reply)
         return "reusable"  # refused before anything was sent: the session is untouched
@@ -63,6 +71,18 @@ async def transaction(
         fill(attempt.replies, rcpts, dataclasses.replace(error_reply(exc, "mail"), by="relay"))
         return "reusable"
     return await _Transaction(session, rcpts, attempt).run(mail, rcpt_commands, content)
+
+
+async def probe(session: Session, rcpt: str, attempt: Attempt) -> Outcome:
+    """`MAIL FROM:<>`, `RCPT TO:<rcpt>`, `RSET` (recipient verification): the RCPT
+    reply is the answer, filled into `attempt` (the MAIL reply when MAIL was refused).
+    Pipelined when offered, and the session stays clean for the next use."""
+    try:
+        command = _command(b"RCPT TO:", rcpt, [])
+    except ValueError as exc:
+        fill(attempt.replies, [rcpt], dataclasses.replace(error_reply(exc, "rcpt"), by="relay"))
+        return "reusable"
+    return await _Transaction(session, [rcpt], attempt).run(b"MAIL FROM:<>", [command], None)
 
 
 class _Closing(Exception):
@@ -87,8 +107,11 @@ class _Transaction:
         self.replies: dict[str, Reply] = {}
         self.accepted: list[str] = []
 
-    async def run(self, mail: bytes, rcpt_commands: list[bytes], content: Content) -> Outcome:
-        """The exchange under aiosmtplib's command lock, every failure a reply."""
+    async def run(
+        self, mail: bytes, rcpt_commands: list[bytes], content: Content | None
+    ) -> Outcome:
+        """The exchange under aiosmtplib's command lock, every failure a reply; without
+        `content` a probe (RSET where DATA would be)."""
         smtp = self.session.smtp
         reused = self.session.uses > 0
         try:
@@ -131,15 +154,26 @@ class _Transaction:
             raise
 
     async def _exchange(
-        self, proto: Protocol, mail: bytes, rcpt_commands: list[bytes], content: Content
+        self, proto: Protocol, mail: bytes, rcpt_commands: list[bytes], content: Content | None
     ) -> SMTPResponse | None:
         """The commands and the content; the final reply, None when none was sent."""
         session = self.session
         reset, session.dirty = session.dirty, True  # clean again after the final reply
+        last = b"DATA" if content is not None else b"RSET"
         if session.smtp.supports_extension("pipelining"):
-            first, rcpt_replies, data = await self._pipelined(proto, reset, mail, rcpt_commands)
+            first, rcpt_replies, data = await self._pipelined(
+                proto, reset, mail, rcpt_commands, last
+            )
         else:
-            first, rcpt_replies, data = await self._stepwise(proto, reset, mail, rcpt_commands)
+            first, rcpt_replies, data = await self._stepwise(
+                proto, reset, mail, rcpt_commands, last
+            )
+        if content is None:  # a probe: every RCPT reply is an answer; RSET ended it
+            self._classify(first, rcpt_replies, None)
+            for rcpt, r in zip(self.rcpts, rcpt_replies, strict=False):
+                self.replies.setdefault(rcpt, Reply.from_smtp(r.code, r.message, "rcpt"))
+            session.dirty = data is None or data.code != 250
+            return None
         self.accepted = self._classify(first, rcpt_replies, data)
         if not self.accepted:
             if data is not None and data.code == 354:
@@ -158,10 +192,11 @@ class _Transaction:
         return final
 
     async def _pipelined(
-        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes]
+        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes], last: bytes
     ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]:
-        """[RSET,] MAIL, every RCPT and DATA in one write, then their replies in order."""
-        _write(proto, *([b"RSET"] if reset else []), mail, *rcpt_commands, b"DATA")
+        """[RSET,] MAIL, every RCPT and DATA (`last`) in one write, then their replies
+        in order."""
+        _write(proto, *([b"RSET"] if reset else []), mail, *rcpt_commands, last)
         if reset:
             await self._reply(proto)
         first = await self._reply(proto)
@@ -171,10 +206,10 @@ class _Transaction:
         return first, rcpt_replies, await self._reply(proto)
 
     async def _stepwise(
-        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes]
+        self, proto: Protocol, reset: bool, mail: bytes, rcpt_commands: list[bytes], last: bytes
     ) -> tuple[SMTPResponse, list[SMTPResponse], SMTPResponse | None]:
         """One round trip per command; no RCPT after a refused MAIL, no DATA when
-        every recipient was refused."""
+        every recipient was refused (a probe's closing RSET always goes)."""
         if reset:
             _write(proto, b"RSET")
             await self._reply(proto)
@@ -187,10 +222,10 @@ class _Transaction:
             for command in rcpt_commands:
                 _write(proto, command)
                 rcpt_replies.append(await self._reply(proto))
-            if any(r.code in (250, 251) for r in rcpt_replies):
-                self.stage = "data"
-                _write(proto, b"DATA")
-                data = await self._reply(proto)
+        if last == b"RSET" or any(r.code in (250, 251) for r in rcpt_replies):
+            self.stage = "data"
+            _write(proto, last)
+            data = await self._reply(proto)
         return first, rcpt_replies, data
 
     async def _reply(self, proto: Protocol) -> SMTPResponse:
@@ -295,6 +330,8 @@ async def _mail_options(
     out = (["BODY=8BITMIME"] if eight_bit else []) + (["SMTPUTF8"] if utf8 else [])
     if smtp.supports_extension("size"):
         out.append(f"SIZE={content.length}")
+    if smtp.supports_extension("dsn"):
+        out += [o for o in options if o.startswith(("RET=", "ENVID="))]
     return out
 
 

@@ -24,11 +24,13 @@ from aiosmtpd import smtp as _smtp_module
 # Public in aiosmtpd (its `__all__`), imported here so the ingress has one door to it.
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
+from relay.dsn import MailDsn, RcptDsn
 from relay.ingress.clienttext import printable
 from relay.log import oplog
 
 __all__ = [
-    "AiosmtpdSMTP", "Envelope", "Session", "TLSSetupException", "route_library_log", "syntax"
+    "AiosmtpdSMTP", "DsnEnvelope", "Envelope", "Session", "TLSSetupException",
+    "route_library_log", "syntax",
 ]  # fmt: skip
 # The logger aiosmtpd writes to; its messages quote client commands raw.
 _LIBRARY_LOGGER = "mail.log"
@@ -54,6 +56,16 @@ def route_library_log() -> None:
         logger.propagate = False
 
 
+class DsnEnvelope(Envelope):
+    """aiosmtpd's envelope with the RFC 3461 parameters of MAIL and of each RCPT
+    (relay/dsn.py), which aiosmtpd itself does not take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mail_dsn = MailDsn()
+        self.rcpt_dsn: list[RcptDsn] = []  # one per `rcpt_tos` entry
+
+
 class _CommandLimits(dict[str, int]):
     """Per-session command line limits that stay fixed.
 
@@ -62,10 +74,11 @@ class _CommandLimits(dict[str, int]):
     passed, and one client's EHLO changed every other session's limit.
     """
 
-    def __init__(self, default: int, mail: int) -> None:
+    def __init__(self, default: int, limits: dict[str, int]) -> None:
         super().__init__()
         self.default = default
-        dict.__setitem__(self, "MAIL", mail)
+        for command, limit in limits.items():
+            dict.__setitem__(self, command, limit)
 
     def __missing__(self, key: str) -> int:
         return self.default
@@ -136,7 +149,7 @@ class AiosmtpdSMTP(SMTP):
     """aiosmtpd's `SMTP` protocol with the private parts the ingress uses behind names."""
 
     def __init__(
-        self, handler: Any, *, command_limit: int, mail_command_limit: int, **kwargs: Any
+        self, handler: Any, *, command_limit: int, command_limits: dict[str, int], **kwargs: Any
     ) -> None:
         # Module globals `inspect` and `dir`: `SMTP.__init__` looks them up in
         # aiosmtpd.smtp's namespace at call time to build its command tables.
@@ -151,7 +164,7 @@ class AiosmtpdSMTP(SMTP):
             del module["dir"]
         # `command_size_limits`: read per command by `_handle_client`; the class-level
         # dict it replaces is shared by all sessions (see `_CommandLimits`).
-        self.command_size_limits = _CommandLimits(command_limit, mail_command_limit)
+        self.command_size_limits = _CommandLimits(command_limit, command_limits)
         # `_smtp_methods`: the table `_handle_client` dispatches each command from,
         # built by `SMTP.__init__` (bound `smtp_*` methods); replaced by the same
         # methods wrapped so that `on_command` sees every command start.
@@ -162,6 +175,11 @@ class AiosmtpdSMTP(SMTP):
 
     def on_command(self, name: str) -> None:
         """A recognised command starts; the idle timer has just been restarted for it."""
+
+    def _create_envelope(self) -> DsnEnvelope:
+        # `_create_envelope`: where aiosmtpd makes each transaction's envelope (at
+        # connect, RSET, EHLO and after DATA); ours also holds the DSN parameters.
+        return DsnEnvelope()
 
     @property
     def tls_active(self) -> bool:

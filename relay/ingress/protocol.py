@@ -14,17 +14,21 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay import dsn
 from relay.config import RelaySettings
-from relay.ingress._aiosmtpd import AiosmtpdSMTP, TLSSetupException, syntax
+from relay.ingress._aiosmtpd import AiosmtpdSMTP, DsnEnvelope, TLSSetupException, syntax
 from relay.ingress.dataread import DataParser
 from relay.ingress.replies import Reply, with_enhanced
+from relay.ingress.sockets import client_address
 from relay.log import oplog
 
 READ_CHUNK = 256 * 1024
 # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF (aiosmtpd compares without it);
-# SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) extend MAIL by 26 and 10.
+# SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) extend MAIL by 26 and 10. The DSN
+# parameters (RFC 3461 §4) have room of their own, counted only for what they take.
 COMMAND_LIMIT = 512 - 2
 MAIL_COMMAND_LIMIT = COMMAND_LIMIT + 26 + 10
+_READ_LIMITS = {"MAIL": MAIL_COMMAND_LIMIT + dsn.MAIL_ROOM, "RCPT": COMMAND_LIMIT + dsn.RCPT_ROOM}
 # Commands that do nothing for a transaction (Postfix's junk commands, plus HELP and
 # repeated greetings): past `junk_command_limit` they no longer restart the idle timer.
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO"})
@@ -88,10 +92,10 @@ class SessionPolicy(Protocol):
 
 
 def capabilities(responses: list[str], max_size: int) -> list[str]:
-    """The EHLO reply: aiosmtpd's, with SIZE, PIPELINING, ENHANCEDSTATUSCODES, no AUTH."""
+    """The EHLO reply: aiosmtpd's, with SIZE, PIPELINING, ENHANCEDSTATUSCODES, DSN, no AUTH."""
     first, *middle, last = responses  # "250-<hostname>", ..., "250 HELP"
     middle = [r for r in middle if not r.startswith("250-AUTH")]  # an MX has no users
-    extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+    extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
     return [first, f"250-SIZE {max_size}", *middle, *extra, last]
 
 
@@ -102,9 +106,7 @@ class RelaySMTP(AiosmtpdSMTP):
     command_size_limit = COMMAND_LIMIT
 
     def __init__(self, policy: SessionPolicy, limits: SessionLimits, **kwargs: Any):
-        super().__init__(
-            policy, command_limit=COMMAND_LIMIT, mail_command_limit=MAIL_COMMAND_LIMIT, **kwargs
-        )
+        super().__init__(policy, command_limit=COMMAND_LIMIT, command_limits=_READ_LIMITS, **kwargs)
         self.policy = policy
         self.limits = limits
         self.counted = False
@@ -126,7 +128,7 @@ class RelaySMTP(AiosmtpdSMTP):
             super().connection_made(transport)
             return
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else ""
+        self.client_ip = client_address(peer[0]) if peer else ""
         refusal = self.policy.admit(self)
         if refusal:
             transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
@@ -206,7 +208,53 @@ class RelaySMTP(AiosmtpdSMTP):
         if self.policy.shutting_down:
             self.close_with(Reply.SHUTDOWN)
             return
+        taken = await self._dsn_parameters("MAIL", arg, dsn.MAIL_KEYWORDS, MAIL_COMMAND_LIMIT)
+        if taken is None:
+            return
+        arg, tokens = taken
+        try:
+            params = dsn.parse_mail(tokens)
+        except dsn.DsnSyntaxError as exc:
+            await self.push(f"{Reply.DSN_SYNTAX} ({exc})")
+            return
         await super().smtp_MAIL(arg)
+        if isinstance(self.envelope, DsnEnvelope) and self.envelope.mail_from:
+            self.envelope.mail_dsn = params
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        taken = await self._dsn_parameters("RCPT", arg, dsn.RCPT_KEYWORDS, COMMAND_LIMIT)
+        if taken is None:
+            return
+        arg, tokens = taken
+        envelope = self.envelope
+        if tokens and envelope is not None and envelope.mail_from:  # else aiosmtpd's 503
+            try:
+                params = dsn.parse_rcpt(tokens)
+            except dsn.DsnSyntaxError as exc:
+                await self.push(f"{Reply.DSN_SYNTAX} ({exc})")
+                return
+        else:
+            params = dsn.RcptDsn()
+        before = len(envelope.rcpt_tos) if envelope is not None else 0
+        await super().smtp_RCPT(arg)
+        if isinstance(envelope, DsnEnvelope) and len(envelope.rcpt_tos) > before:
+            envelope.rcpt_dsn.append(params)
+
+    async def _dsn_parameters(
+        self, verb: str, arg: str | None, keywords: frozenset[str], limit: int
+    ) -> tuple[str | None, list[str]] | None:
+        """(the argument without its DSN parameters, those parameters), or None once
+        refused: a line over `limit` octets without them is too long (aiosmtpd read
+        up to `limit` plus the DSN room)."""
+        if arg is None or self.session is None or not self.session.extended_smtp:
+            return arg, []
+        rest, tokens = dsn.split_parameters(arg, keywords)
+        octets = len(verb) + 1 + len(rest.encode("utf-8", "surrogateescape"))
+        if octets > limit:
+            await self.push(Reply.LINE_TOO_LONG)
+            return None
+        return rest, tokens
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -26,12 +26,13 @@ from relay.archive.plan import archive_entry
 from relay.auth import Judgement, Message, Verifier
 from relay.auth.results import strip_own
 from relay.config import RelaySettings
-from relay.ingress._aiosmtpd import Envelope, Session
+from relay.ingress._aiosmtpd import DsnEnvelope, Session
 from relay.ingress.clienttext import printable
 from relay.ingress.dataread import DataError, DataParser
 from relay.ingress.policy import Refusal, Rejections
 from relay.ingress.protocol import RelaySMTP
 from relay.ingress.replies import Reply
+from relay.ingress.sockets import address_literal
 from relay.log import DeliveryLog, oplog, utc_ts
 from relay.records import Envelope as Record
 from relay.records import PlanEntry
@@ -57,8 +58,8 @@ class Receiving:
     def __init__(self, intake: Intake, server: RelaySMTP):
         self.intake = intake
         self.server = server
-        assert server.envelope is not None and server.session is not None
-        self.envelope: Envelope = server.envelope
+        assert isinstance(server.envelope, DsnEnvelope) and server.session is not None
+        self.envelope: DsnEnvelope = server.envelope
         self.session: Session = server.session
         self.queue_id = new_queue_id()
         self.incoming = intake.spool.begin(self.queue_id)
@@ -81,7 +82,7 @@ class Receiving:
         when = format_datetime(datetime.now(UTC))
         for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
         return (
-            f"Received: from {helo} ([{self.server.client_ip}])\r\n"
+            f"Received: from {helo} ({address_literal(self.server.client_ip)})\r\n"
             f"\tby {self.intake.hostname} (relay) with {proto} id {self.queue_id}{for_clause};"
             f" {when}\r\nX-Relay-Trace: {self.intake.node} {self.queue_id}\r\n"
         ).encode()
@@ -230,7 +231,7 @@ class Intake:
         plan: list[PlanEntry] = []
         discarded: list[str] = []
         forwarded_any = False
-        for rcpt in env.rcpt_tos:
+        for rcpt, params in zip(env.rcpt_tos, env.rcpt_dsn, strict=True):
             resolved = resolve_recipient(rcpt, self.settings)
             assert resolved is not None
             address, forwarded = resolved
@@ -239,9 +240,11 @@ class Intake:
             if r.discarded:
                 discarded.append(rcpt)
             for d in r.deliveries:
-                plan.append(
-                    PlanEntry(rcpt, d.provider, d.delivered_to, d.role, d.group, d.mode, d.pilot)
-                )
+                entry = PlanEntry(
+                    rcpt, d.provider, d.delivered_to, d.role, d.group, d.mode, d.pilot,
+                    params.notify, params.orcpt,
+                )  # fmt: skip
+                plan.append(entry)
         archived = archive_entry(self.settings.archive, plan)
         if archived is not None:
             plan.append(archived)
@@ -260,6 +263,8 @@ class Intake:
             dsn=False,
             auth=judgement.verdict if judgement else None,
             prepend=judgement.prepend if judgement else (),
+            ret=env.mail_dsn.ret,
+            envid=env.mail_dsn.envid,
         )
         return record, discarded
 

@@ -34,6 +34,8 @@ class Reply:
     BAD_ADDRESS_OCTETS = "553 5.1.3 Bad address syntax: control character or invalid UTF-8"
     NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send a non-ASCII address"
     TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+    UNKNOWN_USER = "550 5.1.1 User unknown"
+    VERIFY_PENDING = "450 4.1.1 Recipient address verification pending"
     TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
     LINE_TOO_LONG = "500 5.5.2 Line too long"
     BARE_NEWLINE = "550 5.5.2 Bare <LF> or <CR> received; use <CR><LF> line endings"
@@ -51,6 +53,7 @@ class Reply:
     TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
     NEED_RCPT = "503 5.5.1 Error: need RCPT command"
     DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+    DSN_SYNTAX = "501 5.5.4 Bad DSN parameter"
     GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"
 
     @staticmethod

@@ -21,10 +21,12 @@ from relay.ingress.policy import Connections, Rejections, RelayPolicy
 from relay.ingress.protocol import RelaySMTP, SessionLimits, capabilities
 from relay.ingress.receiving import Intake, Receiving
 from relay.ingress.replies import Reply
+from relay.ingress.sockets import listening_sockets
 from relay.log import DeliveryLog, oplog
 from relay.records import Envelope as Record
 from relay.routing import PilotTable
 from relay.spool import Spool
+from relay.verify import RecipientCheck
 
 
 class IngressHandler:
@@ -38,15 +40,17 @@ class IngressHandler:
         pilots: Callable[[], PilotTable],
         on_queued: Callable[[str, Record], object] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        verifier: Verifier | None = None,
+        auth_verifier: Verifier | None = None,
+        recipients: RecipientCheck | None = None,
     ):
         limits = settings.limits
         self.settings = settings
+        self.recipients = recipients  # `recipients:` and `verify_recipients` (relay/verify/)
         self.rejections = Rejections(log)
         self.policy = RelayPolicy(settings, spool)
         self.conns = Connections(limits.max_connections, limits.max_connections_per_ip)
         self.intake = Intake(
-            settings, spool, log, self.rejections, pilots, on_queued, clock, verifier
+            settings, spool, log, self.rejections, pilots, on_queued, clock, auth_verifier
         )
         self.shutting_down = False
 
@@ -110,6 +114,14 @@ class IngressHandler:
         refusal = self.policy.rcpt_refusal(
             address, envelope.smtp_utf8, len(envelope.rcpt_tos), server.client_ip
         )
+        if refusal is None and self.recipients is not None:
+            unknown = await self.recipients.refusal(address)
+            if unknown is not None:
+                kind, reason = unknown
+                refusal = (
+                    Reply.UNKNOWN_USER if kind == "unknown" else Reply.VERIFY_PENDING,
+                    reason,
+                )
         if refusal:
             return self._refuse(server, "rcpt", *refusal, rcpt=address)
         envelope.rcpt_tos.append(address)
@@ -141,7 +153,7 @@ class Ingress:
         self.settings = handler.settings
         self.limits = SessionLimits.of(self.settings)
         self.tls = tls_context(self.settings)
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
         self.sock = sock
         route_library_log()  # aiosmtpd's own log would print client commands raw
 
@@ -160,24 +172,22 @@ class Ingress:
         )
 
     async def start(self, reuse_port: bool = False) -> int:
-        """Listen; `reuse_port`: worker processes share the port (SO_REUSEPORT)."""
+        """Listen on every `listen.host` address; `reuse_port`: worker processes share
+        the port (SO_REUSEPORT). Returns the port."""
         loop = asyncio.get_running_loop()
-        if self.sock is not None:
-            self.server = await loop.create_server(self._factory, sock=self.sock)
-        else:
-            self.server = await loop.create_server(
-                self._factory,
-                host=self.settings.listen.host,
-                port=self.settings.listen.port,
-                reuse_port=reuse_port or None,
-            )
-        return int(self.server.sockets[0].getsockname()[1])
+        listen = self.settings.listen
+        socks = [self.sock] if self.sock is not None else (
+            listening_sockets(listen.hosts, listen.port, reuse_port)
+        )  # fmt: skip
+        for sock in socks:
+            self.servers.append(await loop.create_server(self._factory, sock=sock))
+        return int(socks[0].getsockname()[1])
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting; let transactions finish up to `timeout`; 421 the rest."""
         self.handler.shutting_down = True
-        if self.server:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         sessions = self.handler.conns.sessions
         for s in list(sessions):
             if not s.in_transaction:

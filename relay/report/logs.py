@@ -358,6 +358,8 @@ class _Builder:
             self.stats.unmatched_events += 1
             return
         if kind == "bounce_sent":
+            if ev.get("action") is not None:  # a delay warning or `relayed` DSN: no bounce
+                return
             pair.bounce_seen += 1
             if pair.included:
                 self.totals.bounces_sent += 1

@@ -7,6 +7,8 @@ Layout (see docs/spool.md for why):
     queue/<id>.state   append-only JSON lines: one per delivery state change
     corrupt/           torn or unreadable records moved aside, never delivered
     control/           requests from `relay queue` to the running relay (control.py)
+    verify.cache       recipient verification answers (relay/verify/cache.py owns the
+                       format; the spool names the file, so each spool has its own)
 
 Durability is by group commit: every message that finished DATA while the
 previous batch was being synced is written, fdatasync'd and renamed in one
@@ -98,6 +100,7 @@ class Spool:
         self.queue = root / "queue"
         self.corrupt = root / "corrupt"
         self.control = root / "control"
+        self.verify_cache = root / "verify.cache"
         self._jobs: list[_Job] = []
         self._wake: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None

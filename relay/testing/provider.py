@@ -46,6 +46,7 @@ class Provider:
         auth: dict[str, str] | None = None,
         smtputf8: bool = True,
         eight_bit_mime: bool = True,
+        dsn: bool = False,
         max_line_length: int = 1_000_000,
         size_limit: int | None = DEFAULT_SIZE_LIMIT,
         timeout: float = 300.0,
@@ -73,6 +74,7 @@ class Provider:
         self.auth = auth
         self.smtputf8 = smtputf8
         self.eight_bit_mime = eight_bit_mime
+        self.dsn = dsn  # offers DSN (RFC 3461) and takes RET/ENVID/NOTIFY/ORCPT
         self.max_line_length = max_line_length
         self.size_limit = size_limit
         self.timeout = timeout

@@ -34,6 +34,8 @@ class ReceivedMessage:
     """1-based index of the TCP connection that carried the message."""
     queue_id: str = ""
     """The id given in the ``250 2.0.0 Ok: queued as <id>`` reply ("" if never accepted)."""
+    rcpt_options: dict[str, list[str]] = field(default_factory=dict)
+    """RCPT parameters per accepted recipient, as sent (``dsn=True``: NOTIFY, ORCPT)."""
 
 
 # Default (code, text) per (action, stage); anything not listed uses the action default.

@@ -17,8 +17,10 @@ from aiosmtpd.smtp import (
     LoginPassword,
     Session,
     TLSSetupException,
+    syntax,
 )
 
+from relay import dsn
 from relay.testing.rules import ReceivedMessage, Rule
 
 if TYPE_CHECKING:
@@ -126,6 +128,9 @@ class ProviderSMTP(SMTP):
         # longest line (without CRLF, plus one for a stuffed dot) readuntil() returns.
         self.line_length_limit = provider.max_line_length + 1
         self._forever: asyncio.Future[None] = loop.create_future()
+        self._dsn_mail: list[str] = []  # this command's DSN parameters, as sent
+        self._dsn_rcpt: list[str] = []
+        self._rcpt_options: dict[str, list[str]] = {}  # the transaction's, per recipient
         super().__init__(
             provider._handler,
             data_size_limit=provider.size_limit,
@@ -239,7 +244,8 @@ class ProviderSMTP(SMTP):
             if keyword == "HELP":
                 continue
             keep.append(cap)
-        lines = [greeting, *keep, "PIPELINING", "ENHANCEDSTATUSCODES", "HELP"]
+        dsn = ["DSN"] if self.provider.dsn else []
+        lines = [greeting, *keep, "PIPELINING", "ENHANCEDSTATUSCODES", *dsn, "HELP"]
         return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -247,6 +253,24 @@ class ProviderSMTP(SMTP):
             await self.push("502 5.5.1 AUTH not available")
             return
         await super().smtp_AUTH(arg)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        arg, self._dsn_mail = self._dsn_split(arg, dsn.MAIL_KEYWORDS)
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        arg, self._dsn_rcpt = self._dsn_split(arg, dsn.RCPT_KEYWORDS)
+        await super().smtp_RCPT(arg)
+
+    def _dsn_split(self, arg: str | None, keywords: frozenset[str]) -> tuple[str | None, list[str]]:
+        """With ``dsn=True`` the DSN parameters are taken as sent (aiosmtpd refuses
+        them); without, they stay in the line and aiosmtpd answers 555, as a server
+        without the extension does."""
+        if arg is None or not self.provider.dsn:
+            return arg, []
+        return dsn.split_parameters(arg, keywords)
 
     async def on_mail(self, address: str, mail_options: list[str]) -> str:
         assert self.session is not None and self.envelope is not None
@@ -258,7 +282,8 @@ class ProviderSMTP(SMTP):
         if rule is not None and rule.action != "accept":
             return await self._refuse(rule)
         self.envelope.mail_from = address  # "<>" for the null sender (truthy on purpose)
-        self.envelope.mail_options.extend(mail_options)
+        self.envelope.mail_options.extend([*mail_options, *self._dsn_mail])
+        self._rcpt_options = {}
         return "250 2.1.0 Ok"
 
     async def on_rcpt(self, address: str, rcpt_options: list[str]) -> str:
@@ -268,6 +293,7 @@ class ProviderSMTP(SMTP):
             return await self._refuse(rule)
         self.envelope.rcpt_tos.append(address)
         self.envelope.rcpt_options.extend(rcpt_options)
+        self._rcpt_options[address] = list(self._dsn_rcpt)
         return "250 2.1.5 Ok"
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -311,6 +337,7 @@ class ProviderSMTP(SMTP):
                 else None
             ),
             connection=self.connection,
+            rcpt_options=dict(self._rcpt_options),
         )
         rule = self.provider._match("after_data", rcpts=rcpts, content=content)
         if rule is None or rule.action == "accept":

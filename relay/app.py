@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay import config
+from relay.archive.writer import ArchiveWriter, retention
 from relay.auth import Verifier as AuthVerifier
 from relay.auth.arc import ArcKeyError
 from relay.bounce import Bouncer
@@ -93,9 +94,11 @@ class Relay:
         self.spool = Spool(s.spool)
         self.pilots = PilotList(cfg)
         resolver = Resolver(s.dns)  # one cache for MX and authentication lookups
+        self.archive = ArchiveWriter(s, self.log.node) if s.archive.enabled else None
         self.scheduler = Scheduler(
-            s, self.spool, self.log, clock=clock, on_notice=self._bounce, resolver=resolver
-        )
+            s, self.spool, self.log, clock=clock, on_notice=self._bounce, resolver=resolver,
+            archiver=self.archive,
+        )  # fmt: skip
         self.auth_verifier = auth_verifier(s, resolver)
         self.bouncer = Bouncer(
             self.spool, self.log, s.listen.hostname,
@@ -180,6 +183,10 @@ class Relay:
         for qid in bad:
             oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
         self.scheduler.recover(stored)
+        if self.archive:
+            with starting(f"archive {self.archive.store.root}"):
+                await asyncio.to_thread(self.archive.start)
+            self.spool.also_on_disk = (self.archive.store.root,)
         with starting(f"spool {root}"):
             await self.spool.start()
         if self.verifier is not None:
@@ -200,6 +207,9 @@ class Relay:
         self._tasks.append(
             asyncio.create_task(serve_control(self.spool, self.scheduler), name="queue-control")
         )
+        if self.archive:
+            purge = retention(self.archive.store, self.cfg.relay.archive.retention_days, self.log)
+            self._tasks.append(asyncio.create_task(purge, name="archive-retention"))
         self.started = True
         oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
 
@@ -221,6 +231,8 @@ class Relay:
         await self.spool.stop()
         if self.auth_verifier:
             self.auth_verifier.close()
+        if self.archive:
+            self.archive.close()
         self.log.close()
         self._stack.close()
         if self.started:  # after a failed start the one-line StartupError says it all

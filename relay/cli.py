@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Literal, NoReturn, TypeVar
 
 import click
 
@@ -82,6 +82,11 @@ def check(config_path: str) -> None:
         click.echo(f"warning: {issue} (needed by relay serve)", err=True)
     for warning in auth.check_warnings(cfg):
         click.echo(f"warning: {warning}", err=True)
+    if cfg.relay.archive.enabled:
+        from relay.archive.commands import capacity_warning
+
+        if capacity := capacity_warning(cfg.relay):
+            click.echo(f"warning: {capacity}", err=True)
     table = PilotTable.build(cfg.pilots, cfg.relay)
     now = datetime.now(UTC)
     rows = [("address", "group", "mode", "legacy", "new", "cutover")]
@@ -314,6 +319,209 @@ def hash_command(values: tuple[str, ...]) -> None:
     for v in values:
         mid = v.startswith("<") and v.endswith(">")
         click.echo(p.message_id(v) if mid else p.address(v))
+
+
+# -- the archive and replays (SPEC Part 2 "Safety net"; relay/archive/) -----------------
+
+
+def _window(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    return (
+        parse_time(since).timestamp() if since else None,
+        parse_time(until).timestamp() if until else None,
+    )
+
+
+def _archive_fail(exc: Exception) -> NoReturn:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+identity_option = click.option(
+    "--identity", "identities", multiple=True, type=click.Path(dir_okay=False, exists=True),
+    help="age identity file (age-keygen format); repeat for keys of older archives",
+)  # fmt: skip
+since_option = click.option("--since", help="Received at or after T (RFC 3339 or a date).")
+until_option = click.option("--until", help="Received before T (RFC 3339 or a date).")
+user_option = click.option("--user", "users", multiple=True, metavar="ADDR",
+                           help="Only messages to this address (repeatable).")  # fmt: skip
+
+
+@cli.group()
+def archive() -> None:
+    """The encrypted archive of accepted messages (list and delete need no key)."""
+
+
+@archive.command("list")
+@config_option
+@since_option
+@until_option
+@click.option("--group", "groups", multiple=True, help="Only messages with this group.")
+@user_option
+@click.option("--json", "as_json", is_flag=True)
+def archive_list(
+    config_path: str, since: str | None, until: str | None, groups: tuple[str, ...],
+    users: tuple[str, ...], as_json: bool,
+) -> None:  # fmt: skip
+    """One line per archived message: id, received, groups, recipients, size."""
+    from relay.archive import commands
+
+    try:
+        store = commands.open_store(_queue_settings(config_path))
+        entries = store.select(*_window(since, until), users)
+    except commands.ArchiveError as exc:
+        _archive_fail(exc)
+    entries = [e for e in entries if not groups or set(groups) & set(e.groups)]
+    if as_json:
+        click.echo(json.dumps([commands.describe(e) for e in entries], indent=2))
+        return
+    for e in entries:
+        click.echo(f"{e.queue_id:<24} {e.received}  {','.join(e.groups) or '-':<16} "
+                   f"{len(e.rcpts):>3} rcpt  {e.size:>9} B  {e.file}")  # fmt: skip
+    click.echo(f"{len(entries)} message(s), {sum(e.size for e in entries):,} bytes")
+
+
+@archive.command("export")
+@config_option
+@click.option("--user", required=True, metavar="ADDR", help="The user whose mail to export.")
+@since_option
+@until_option
+@identity_option
+@click.option("--out", "-o", default="relay-export", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for the <id>.eml files.")  # fmt: skip
+def archive_export(
+    config_path: str, user: str, since: str | None, until: str | None,
+    identities: tuple[str, ...], out: str,
+) -> None:  # fmt: skip
+    """Write one user's archived messages of a period as EML files (needs --identity)."""
+    from pathlib import Path
+
+    from relay.archive import commands, crypto
+
+    try:
+        store = commands.open_store(_queue_settings(config_path))
+        keys = crypto.load_identities(Path(i) for i in identities) if identities else []
+        entries = store.select(*_window(since, until), [user])
+        written, problems = commands.export(store, entries, keys, Path(out))
+    except commands.ArchiveError as exc:
+        _archive_fail(exc)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    click.echo(f"{len(written)} message(s) written to {out}")
+    sys.exit(1 if problems else 0)
+
+
+@archive.command("delete")
+@config_option
+@click.option("--user", required=True, metavar="ADDR", help="The data subject.")
+def archive_delete(config_path: str, user: str) -> None:
+    """Delete every archived message to ADDR (a data-subject request), whole."""
+    from relay.archive import commands
+    from relay.log import DeliveryLog
+
+    settings = _queue_settings(config_path)
+    try:
+        store = commands.open_store(settings)
+        log = DeliveryLog.for_settings(settings)
+        try:
+            removed = commands.delete_user(store, user, log)
+        finally:
+            log.close()
+    except (commands.ArchiveError, OSError) as exc:
+        _archive_fail(exc)
+    others = sum(1 for e in removed if len(e.rcpts) > 1)
+    click.echo(f"{len(removed)} message(s) deleted ({others} also addressed to others)")
+
+
+@archive.command("purge")
+@config_option
+def archive_purge(config_path: str) -> None:
+    """Apply archive.retention_days now (the running relay does it daily)."""
+    from relay.archive import commands
+    from relay.log import DeliveryLog
+
+    settings = _queue_settings(config_path)
+    try:
+        store = commands.open_store(settings)
+        log = DeliveryLog.for_settings(settings)
+        try:
+            count, size = commands.purge(store, settings.archive.retention_days, log)
+        finally:
+            log.close()
+    except (commands.ArchiveError, OSError) as exc:
+        _archive_fail(exc)
+    click.echo(f"{count} message(s) purged ({size:,} bytes)")
+
+
+def _rate(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        rate = float(value.removesuffix("/s"))
+    except ValueError:
+        rate = 0.0
+    if rate <= 0:
+        raise click.BadParameter(f"{value!r} is not a positive rate like 10/s", ctx, param)
+    return rate
+
+
+@cli.command()
+@config_option
+@click.option("--to", "provider", required=True, type=click.Choice(["legacy", "new"]))
+@click.option("--since", required=True, help="Received at or after T (RFC 3339 or a date).")
+@until_option
+@click.option("--group", "groups", multiple=True, help="Only this group (repeatable).")
+@user_option
+@identity_option
+@click.option(
+    "--log",
+    "logs",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Delivery logs to read (default: the configured log and its rotations).",
+)
+@click.option(
+    "--only-missing/--all",
+    default=True,
+    show_default=True,
+    help="Skip pairs the delivery logs show the provider has.",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be replayed; send nothing.")
+@click.option("--rate", default="10/s", show_default=True, callback=_rate,
+              help="Replays queued per second.")  # fmt: skip
+def replay(
+    config_path: str, provider: Literal["legacy", "new"], since: str, until: str | None,
+    groups: tuple[str, ...], users: tuple[str, ...], identities: tuple[str, ...],
+    logs: tuple[str, ...], only_missing: bool, dry_run: bool, rate: float,
+) -> None:  # fmt: skip
+    """Send archived mail since T again to one provider, through the spool."""
+    from pathlib import Path
+
+    from relay.archive import commands, crypto
+    from relay.archive import replay as rp
+
+    cfg = _load(config_path)
+    try:
+        store = commands.open_store(cfg.relay)
+        keys = crypto.load_identities(Path(i) for i in identities) if identities else []
+        chosen = rp.select(
+            cfg, store, keys, provider, *_window(since, until), groups, users,
+            [Path(p) for p in logs] if logs else None, only_missing,
+        )  # fmt: skip
+    except commands.ArchiveError as exc:
+        _archive_fail(exc)
+    for problem in chosen.problems:
+        click.echo(f"error: {problem}", err=True)
+    outcome = None if dry_run else rp.enqueue(cfg, chosen.candidates, rate)
+    queued = dict((id(c), q) for c, q in outcome.queued) if outcome else {}
+    for c in chosen.candidates:
+        done = f"  queued as {queued[id(c)]}" if id(c) in queued else ""
+        click.echo(f"{c.entry.queue_id:<24} {c.entry.received}  {c.rcpt} -> {provider} "
+                   f"{c.plan.delivered_to}  [{c.plan.group or '-'}]{done}")  # fmt: skip
+    skipped = f"; {chosen.present} already at {provider}" if only_missing else ""
+    if outcome is None:
+        click.echo(f"dry run: {len(chosen.candidates)} to replay{skipped}; nothing sent")
+    else:
+        when = "" if outcome.picked_up else " (no running relay took them: sent when it starts)"
+        click.echo(f"{len(outcome.queued)} replay(s) queued{when}{skipped}")
+    sys.exit(1 if chosen.problems else 0)
 
 
 cli.add_command(report_command)

@@ -219,6 +219,29 @@ class MetricsSettings(_Strict):
     port: int = Field(9325, ge=0, le=65535)
 
 
+class ArchiveSettings(_Strict):
+    """SPEC Part 2 "Safety net": an encrypted copy of each accepted message (relay/archive/)."""
+
+    enabled: bool = False
+    dir: Path = Path("../var/archive")
+    scope: Literal["pilots", "all"] = "pilots"
+    retention_days: int = Field(90, ge=1)
+    encrypt_to: tuple[str, ...] = ()  # age X25519 recipients: the relay holds public keys only
+    insecure_plaintext: bool = False  # required to run without encrypt_to
+
+    @field_validator("encrypt_to")
+    @classmethod
+    def _recipients(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import pyrage  # only a config with an archive pays for the import
+
+        for key in v:
+            try:
+                pyrage.x25519.Recipient.from_str(key)
+            except pyrage.RecipientError:
+                raise ValueError(f"{key!r} is not an age recipient (age1...)") from None
+        return v
+
+
 class RelaySettings(_Strict):
     listen: ListenSettings = ListenSettings()
     node: str | None = None
@@ -245,6 +268,7 @@ class RelaySettings(_Strict):
     pid_file: Path | None = None
     log_buffer: int = Field(10_000, ge=0)
     log_privacy: Literal["plain", "hash"] = "plain"  # hash: addresses pseudonymized (privacy.py)
+    archive: ArchiveSettings = ArchiveSettings()
 
     @field_validator("domains")
     @classmethod
@@ -442,6 +466,7 @@ def _resolve_paths(settings: RelaySettings, base: Path) -> RelaySettings:
                     )
                 }
             ),
+            "archive": settings.archive.model_copy(update={"dir": rel(settings.archive.dir)}),
         }
     )
 
@@ -506,6 +531,13 @@ def missing_secrets(cfg: Config) -> list[ConfigIssue]:
 
 def _relay_warnings(settings: RelaySettings, shown: str, doc: _Doc) -> list[str]:
     warnings = []
+    archive = settings.archive
+    if archive.enabled and archive.insecure_plaintext and not archive.encrypt_to:
+        line = doc.line_of(("archive", "insecure_plaintext")) or 1
+        warnings.append(
+            f"{shown}:{line}: archive.insecure_plaintext: the archive keeps messages in clear; "
+            "anyone who can read its directory reads the pilot users' mail"
+        )
     if settings.bounce is None:
         warnings.append(
             f"{shown}:{doc.line_of(('bounce',)) or 1}: bounce: not set; bounces go through the "
@@ -544,6 +576,11 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
         msg = f"worker metrics ports {settings.metrics.port}+0..{settings.workers - 1} exceed 65535"
         issues.append(ConfigIssue(doc.path, doc.line_of(("workers",)), "workers", msg))
     issues += _arc_issues(settings.auth, doc)
+    archive = settings.archive
+    if archive.enabled and not archive.encrypt_to and not archive.insecure_plaintext:
+        loc = ("archive", "encrypt_to")
+        msg = "needed when the archive is enabled (or insecure_plaintext: true)"
+        issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
     overlap = set(settings.forward_domains) & set(settings.domains)
     if overlap:
         msg = f"{', '.join(sorted(overlap))} also listed in domains"

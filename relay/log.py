@@ -32,6 +32,7 @@ import structlog
 from relay import __version__
 from relay.privacy import Pseudonymizer
 from relay.records import (
+    ArchivePurgedEvent,
     BounceSentEvent,
     DeletedEvent,
     DeliveryEvent,
@@ -40,6 +41,7 @@ from relay.records import (
     LogEventsDroppedEvent,
     ReceivedEvent,
     RejectedEvent,
+    ReplayedEvent,
 )
 
 if TYPE_CHECKING:
@@ -182,6 +184,12 @@ class DeliveryLog:
     def emit(self, event: Literal["deleted"], **fields: Unpack[DeletedEvent]) -> None: ...
     @overload
     def emit(self, event: Literal["bounce_sent"], **fields: Unpack[BounceSentEvent]) -> None: ...
+    @overload
+    def emit(self, event: Literal["replayed"], **fields: Unpack[ReplayedEvent]) -> None: ...
+    @overload
+    def emit(
+        self, event: Literal["archive_purged"], **fields: Unpack[ArchivePurgedEvent]
+    ) -> None: ...
 
     @overload
     def emit(

@@ -1,7 +1,8 @@
 """`relay queue`: inspect and manage the spool, safe while `relay serve` runs.
 
 The running relay is the only writer of delivery state. It holds an exclusive
-lock on `spool/relay.lock`; while it does, `retry` and `delete` are requests
+lock on `spool/relay.lock`; while it does, `retry` and `delete` (and the
+`pickup` of a message `relay replay` committed into its queue) are requests
 dropped into `spool/control/` that the relay carries out within 2 s, in order
 with its own delivery attempts (a delete waits for an attempt in flight, so a
 deleted delivery is never sent afterwards). With no relay running, the command
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -92,6 +94,8 @@ def request(spool: Spool, op: str, queue_id: str | None, provider: str | None) -
 
 
 async def execute(sched: Scheduler, req: ControlRequest) -> ControlAnswer:
+    if req.op == "pickup":
+        return {"count": await pickup(sched, req.queue_id)}
     if req.queue_id is not None and req.queue_id not in sched.messages:
         raise QueueError(f"{req.queue_id}: not in the queue")
     if req.op == "retry":
@@ -103,6 +107,22 @@ async def execute(sched: Scheduler, req: ControlRequest) -> ControlAnswer:
             raise QueueError(f"unknown provider {req.provider!r}")
         return {"count": await sched.delete(req.queue_id, cast(Provider | None, req.provider))}
     raise QueueError(f"unknown operation {req.op!r}")
+
+
+async def pickup(sched: Scheduler, queue_id: str | None) -> int:
+    """Schedule a message another command (`relay replay`) committed into this spool's
+    queue while the relay ran; 0 when it is known already or gone (sent meanwhile)."""
+    if not queue_id or not re.fullmatch(r"[0-9A-F]+", queue_id):
+        raise QueueError(f"pickup needs a queue id, not {queue_id!r}")
+    if queue_id in sched.messages:
+        return 0
+    try:
+        stored = await asyncio.to_thread(sched.spool.load, queue_id)
+    except FileNotFoundError:
+        return 0
+    except (ValueError, OSError) as exc:
+        raise QueueError(f"{queue_id}: unusable ({exc})") from None
+    return int(sched.add(stored.queue_id, stored.envelope, stored.states))
 
 
 async def serve_control(spool: Spool, sched: Scheduler) -> None:

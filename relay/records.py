@@ -32,8 +32,10 @@ from relay.config import PilotMode
 
 ENVELOPE_VERSION = 1
 
-Provider = Literal["legacy", "new", "bounce"]
-Role = Literal["primary", "shadow"]
+# `archive`: the copy relay/archive writes (SPEC Part 2 "Safety net"), no SMTP
+Provider = Literal["legacy", "new", "bounce", "archive"]
+# `replay`: a copy `relay replay` sent again from the archive; never bounces
+Role = Literal["primary", "shadow", "replay"]
 Status = Literal["pending", "deferred", "delivered", "bounced", "expired", "deleted"]
 PROVIDERS: tuple[Provider, ...] = get_args(Provider)
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -236,7 +238,7 @@ class ControlAnswer(TypedDict, total=False):
 
 Event = Literal[
     "received", "discarded", "rejected", "delivery", "deleted", "bounce_sent",
-    "log_events_dropped",
+    "log_events_dropped", "replayed", "archive_purged",
 ]  # fmt: skip
 EVENTS: tuple[Event, ...] = get_args(Event)
 
@@ -305,6 +307,27 @@ class LogEventsDroppedEvent(TypedDict):
     count: int
     since: str | None
     until: str
+
+
+class ReplayedEvent(TypedDict):
+    """`relay replay` queued `queue_id`, a new message, for one pair of an archived one."""
+
+    queue_id: str
+    original_node: str
+    original_queue_id: str
+    rcpt: str
+    provider: str
+    delivered_to: str
+    group: str | None
+
+
+class ArchivePurgedEvent(TypedDict):
+    """Archived messages removed: by retention (daily) or by `relay archive delete`."""
+
+    count: int
+    bytes: int
+    reason: Literal["retention", "request"]
+    before: str | None  # retention: messages received before this instant
 
 
 # -- parsing ------------------------------------------------------------------------------
@@ -377,6 +400,12 @@ class _Fields:
         if value not in choices:
             raise RecordError(f"{self.what}: {key!r} is {value!r}, not one of {choices}")
         return value
+
+
+def fields(raw: bytes | str | Mapping[str, Any], what: str) -> _Fields:
+    """Typed reads of one JSON object, for records declared beside their only user
+    (the archive's index and file header, relay/archive/store.py)."""
+    return _Fields(_object(raw, what), what)
 
 
 def _required(value: _T | None) -> _T:

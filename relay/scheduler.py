@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from relay import dsn, retry
 from relay.authhold import AuthHold
@@ -39,6 +40,8 @@ MAX_WAIT = 1.0
 # stay far below: at most max_recipients / recipients-per-transaction.
 LOOP_LIMIT = 20
 LOOP_WINDOW = 60.0
+# `provider: archive` has no SMTP host: only its number of concurrent writes is used
+ARCHIVE_SLOTS = ProviderSettings(host="(archive)", max_connections=16)
 
 
 def drain_budget(timeout: float) -> float:
@@ -126,6 +129,13 @@ Sender = Callable[
 ]
 # a DSN due (relay/bounce.py): the message, the deliveries it is about, its action
 Notify = Callable[["Message", list[tuple[DeliveryState, Reply]], Action], Awaitable[None]]
+# writes a message's archive copy (relay/archive/writer.py); its reply is the outcome
+Archiver = Callable[[Envelope, Callable[[], tuple[BinaryIO, int]]], Awaitable[Reply]]
+
+
+async def _no_archive(envelope: Envelope, opener: object) -> Reply:
+    """A message queued for the archive while it was enabled: final, never bounced."""
+    return Reply(554, "5.3.0 archive disabled in the configuration", "data", "5.3.0", by="relay")
 
 
 class Scheduler:
@@ -139,11 +149,13 @@ class Scheduler:
         sender: Sender | None = None,
         on_notice: Notify | None = None,
         resolver: Resolver | None = None,
+        archiver: Archiver | None = None,
     ):
         """`on_notice`: called when deliveries' new states call for a DSN (a primary
         bounced or expired, a delay warning, `relayed`: `bounce.notice`); the app
         queues it. None where nothing is sent (`relay queue`). `resolver`: the app's,
-        shared with the authentication checks (its cache with it)."""
+        shared with the authentication checks (its cache with it).
+        `archiver` writes the `archive` destination (SPEC Part 2 "Safety net")."""
         self.settings = settings
         self.spool = spool
         self.log = log
@@ -153,6 +165,7 @@ class Scheduler:
         self.agent = Agent(hosts=Hosts(resolver or Resolver(settings.dns)))
         self.sender: Sender = sender or self.agent.send
         self.on_notice = on_notice
+        self.archiver: Archiver = archiver or _no_archive
         self.messages: dict[str, Message] = {}
         self._heaps: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PROVIDERS}
         self._wake = {p: asyncio.Event() for p in PROVIDERS}
@@ -172,6 +185,8 @@ class Scheduler:
     def provider_settings(self, provider: str) -> ProviderSettings:
         if provider == "bounce":
             return self.settings.bounce or self.settings.providers.legacy
+        if provider == "archive":
+            return ARCHIVE_SLOTS
         return getattr(self.settings.providers, provider)
 
     # -- queue contents ----------------------------------------------------------
@@ -406,15 +421,18 @@ class Scheduler:
     async def _send(self, msg: Message, provider: Provider, batch: list[DeliveryState]) -> Attempt:
         rcpts = [d.plan.delivered_to for d in batch]
         env = msg.envelope
-        # RFC 3461 parameters, for a provider that offers DSN: a shadow copy is
-        # NOTIFY=NEVER (as Postfix sends BCC copies), so the new side never bounces
+        # RFC 3461 parameters, for a provider that offers DSN: a shadow (or replayed)
+        # copy is NOTIFY=NEVER (as Postfix sends BCC copies), so it never bounces
         rcpt_options = {
             d.plan.delivered_to: dsn.rcpt_options(
-                "NEVER" if d.plan.role == "shadow" else d.plan.notify, d.plan.orcpt
+                "NEVER" if d.plan.role != "primary" else d.plan.notify, d.plan.orcpt
             )
             for d in batch
         }
         try:
+            if provider == "archive":  # in a thread: encryption and fsync never block the loop
+                opener = functools.partial(self.spool.open_content, msg.queue_id)
+                return Attempt(dict.fromkeys(rcpts, await self.archiver(env, opener)))
             # Streamed from the spool file in chunks, never whole (SPEC: bounded memory);
             # a small message is read on the loop, cheaper than a thread hop.
             content = await Content.open(

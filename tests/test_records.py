@@ -184,7 +184,7 @@ def with_plan_field(key: str, value: Any) -> dict[str, Any]:
         with_field("auth", None), with_field("auth", {**AUTH, "class": "great"}),
         with_field("auth", {**AUTH, "dkim": [{"domain": "x"}]}),
         with_field("auth", {k: v for k, v in AUTH.items() if k != "spf"}),
-        with_field("prepend", {"archive": "X: y\r\n"}), with_field("prepend", {"new": 1}),
+        with_field("prepend", {"elsewhere": "X: y\r\n"}), with_field("prepend", {"new": 1}),
         with_field("prepend", {"new": "X: \u00e9\r\n"}), with_field("prepend", []),
     ],
 )  # fmt: skip

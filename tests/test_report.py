@@ -759,6 +759,7 @@ JSON_KEYS = {
     "verdicts",
     "by_authentication",  # SPEC Part 2 "Judging fairly"
     "fairness",
+    "completeness",  # SPEC Part 2 "Safety net": per group, live and replayed
 }
 COMPARISON_KEYS = {
     "pilot_pairs",

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from relay.archive.plan import archive_entry
 from relay.auth import Judgement, Message, Verifier
 from relay.auth.results import strip_own
 from relay.config import RelaySettings
@@ -244,6 +245,9 @@ class Intake:
                     params.notify, params.orcpt,
                 )  # fmt: skip
                 plan.append(entry)
+        archived = archive_entry(self.settings.archive, plan)
+        if archived is not None:
+            plan.append(archived)
         record = Record(
             queue_id=msg.queue_id,
             received=utc_ts(now),

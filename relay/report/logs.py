@@ -33,6 +33,7 @@ from typing import Any
 from relay.privacy import Pseudonymizer
 from relay.records import AUTH_CLASSES
 from relay.report.auth import Fairness, auth_class
+from relay.report.completeness import Completeness
 from relay.report.divergences import group_divergences, reply_pattern
 from relay.report.figures import (
     ScopeCounters,
@@ -215,6 +216,7 @@ class _Builder:
         self.divergences: list[tuple[Divergence, str]] = []
         self.totals = Totals()
         self.stats = InputStats(files=[])
+        self.completeness = Completeness()  # replays count there and nowhere else
 
     def _privacy(self, msg: _Message) -> Pseudonymizer | None:
         """The pseudonymizer for a message's data (none if its node's log hashed them)."""
@@ -264,10 +266,16 @@ class _Builder:
             self.stats.events += 1
             self._config(node, ts, ev)
             return True
+        if kind == "archive_purged":
+            self.stats.events += 1
+            return True
         qid = ev.get("queue_id")
         if type(qid) is not str:
             return False
         key = (node, qid)
+        if kind == "replayed" or (kind == "delivery" and ev.get("role") == "replay"):
+            self.stats.events += 1
+            return self.completeness.event(ev)
         if kind == "received":
             if not self._valid_received(ev):
                 return False
@@ -539,6 +547,13 @@ class _Builder:
                     elif reason >= 0:
                         agg.rejections[reason] += 1
             joined, kind = self._judge(key, msg, pair, cats, scopes) if pair.pilot else ("", "")
+            if pair.pilot:
+                legacy_has = cats[0] == O_DELIVERED or (
+                    pair.forwarded(msg) and pair.slots[1] is not None and not pair.slots[1].primary
+                )
+                self.completeness.pair(
+                    pair.group, (*key, pair.rcpt.lower()), legacy_has, cats[1] == O_DELIVERED
+                )
             if self.sink is not None:
                 self.sink(self._row(key, msg, pair, kind, joined, discarded=pair.discarded))
         if any_included:
@@ -710,6 +725,7 @@ class _Builder:
                 p: _histogram(lat) for p, lat in zip(PROVIDERS, self.overall.b_lat, strict=True)
             },
             hourly=_hourly(divergences),
+            completeness=self.completeness.result(),
             by_auth=[
                 ScopeStats(c, s.pairs, s.pilot_pairs, provider_stats(s))
                 for c, s in sorted(self.by_auth.items(), key=lambda kv: AUTH_CLASSES.index(kv[0]))

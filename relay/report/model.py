@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from relay.report.completeness import GroupCompleteness
 from relay.report.reasons import REASONS
 
 PROVIDERS: tuple[str, str] = ("legacy", "new")
@@ -292,6 +293,7 @@ class Report:
     labels: dict[str, str] = field(default_factory=lambda: {p: p for p in PROVIDERS})
     tz: str = "UTC"  # time zone of the times shown in text and HTML
     pseudonymized: bool = False
+    completeness: list[GroupCompleteness] = field(default_factory=list)
     # Chart data (HTML report; not in the JSON document): provider -> pilot pairs
     # both delivered per LATENCY_BUCKETS_MS bucket (len + 1 counts), and
     # divergences per hour, in order.
@@ -328,6 +330,7 @@ class Report:
             "verdicts": [asdict(v) for v in self.verdicts],
             "by_authentication": [_scope_dict(s, "class") for s in self.by_auth],
             "fairness": self.fairness.to_dict(),
+            "completeness": [asdict(c) for c in self.completeness],
         }
 
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from relay.report.completeness import completeness_sentences
 from relay.report.divergences import SHOWN_PER_KIND, worst
 from relay.report.format import (
     MODE_LABELS,
@@ -407,11 +408,23 @@ def _users(report: Report) -> list[str]:
     )
 
 
+def _completeness(report: Report) -> list[str]:
+    """New's copies of what legacy delivered, live or replayed (relay/report/completeness.py)."""
+    out = ["Completeness (pilot pairs legacy delivered that new holds)"]
+    since = report.filters.get("since") or report.totals.first_received
+    for sentence in completeness_sentences(report.completeness, since):
+        out += _wrap(sentence, "    ", "  ")
+    if not report.completeness:
+        out.append("  no pilot pairs delivered by legacy")
+    out.append("")
+    return out
+
+
 def render_text(report: Report) -> str:
     """The text report: verdicts, pilot comparison, divergences, then all traffic and users."""
     sections = (
-        _header, _readiness, _comparison, _divergences, _providers, _latency, _reasons,
-        _groups, _users, _authentication,
+        _header, _readiness, _comparison, _completeness, _divergences, _providers, _latency,
+        _reasons, _groups, _users, _authentication,
     )  # fmt: skip
     out = [line for section in sections for line in section(report)]
     return "\n".join(line.rstrip() for line in out) + "\n"

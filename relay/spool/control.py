@@ -22,20 +22,36 @@ ANSWER_POLL = 0.05  # seconds between looks for the answer
 def ask(spool: Spool, request: ControlRequest, wait: float) -> ControlAnswer | None:
     """Leave a request for the running relay; its answer, or None after `wait` seconds
     (the request is then withdrawn)."""
-    name = f"{time.time_ns()}-{secrets.token_hex(4)}"
-    tmp = spool.control / f"{name}.tmp"
-    tmp.write_text(request.to_json())
-    os.rename(tmp, spool.control / f"{name}.req")
-    done = spool.control / f"{name}.done"
+    return ask_all(spool, [request], wait)[0]
+
+
+def ask_all(
+    spool: Spool, requests: list[ControlRequest], wait: float
+) -> list[ControlAnswer | None]:
+    """Leave several requests at once (the relay carries out all that wait, in order, in
+    one pass); their answers, None for each not answered within `wait` s (withdrawn)."""
+    names = []
+    for request in requests:
+        name = f"{time.time_ns()}-{secrets.token_hex(4)}"
+        tmp = spool.control / f"{name}.tmp"
+        tmp.write_text(request.to_json())
+        os.rename(tmp, spool.control / f"{name}.req")
+        names.append(name)
+    answers: dict[str, ControlAnswer] = {}
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if done.exists():
-            answer = parse_control_answer(done.read_bytes())
-            done.unlink(missing_ok=True)
-            return answer
+    while True:
+        for name in names:
+            done = spool.control / f"{name}.done"
+            if name not in answers and done.exists():
+                answers[name] = parse_control_answer(done.read_bytes())
+                done.unlink(missing_ok=True)
+        if len(answers) == len(names) or time.monotonic() >= deadline:
+            break
         time.sleep(ANSWER_POLL)
-    (spool.control / f"{name}.req").unlink(missing_ok=True)
-    return None
+    for name in names:
+        if name not in answers:
+            (spool.control / f"{name}.req").unlink(missing_ok=True)
+    return [answers.get(name) for name in names]
 
 
 def pending(spool: Spool) -> list[Path]:

@@ -107,6 +107,8 @@ class Spool:
         self._free: tuple[float, int] = (0.0, 0)
         self._stopping = False
         self._sync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
+        # other directories whose disk must keep `min_free_space` too (the archive)
+        self.also_on_disk: tuple[Path, ...] = ()
         # test seam: called with the path after each fdatasync/fsync returns
         self.on_sync: Callable[[Path], None] | None = None
 
@@ -135,8 +137,9 @@ class Spool:
                 self._sync_pool.shutdown(wait=False)
 
     def free_space(self) -> int:
-        st = os.statvfs(self.queue)
-        return st.f_bavail * st.f_frsize
+        """Bytes free on the fullest of the disks the relay writes messages to."""
+        stats = [os.statvfs(p) for p in (self.queue, *self.also_on_disk)]
+        return min(st.f_bavail * st.f_frsize for st in stats)
 
     async def has_room(self, min_free: int) -> bool:
         """Free-space check cached for 1 s so a busy relay does not statvfs per command."""

@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
 )
 
+from relay.probe.config import PlacementSettings, placement_issues
+
 TlsMode = Literal["none", "starttls", "required", "implicit"]
 PilotMode = Literal["dual", "new-only", "legacy-only"]
 
@@ -113,6 +115,7 @@ class RelaySettings(_Strict):
     workers: int = Field(1, ge=1, le=64)
     pid_file: Path | None = None
     log_buffer: int = Field(10_000, ge=0)
+    placement: PlacementSettings = PlacementSettings()
 
     @field_validator("domains")
     @classmethod
@@ -144,6 +147,7 @@ class PilotEntry(_Strict):
     mode: PilotMode = "dual"
     new_address: str | None = None
     cutover_at: datetime | None = None
+    probe: bool = True  # false: the placement probe never looks into this user's mailboxes
 
     @field_validator("address", "new_address")
     @classmethod
@@ -303,6 +307,7 @@ def _resolve_paths(settings: RelaySettings, base: Path) -> RelaySettings:
                 legacy=provider(settings.providers.legacy), new=provider(settings.providers.new)
             ),
             "bounce": provider(settings.bounce) if settings.bounce else None,
+            "placement": settings.placement.resolved(base),
         }
     )
 
@@ -383,6 +388,8 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
     if settings.metrics.port and settings.metrics.port + settings.workers - 1 > 65535:
         msg = f"worker metrics ports {settings.metrics.port}+0..{settings.workers - 1} exceed 65535"
         issues.append(ConfigIssue(doc.path, doc.line_of(("workers",)), "workers", msg))
+    for loc, msg in placement_issues(settings.placement):
+        issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
     overlap = set(settings.forward_domains) & set(settings.domains)
     if overlap:
         msg = f"{', '.join(sorted(overlap))} also listed in domains"

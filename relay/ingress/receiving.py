@@ -52,6 +52,8 @@ class Receiving:
         self.incoming = intake.spool.begin(self.queue_id)
         self.header = bytearray()
         self.header_done = False
+        self.held = bytearray()  # the header section, held until we know its Message-ID
+        self.added_message_id: str | None = None
         self.store_error: str | None = None
         self.started = False
         self.submitted = False  # handed to the spool's commit: no longer ours to abort
@@ -68,11 +70,13 @@ class Receiving:
             f"Received: from {helo} ([{self.server.client_ip}])\r\n"
             f"\tby {self.intake.hostname} (relay) with {proto} id {self.queue_id}{for_clause};"
             f" {when}\r\nX-Relay-Trace: {self.intake.node} {self.queue_id}\r\n"
+            + (f"Message-ID: {self.added_message_id}\r\n" if self.added_message_id else "")
         ).encode("utf-8", "surrogateescape")
 
     async def write(self, data: bytes) -> None:
         if not self.header_done:
             self.header += data
+            self.held += data
             if self.header.startswith(b"\r\n"):  # no header section at all
                 self.header_done = True
                 self.header.clear()
@@ -81,6 +85,10 @@ class Receiving:
                 if end >= 0 or len(self.header) > HEADER_SCAN_LIMIT:
                     self.header_done = True
                     del self.header[end + 2 if end >= 0 else HEADER_SCAN_LIMIT :]
+            if not self.header_done:
+                return
+            data, self.held = bytes(self.held), bytearray()
+            self._add_message_id()
         if self.store_error:
             return
         spool = self.intake.spool
@@ -102,6 +110,11 @@ class Receiving:
         if refusal:
             await self.abort()
             return self.intake.rejections.refuse(self.server.client_ip, "data", *refusal)
+        if not self.header_done:  # all header, no body: what was held goes out now
+            self.header_done = True
+            data, self.held = bytes(self.held), bytearray()
+            self._add_message_id()
+            await self.write(data)
         if not self.started:  # an empty message still gets its trace headers
             await self.write(b"")
         return await self.intake.enqueue(self, parser.size)
@@ -124,7 +137,16 @@ class Receiving:
             return Reply.LOOP, f"{hops} hops"
         return None
 
+    def _add_message_id(self) -> None:
+        """Give a message without Message-ID one (SPEC Part 2), so the probe can find both copies."""
+        if self.message_id() is None:
+            self.added_message_id = (
+                f"<{self.queue_id}.{self.intake.node}@{self.intake.hostname}>"
+            )
+
     def message_id(self) -> str | None:
+        if self.added_message_id:
+            return self.added_message_id
         m = re.search(
             rb"(?im)^message-id:[ \t]*((?:.|\r\n[ \t])*?)\r\n(?![ \t])", bytes(self.header)
         )
@@ -244,6 +266,7 @@ class Intake:
             "received", queue_id=msg.queue_id, message_id=record["message_id"],
             mail_from=record["mail_from"], client_ip=record["client_ip"], size=record["size"],
             rcpts=record["rcpts"], plan=record["plan"], forwarded=record["forwarded"],
+            **({"message_id_added": True} if msg.added_message_id else {}),
         )  # fmt: skip
         for rcpt in discarded:
             self.log.emit(

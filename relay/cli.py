@@ -12,6 +12,7 @@ from typing import TypeVar
 import click
 
 from relay import config as config_mod
+from relay.probe.cli import probe_group
 from relay.report.command import report_command
 from relay.routing import PilotTable, resolve_recipient, route
 
@@ -257,6 +258,7 @@ def demo(messages: int, out: str) -> None:
 
 
 cli.add_command(report_command)
+cli.add_command(probe_group(config_option, _load))
 
 
 def main() -> None:

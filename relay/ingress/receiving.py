@@ -138,11 +138,9 @@ class Receiving:
         return None
 
     def _add_message_id(self) -> None:
-        """Give a message without Message-ID one (SPEC Part 2), so the probe can find both copies."""
+        """A message without Message-ID gets one (SPEC Part 2): the probe finds copies by it."""
         if self.message_id() is None:
-            self.added_message_id = (
-                f"<{self.queue_id}.{self.intake.node}@{self.intake.hostname}>"
-            )
+            self.added_message_id = f"<{self.queue_id}.{self.intake.node}@{self.intake.hostname}>"
 
     def message_id(self) -> str | None:
         if self.added_message_id:

@@ -161,9 +161,9 @@ def placement_secrets(s: PlacementSettings) -> list[Issue]:
                 ((*loc, "password_env"), f"environment variable {p.password_env} is not set")
             )
         env = p.oauth.client_secret_env
-        if p.auth == "xoauth2" and p.oauth.kind == "ms_client_credentials" and env:
-            if os.environ.get(env) is None:
-                missing.append(
-                    ((*loc, "oauth", "client_secret_env"), f"environment variable {env} is not set")
-                )
+        ms = p.auth == "xoauth2" and p.oauth.kind == "ms_client_credentials"
+        if ms and env and os.environ.get(env) is None:
+            missing.append(
+                ((*loc, "oauth", "client_secret_env"), f"environment variable {env} is not set")
+            )
     return missing

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from relay.report.reasons import REASONS
+
+if TYPE_CHECKING:
+    from relay.report.placement import PlacementReport
 
 PROVIDERS: tuple[str, str] = ("legacy", "new")
 # Position of each provider in the aggregation's per-provider pairs and lists.
@@ -51,6 +54,9 @@ class Thresholds(BaseModel):
     max_p95_increase_ms: int = 60000
     max_divergences: int = Field(0, ge=0)
     max_pending_ratio: float = Field(0.05, ge=0, le=1)
+    # placement (with --placement; relay.report.placement)
+    min_probed_pairs: int = Field(20, ge=0)
+    max_junk_rate_increase: float = Field(0.02, ge=-1, le=1)
 
 
 class ReportError(Exception):
@@ -191,10 +197,11 @@ class Report:
     # LATENCY_BUCKETS_MS bucket (len + 1 counts), and activity per hour, in order.
     latency_histogram: dict[str, list[int]] = field(default_factory=dict)
     hourly: list[HourCounts] = field(default_factory=list)
+    placement: PlacementReport | None = None  # with --placement
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (stable keys, see docs/report.md)."""
-        return {
+        doc = {
             "report_version": REPORT_VERSION,
             "inputs": asdict(self.inputs),
             "filters": dict(self.filters),
@@ -206,6 +213,9 @@ class Report:
             "divergences": [asdict(d) for d in self.divergences],
             "verdicts": [asdict(v) for v in self.verdicts],
         }
+        if self.placement is not None:
+            doc["placement"] = self.placement.to_dict()
+        return doc
 
 
 def _scope_dict(s: ScopeStats, kind: str) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class ProviderProbe:
             settings.max_sessions, thread_name_prefix=f"probe-{name}"
         )
         self.last_round = float("-inf")
+        self.in_round = False
         self.rounds = 0
         self.commands = 0
 
@@ -110,6 +111,14 @@ class ProviderProbe:
         while self.heap and self.heap[0][2] not in self.probe.state.looks:
             heapq.heappop(self.heap)
         return self.heap[0][0] if self.heap else None
+
+    def idle(self) -> bool:
+        """No round running and none due by the clock (tests advance a FakeClock, then wait)."""
+        due = self.oldest_due()
+        now = self.probe.clock.now()
+        return not self.in_round and (
+            due is None or max(due, self.last_round + self.probe.round_every) > now
+        )
 
     def _take_due(self, now: float) -> list[Look]:
         looks = self.probe.state.looks
@@ -130,6 +139,7 @@ class ProviderProbe:
                 due = self._take_due(now)
                 if due:
                     self.last_round = now
+                    self.in_round = True
                     try:
                         await self.round(due)
                     except Exception as exc:  # a bug in one round must not stop the probe
@@ -138,6 +148,8 @@ class ProviderProbe:
                         for look in due:  # looked at again next round, not lost
                             if look.key in self.probe.state.looks:
                                 self.add(look)
+                    finally:
+                        self.in_round = False
                 continue
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -238,7 +250,8 @@ class Probe:
     # -- life cycle
 
     async def start(self) -> None:
-        self.state.load(self.settings.state_path)
+        if not self.state.load(self.settings.state_path):
+            self.state.remember_logged(self.settings.log)
         self.follower = LogFollower(self.cfg.relay.log, self.state.position)
         for look in self.state.looks.values():
             if look.provider in self.providers:
@@ -279,6 +292,9 @@ class Probe:
             self._metrics_server.close()
             await self._metrics_server.wait_closed()
         oplog.info("probe stopped", open_looks=len(self.state.looks))
+
+    def idle(self) -> bool:
+        return all(p.idle() for p in self.providers.values())
 
     def _wake_all(self) -> None:
         for p in self.providers.values():

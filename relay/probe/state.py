@@ -279,3 +279,23 @@ class ProbeState:
             return False
         self.load_json(data)
         return True
+
+    def remember_logged(self, placement_log: Path) -> None:
+        """Without a saved state: the copies the placement log already has count as finished.
+
+        The delivery log is then read from its start, and this keeps a lost state
+        file from having every copy still in it probed a second time.
+        """
+        now = self.now()
+        for path in (placement_log.with_name(placement_log.name + ".1"), placement_log):
+            try:
+                with open(path, "rb") as f:
+                    for raw in f:
+                        try:
+                            ev = json.loads(raw)
+                            key = look_key(ev["node"], ev["queue_id"], ev["rcpt"], ev["provider"])
+                        except (ValueError, KeyError, TypeError, AttributeError):
+                            continue
+                        self.done[key] = now
+            except OSError:
+                continue

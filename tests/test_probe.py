@@ -275,8 +275,8 @@ async def test_probe_false_and_sample(env: Env, tmp_path: Path) -> None:
     probe.ingest_available()
     # opting out after delivery: the due looks are dropped, nothing is looked at
     pilots = env.folder / "pilot-users.yaml"
-    pilots.write_text(PILOTS.replace("{address: ann@example.com, group: sales}",
-                                     "{address: ann@example.com, group: sales, probe: false}"))  # fmt: skip
+    ann = "{address: ann@example.com, group: sales"
+    pilots.write_text(PILOTS.replace(ann + "}", ann + ", probe: false}"))
     os.utime(pilots, (time.time() + 5, time.time() + 5))
     await env.advance(60)
     assert not probe.state.looks and env.servers["legacy"].logins == [] and not env.placements()

@@ -18,6 +18,7 @@ from relay.report.figures import load_thresholds
 from relay.report.inputs import check_inputs, parse_bound
 from relay.report.logs import build_report
 from relay.report.model import Report, ReportError, Thresholds
+from relay.report.placement import attach_placement, placement_columns
 
 
 def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | None], Any]:
@@ -61,6 +62,13 @@ def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | N
     metavar="FILE",
     help="YAML file overriding readiness thresholds.",
 )
+@click.option(
+    "--placement",
+    "placement",
+    metavar="PLACEMENT_LOG",
+    multiple=True,
+    help="The probe's placement log (repeatable): adds the Placement section.",
+)
 @click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
 def report_command(
     logs: tuple[str, ...],
@@ -69,12 +77,14 @@ def report_command(
     until: datetime | None,
     group: str | None,
     thresholds_path: str | None,
+    placement: tuple[str, ...],
     output: str | None,
 ) -> None:
     """Comparison report (legacy vs new) from one or many delivery logs (.gz, rotated)."""
     ctx = click.get_current_context()
     try:
         check_inputs(logs)
+        check_inputs(placement)
         thresholds = load_thresholds(thresholds_path) if thresholds_path else Thresholds()
     except ReportError as exc:
         click.echo(str(exc), err=True)
@@ -82,7 +92,8 @@ def report_command(
     try:
         if fmt == "csv":
             with _output(output) as out:
-                rep = write_csv(logs, out, since, until, group)
+                extra = placement_columns(placement, since, until, group) if placement else None
+                rep = write_csv(logs, out, since, until, group, extra)
             if rep.inputs.corrupt_lines or rep.inputs.orphan_events:
                 click.echo(
                     f"relay report: {rep.inputs.corrupt_lines} corrupt lines, "
@@ -92,7 +103,10 @@ def report_command(
             for err in rep.inputs.errors:
                 click.echo(f"warning: {err}", err=True)
             return
-        text = _render(fmt, build_report(logs, since, until, group, thresholds))
+        rep = build_report(logs, since, until, group, thresholds)
+        if placement:
+            attach_placement(rep, placement, since, until, group)
+        text = _render(fmt, rep)
         with _output(output) as out:
             out.write(text)
     except ReportError as exc:

@@ -310,6 +310,8 @@ def _environment() -> jinja2.Environment:
 
 def render_html(report: Report) -> str:
     """The HTML report: verdicts first, then divergences, charts and every table."""
+    from relay.report.placement_render import placement_html  # it builds on this module
+
     charts = {
         "outcomes": outcomes_chart(report),
         "latency": latency_chart(report),
@@ -336,6 +338,7 @@ def render_html(report: Report) -> str:
             reason_labels=REASON_LABELS,
             activity_unit=activity_rows(report)[0],
             report_version=REPORT_VERSION,
+            placement=placement_html(report),
         )
     )
 

@@ -20,7 +20,7 @@ import gzip
 import json
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +32,7 @@ from relay.report.model import (
     VERDICT_INSUFFICIENT,
     VERDICT_NOT_READY,
     VERDICT_READY,
+    PairRow,
     Report,
     Thresholds,
     Verdict,
@@ -310,13 +311,19 @@ def _group_order(kv: tuple[str, Any]) -> tuple[bool, str]:
     return (kv[0].startswith("("), kv[0])
 
 
-def _divergence(pair: _Pair, legacy: Side, new: Side) -> PlacementDivergence | None:
+def junked_by(legacy: str, new: str) -> str | None:
+    """The provider that junked (or lost) a copy the other put in the Inbox, if one did."""
     bad = ("junk", "missing")
-    if legacy.folder == "inbox" and new.folder in bad:
-        by = "new"
-    elif new.folder == "inbox" and legacy.folder in bad:
-        by = "legacy"
-    else:
+    if legacy == "inbox" and new in bad:
+        return "new"
+    if new == "inbox" and legacy in bad:
+        return "legacy"
+    return None
+
+
+def _divergence(pair: _Pair, legacy: Side, new: Side) -> PlacementDivergence | None:
+    by = junked_by(legacy.folder, new.folder)
+    if by is None:
         return None
     return PlacementDivergence(
         pair.node, pair.queue_id, pair.received, pair.rcpt, pair.group, by, legacy, new
@@ -381,3 +388,26 @@ def attach_placement(
         pv = by_group.get(v.group)
         _combine(v, pv if pv is not None else _verdict(v.group, [], report.thresholds))
     return report
+
+
+CSV_COLUMNS = ("legacy_folder", "new_folder", "placement_divergence")
+
+
+def placement_columns(
+    paths: Iterable[str | os.PathLike[str]],
+    since: datetime | None,
+    until: datetime | None,
+    group: str | None,
+) -> tuple[tuple[str, ...], Callable[[PairRow], list[Any]]]:
+    """The CSV's extra columns and, per pair row, their values (folder per provider)."""
+    _, pairs = read_placement(paths, since, until, group)
+
+    def values(row: PairRow) -> list[Any]:
+        pair = pairs.get((row.node, row.queue_id, row.rcpt.lower()))
+        if pair is None:
+            return ["", "", ""]
+        folders = {p: s.folder for p, (_, s) in pair.sides.items()}
+        by = junked_by(folders["legacy"], folders["new"]) if len(folders) == 2 else None
+        return [folders.get("legacy", ""), folders.get("new", ""), f"junked by {by}" if by else ""]
+
+    return CSV_COLUMNS, values

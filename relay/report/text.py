@@ -231,6 +231,9 @@ def _readiness(report: Report) -> list[str]:
 
 def render_text(report: Report) -> str:
     """The text report: summary, provider tables, groups and users, divergences, verdicts."""
-    sections = (_header, _providers, _latency, _reasons, _scopes, _divergences, _readiness)
+    from relay.report.placement_render import placement_text  # it builds on this module
+
+    sections = (_header, _providers, _latency, _reasons, _scopes, _divergences, placement_text,
+                _readiness)  # fmt: skip
     out = [line for section in sections for line in section(report)]
     return "\n".join(line.rstrip() for line in out) + "\n"

@@ -34,9 +34,13 @@ def _counts(s: PlacementStats) -> list[str]:
     return [fmt_int(getattr(s, f)) for f in ("probed", *CHART_FOLDERS)] + [fmt_rate(s.junk_rate)]
 
 
+def _seconds(v: float) -> str:
+    return f"{v:,.1f} s" if v < 10 else f"{v:,.0f} s"
+
+
 def _side_text(p: str, s: Side) -> str:
     where = f"{s.folder} ({s.detail})" if s.detail and s.folder != "unknown" else s.folder
-    after = f" after {s.looked_after_s:,.0f} s" if s.looked_after_s is not None else ""
+    after = "" if s.looked_after_s is None else f" after {_seconds(s.looked_after_s)}"
     verdict = " ".join(f"{k}={v}" for k, v in (s.verdict or {}).items())
     return f"{p:<6} {where}{after}" + (f"; verdict {verdict}" if verdict else "")
 
@@ -151,6 +155,7 @@ def placement_html(report: Report) -> Markup | None:
             folders=CHART_FOLDERS,
             shown=pl.divergences[:SHOWN_DIVERGENCES],
             thresholds=report.thresholds,
+            seconds=_seconds,
         )
     )
     return Markup(html)

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from relay import config
 from relay import dovecot as dovecot_mod
 from relay.app import Relay
+from relay.cli import cli
 from relay.dovecot import PASSWORD, Dovecot
 from relay.probe.daemon import Probe
 from relay.report.logs import build_report
@@ -221,3 +223,27 @@ async def test_unknown_not_missing_while_the_mailbox_server_is_down(env: Env) ->
     assert report.placement.providers["new"].unknown == len(qids)
     assert report.placement.providers["new"].missing == 0
     assert report.placement.providers["new"].junk_rate is None  # no known result
+
+
+async def test_probe_check_and_once(env: Env) -> None:
+    items = [(u, message(200 + i, u, {"X-Test-Legacy": "junk", "X-Test-New": "inbox"}))
+             for i, u in enumerate(USERS[:2])]  # fmt: skip
+    qids = await send_all(env.relay.port, items)
+    await wait_until(lambda: len(env.placements()) == 4, 30, "every copy settled")
+    path = str(env.folder / "relay.yaml")
+    res = CliRunner().invoke(cli, ["probe", "check", "-c", path])
+    assert res.exit_code == 0, res.output
+    assert [line.split(" ", 2)[:2] for line in res.output.splitlines()] == [
+        ["legacy:", "ok"], ["new:", "ok"],
+    ]  # fmt: skip
+    assert "login ann@example.com (password), inbox INBOX, junk Junk (SPECIAL-USE)" in res.output
+    before = len(env.placements())
+    res = CliRunner().invoke(
+        cli, ["probe", "once", "-c", path, "--since", "2000-01-01", "--user", "ann@example.com"]
+    )
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert f"legacy ann@example.com node1 {qids[0]}: junk (Junk, by message_id)" in lines
+    assert f"new ann@example-new.com node1 {qids[0]}: inbox (INBOX, by message_id)" in lines
+    assert lines[-1] == "2 copies looked for, 0 mailbox error(s)"
+    assert len(env.placements()) == before  # `once` prints; it writes no placement event

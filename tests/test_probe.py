@@ -455,3 +455,45 @@ async def test_metrics_listener(env: Env) -> None:
         ).read()
     )
     assert health == b"ok\n"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_placement_config_errors_and_the_commands_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from relay.cli import cli
+
+    folder = tmp_path / "cfg"
+    bad = {
+        "legacy": "{host: 127.0.0.1, auth: password}",
+        "new": "{host: 127.0.0.1, auth: xoauth2, oauth: {kind: google_service_account}}",
+    }
+    _write_cfg(folder, bad)
+    res = CliRunner().invoke(cli, ["check", "-c", str(folder / "relay.yaml")])
+    assert res.exit_code == 1
+    assert ": placement.providers.legacy.password_env: needed with auth: password" in res.output
+    assert ": placement.providers.new.oauth.key_file: needed with kind: google_service_account" in (
+        res.output
+    )
+    _write_cfg(folder, {"other": "{host: 127.0.0.1}"})
+    res = CliRunner().invoke(cli, ["check", "-c", str(folder / "relay.yaml")])
+    assert "placement.providers: unknown provider other; expected legacy or new" in res.output
+
+    _write_cfg(folder)
+    monkeypatch.delenv("RELAY_FAKE_PW", raising=False)
+    res = CliRunner().invoke(cli, ["probe", "-c", str(folder / "relay.yaml")])
+    assert res.exit_code == 1
+    assert (
+        "placement.providers.legacy.password_env: environment variable RELAY_FAKE_PW" in res.output
+    )
+    text = (folder / "relay.yaml").read_text().replace("enabled: true", "enabled: false")
+    (folder / "relay.yaml").write_text(text)
+    res = CliRunner().invoke(cli, ["probe", "-c", str(folder / "relay.yaml")])
+    assert res.exit_code == 1 and "placement.enabled: false; nothing to probe" in res.output
+    cfg = config.load(folder / "relay.yaml")
+    assert cfg.relay.placement.looks() == (0.4, 1.2, 2.5)
+    assert cfg.relay.placement.log == (folder / "placement.jsonl").resolve()

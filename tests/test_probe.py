@@ -108,7 +108,7 @@ class Env:
         assert self.probe is not None
         self.probe.ingest_available()
         self.clock.advance(seconds)
-        await wait_until(self.probe.idle, 10, "rounds done")
+        await wait_until(self.probe.idle, 20, "rounds done")
 
     def placements(self) -> list[dict[str, Any]]:
         return events(self.cfg.relay.placement.log, "placement")
@@ -413,7 +413,7 @@ def test_relay_probe_runs_serves_metrics_and_drains_on_sigterm(tmp_path: Path) -
     )  # fmt: skip
     try:
         port = None
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         placement = folder / "placement.jsonl"
         while time.monotonic() < deadline and len(events(placement, "placement")) < 2:
             time.sleep(0.05)
@@ -421,7 +421,7 @@ def test_relay_probe_runs_serves_metrics_and_drains_on_sigterm(tmp_path: Path) -
         state = json.loads((folder / "placement.jsonl.state").read_text())
         assert state["log"]["offset"] == log.stat().st_size
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         started = next(json.loads(x) for x in err.splitlines() if "probe started" in x)
         port = started["metrics_port"]

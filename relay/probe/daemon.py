@@ -31,6 +31,7 @@ from typing import Any
 import watchfiles
 
 from relay import config
+from relay.app import PilotList
 from relay.log import DeliveryLog, oplog, setup_operational_log, utc_ts
 from relay.probe.config import ProbeProvider
 from relay.probe.errors import ProbeError
@@ -49,12 +50,15 @@ MAX_ROUND_EVERY = 30.0
 SessionFactory = Callable[[ProbeProvider, str, "TokenSource | None"], ImapSession]
 
 
-class Pilots:
-    """The pilot list in force, re-read when its file changes; an invalid edit keeps the last."""
+class Pilots(PilotList):
+    """The relay's pilot list in force, also re-read whenever its file's mtime changes.
+
+    The probe has no file watcher of its own: it asks before each batch of
+    events and each round, which is when it needs the list.
+    """
 
     def __init__(self, cfg: config.Config):
-        self.cfg = cfg
-        self.table = PilotTable.build(cfg.pilots, cfg.relay)
+        super().__init__(cfg)
         self._stamp = self._mtime()
 
     def _mtime(self) -> float:
@@ -69,15 +73,6 @@ class Pilots:
             self._stamp = stamp
             self.reload()
         return self.table
-
-    def reload(self) -> None:
-        try:
-            pilots = config.load_pilots(self.cfg.pilots_path, self.cfg.pilots_shown, self.cfg.relay)
-        except config.ConfigError as exc:
-            for issue in exc.issues:
-                oplog.error("pilot list edit refused; last good list stays", problem=str(issue))
-            return
-        self.table = PilotTable.build(pilots, self.cfg.relay)
 
 
 def _ts(epoch: float) -> str:

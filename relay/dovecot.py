@@ -59,6 +59,7 @@ class Dovecot:
         name: str = "dovecot",
         folders: tuple[str, ...] = (),
         oauth_introspection_url: str | None = None,
+        tls: tuple[Path, Path] | None = None,
     ):
         binary = available()
         if binary is None:
@@ -68,10 +69,12 @@ class Dovecot:
         self.sieve = sieve
         self.folders = folders
         self.oauth_url = oauth_introspection_url
+        self.tls = tls  # (certificate, key) PEM files: STARTTLS on imap_port, TLS on imaps_port
         self.dir = Path(tempfile.mkdtemp(prefix=f"relay-{name}-"))
         self.dir.chmod(0o755)  # the mail processes run as nobody
         self.imap_port = _free_port()
         self.lmtp_port = _free_port()
+        self.imaps_port = _free_port() if tls else 0
         self.handoff_errors: list[str] = []
         self._handoffs: set[threading.Thread] = set()
         self._lock = threading.Lock()
@@ -160,6 +163,15 @@ plugin {{
   sieve_before = {d}/before.sieve
 }}
 """
+        if self.tls:
+            cert, key = self.tls
+            conf = conf.replace(
+                "ssl = no\n", f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n"
+            ).replace(
+                "  inet_listener imaps {\n    port = 0\n",
+                f"  inet_listener imaps {{\n    address = 127.0.0.1\n    port = {self.imaps_port}\n"
+                "    ssl = yes\n",
+            )
         path = d / "dovecot.conf"
         path.write_text(conf, encoding="utf-8")
         return path

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from click.testing import CliRunner
 
 from relay import config
@@ -247,3 +248,42 @@ async def test_probe_check_and_once(env: Env) -> None:
     assert f"new ann@example-new.com node1 {qids[0]}: inbox (INBOX, by message_id)" in lines
     assert lines[-1] == "2 copies looked for, 0 mailbox error(s)"
     assert len(env.placements()) == before  # `once` prints; it writes no placement event
+
+
+def test_tls_modes_implicit_and_starttls_verified_with_the_ca_file(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    for p in (cert_file, key_file):
+        p.chmod(0o644)
+    store = Dovecot(name="tls", tls=(cert_file, key_file))
+    try:
+        store.start()
+        folder = tmp_path / "cfg"
+        folder.mkdir()
+        (folder / "pilot-users.yaml").write_text(PILOTS)
+        common = f"ca_file: {ca_file}, password_env: RELAY_TEST_IMAP_PASSWORD"
+        providers = {
+            "legacy": f"{{host: 127.0.0.1, port: {store.imaps_port}, tls: implicit, {common}}}",
+            "new": f"{{host: 127.0.0.1, port: {store.imap_port}, tls: starttls, {common}}}",
+        }
+        (folder / "relay.yaml").write_text(probe_yaml(2601, 2602, providers))
+        os.environ["RELAY_TEST_IMAP_PASSWORD"] = PASSWORD
+        res = CliRunner().invoke(cli, ["probe", "check", "-c", str(folder / "relay.yaml")])
+        assert res.exit_code == 0, res.output
+        assert "tls implicit" in res.output and "tls starttls" in res.output
+        logins = re.findall(r"imap-login: Info: Login: .*", store.log())
+        assert len(logins) == 2 and all("TLS" in line for line in logins), logins
+        # without the CA the certificate is not trusted: a tls error, exit 1
+        (folder / "relay.yaml").write_text(
+            probe_yaml(
+                2601, 2602, {"legacy": providers["legacy"].replace(f"ca_file: {ca_file}, ", "")}
+            )
+        )
+        res = CliRunner().invoke(cli, ["probe", "check", "-c", str(folder / "relay.yaml")])
+        assert res.exit_code == 1 and "legacy: FAILED" in res.output and "tls: " in res.output
+    finally:
+        store.close()

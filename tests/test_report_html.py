@@ -359,7 +359,10 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
             page.on("request", lambda req: requests.append(req.url))
             page.goto(url, wait_until="load")
             page.screenshot(path=str(screenshot))
-            marks = page.evaluate(MARKS_JS, list(CHART_IDS.values()))
+            placement_ids = [
+                f"chart-placement-{p}" for p in demo.doc.get("placement", {}).get("providers", {})
+            ]
+            marks = page.evaluate(MARKS_JS, [*CHART_IDS.values(), *placement_ids])
             cards = page.evaluate(
                 "() => [...document.querySelectorAll('#readiness .verdict')].map("
                 "(c) => [c.dataset.group, c.querySelector('.badge').textContent.trim(),"
@@ -388,7 +391,19 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
     ]
     assert all(top < 600 for _, _, top in cards)  # the verdicts are on the first screen
     assert all(top < first_chart_top for _, _, top in cards)
-    assert breaks == ["avoid"] * len(CHART_IDS)
+    # SPEC Part 2: with placement figures (Dovecot behind the demo) a chart per provider more
+    assert breaks == ["avoid"] * (len(CHART_IDS) + len(placement_ids))
+    for cid in placement_ids:  # a bar for all copies and one per group, stacked by folder
+        stats = demo.doc["placement"]
+        prov = cid.removeprefix("chart-placement-")
+        scopes = [stats["providers"][prov]] + [
+            g["providers"][prov] for g in stats["groups"] if g["providers"][prov]["probed"]
+        ]
+        folders = [
+            f for f in ("inbox", "junk", "other", "missing", "unknown") if any(s[f] for s in scopes)
+        ]
+        visible = sum(1 for s in scopes for f in folders if s[f])
+        assert (marks[cid]["marks"], marks[cid]["visible"]) == (len(scopes) * len(folders), visible)
     png = screenshot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(png[16:20], "big") == 1280 and int.from_bytes(png[20:24], "big") == 2000

@@ -497,3 +497,13 @@ def test_placement_config_errors_and_the_commands_refusals(
     cfg = config.load(folder / "relay.yaml")
     assert cfg.relay.placement.looks() == (0.4, 1.2, 2.5)
     assert cfg.relay.placement.log == (folder / "placement.jsonl").resolve()
+
+
+def test_user_template_is_checked() -> None:
+    with pytest.raises(ValueError, match="not a template"):
+        ProbeProvider(user="{mailbox}@example.com")
+    p = ProbeProvider(user="{local}+probe@{domain}")
+    assert p.login_for("Ann@Example.COM") == "Ann+probe@example.com"
+    assert (
+        ProbeProvider(user="probe@example.com").login_for("ann@example.com") == "probe@example.com"
+    )

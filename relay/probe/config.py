@@ -58,6 +58,17 @@ class ProbeProvider(_Strict):
     max_sessions: int = Field(2, ge=1, le=32)
     timeout: float = Field(60, gt=0)
 
+    @field_validator("user")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            v.format(delivered_to="a@b", local="a", domain="b")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"not a template of {{delivered_to}}, {{local}}, {{domain}}: {exc}"
+            ) from None
+        return v
+
     def password(self) -> str | None:
         return os.environ.get(self.password_env) if self.password_env else None
 

@@ -258,6 +258,7 @@ class Probe:
         self._aux = [
             asyncio.create_task(self._follow(), name="probe-follow"),
             asyncio.create_task(self._save_loop(), name="probe-state"),
+            asyncio.create_task(self.out.run(), name="probe-log"),  # retries after a full disk
         ]
         self._runs = [
             asyncio.create_task(p.run(), name=f"probe-{n}") for n, p in self.providers.items()

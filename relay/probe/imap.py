@@ -201,8 +201,12 @@ class ImapSession:
         self._folders: Folders | None = None
 
     def __enter__(self) -> ImapSession:
-        with mapped_errors():
-            self._open()
+        try:
+            with mapped_errors():
+                self._open()
+        except BaseException:
+            self.close()  # a refused login still leaves a connection to close
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

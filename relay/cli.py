@@ -13,6 +13,7 @@ import click
 
 from relay import config as config_mod
 from relay.privacy import Pseudonymizer, PseudonymKeyMissing
+from relay.probe.cli import probe_group
 from relay.report.command import report_command
 from relay.routing import PilotTable, resolve_recipient, route
 
@@ -525,6 +526,7 @@ def replay(
 
 
 cli.add_command(report_command)
+cli.add_command(probe_group(config_option, _load))
 
 
 def main() -> None:

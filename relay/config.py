@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from relay.privacy import KEY_ENV
+from relay.probe.config import PlacementSettings, placement_issues
 
 TlsMode = Literal["none", "starttls", "required", "implicit"]
 PilotMode = Literal["dual", "new-only", "legacy-only"]
@@ -269,6 +270,7 @@ class RelaySettings(_Strict):
     log_buffer: int = Field(10_000, ge=0)
     log_privacy: Literal["plain", "hash"] = "plain"  # hash: addresses pseudonymized (privacy.py)
     archive: ArchiveSettings = ArchiveSettings()
+    placement: PlacementSettings = PlacementSettings()
 
     @field_validator("domains")
     @classmethod
@@ -300,6 +302,7 @@ class PilotEntry(_Strict):
     mode: PilotMode = "dual"
     new_address: str | None = None
     cutover_at: datetime | None = None
+    probe: bool = True  # false: the placement probe never looks into this user's mailboxes
 
     @field_validator("address", "new_address")
     @classmethod
@@ -467,6 +470,7 @@ def _resolve_paths(settings: RelaySettings, base: Path) -> RelaySettings:
                 }
             ),
             "archive": settings.archive.model_copy(update={"dir": rel(settings.archive.dir)}),
+            "placement": settings.placement.resolved(base),
         }
     )
 
@@ -580,6 +584,8 @@ def _relay_issues(settings: RelaySettings, doc: _Doc) -> list[ConfigIssue]:
     if archive.enabled and not archive.encrypt_to and not archive.insecure_plaintext:
         loc = ("archive", "encrypt_to")
         msg = "needed when the archive is enabled (or insecure_plaintext: true)"
+        issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
+    for loc, msg in placement_issues(settings.placement):
         issues.append(ConfigIssue(doc.path, doc.line_of(loc), _dotted(loc), msg))
     overlap = set(settings.forward_domains) & set(settings.domains)
     if overlap:

@@ -196,6 +196,9 @@ class DeliveryLog:
         self, event: Literal["log_events_dropped"], **fields: Unpack[LogEventsDroppedEvent]
     ) -> None: ...
 
+    @overload
+    def emit(self, event: Literal["placement"], **fields: Any) -> None: ...  # relay/probe/
+
     def emit(self, event: Event, **fields: Any) -> None:
         written = fields if self.privacy is None else self.privacy.event(fields)
         self._send(_encode(self.node, event, written))

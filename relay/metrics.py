@@ -52,53 +52,12 @@ class _LiveCollector:
         )
 
 
-class Metrics:
+class MetricsServer:
+    """/metrics of one registry, /healthz and /readyz over plain HTTP/1.1 (relay and probe)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.received = Counter(
-            "relay_messages_received", "Messages accepted with a 250", registry=self.registry
-        )
-        self.rejections = Counter(
-            "relay_rejections", "SMTP rejections by stage and reason", ["stage", "reason"],
-            registry=self.registry,
-        )  # fmt: skip
-        self.deliveries = Counter(
-            "relay_deliveries", "Delivery attempts by provider and outcome",
-            ["provider", "outcome"], registry=self.registry,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "relay_delivery_latency_seconds", "From the 250 to the provider's final 250",
-            ["provider"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.auth_results = Counter(
-            "relay_auth_results", "Authentication verdicts at ingress by method (spf, dkim "
-            "per signature, dmarc, arc; class: the message's class) and result",
-            ["method", "result"], registry=self.registry,
-        )  # fmt: skip
         self.ready: Callable[[], bool] = lambda: False
-
-    def live(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
-        self.registry.register(_LiveCollector(snapshot))
-
-    def observe(self, event: str, fields: Mapping[str, Any]) -> None:
-        """Called for every delivery-log event."""
-        if event == "received":
-            self.received.inc()
-            if "auth" in fields:
-                self._auth(fields["auth"])
-        elif event == "rejected":
-            # a session's summary event stands for `count` refusals
-            self.rejections.labels(fields["stage"], fields["reason"]).inc(fields.get("count", 1))
-        elif event == "delivery":
-            self.deliveries.labels(fields["provider"], fields["outcome"]).inc()
-            if fields["outcome"] == "delivered":
-                self.latency.labels(fields["provider"]).observe(fields["latency_ms"] / 1000)
-
-    def _auth(self, auth: Mapping[str, Any]) -> None:
-        for method in ("spf", "dmarc", "arc", "class"):
-            self.auth_results.labels(method, auth[method]).inc()
-        for sig in auth["dkim"] or [{"result": "none"}]:
-            self.auth_results.labels("dkim", sig["result"]).inc()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -130,6 +89,54 @@ class Metrics:
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._handle, host, port)
+
+
+class Metrics(MetricsServer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = Counter(
+            "relay_messages_received", "Messages accepted with a 250", registry=self.registry
+        )
+        self.rejections = Counter(
+            "relay_rejections", "SMTP rejections by stage and reason", ["stage", "reason"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.deliveries = Counter(
+            "relay_deliveries", "Delivery attempts by provider and outcome",
+            ["provider", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "relay_delivery_latency_seconds", "From the 250 to the provider's final 250",
+            ["provider"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.auth_results = Counter(
+            "relay_auth_results", "Authentication verdicts at ingress by method (spf, dkim "
+            "per signature, dmarc, arc; class: the message's class) and result",
+            ["method", "result"], registry=self.registry,
+        )  # fmt: skip
+
+    def live(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
+        self.registry.register(_LiveCollector(snapshot))
+
+    def observe(self, event: str, fields: Mapping[str, Any]) -> None:
+        """Called for every delivery-log event."""
+        if event == "received":
+            self.received.inc()
+            if "auth" in fields:
+                self._auth(fields["auth"])
+        elif event == "rejected":
+            # a session's summary event stands for `count` refusals
+            self.rejections.labels(fields["stage"], fields["reason"]).inc(fields.get("count", 1))
+        elif event == "delivery":
+            self.deliveries.labels(fields["provider"], fields["outcome"]).inc()
+            if fields["outcome"] == "delivered":
+                self.latency.labels(fields["provider"]).observe(fields["latency_ms"] / 1000)
+
+    def _auth(self, auth: Mapping[str, Any]) -> None:
+        for method in ("spf", "dmarc", "arc", "class"):
+            self.auth_results.labels(method, auth[method]).inc()
+        for sig in auth["dkim"] or [{"result": "none"}]:
+            self.auth_results.labels("dkim", sig["result"]).inc()
 
 
 def oldest_age(received_epochs: Iterator[float]) -> float:

@@ -239,6 +239,7 @@ class ControlAnswer(TypedDict, total=False):
 Event = Literal[
     "received", "discarded", "rejected", "delivery", "deleted", "bounce_sent",
     "log_events_dropped", "replayed", "archive_purged",
+    "placement",
 ]  # fmt: skip
 EVENTS: tuple[Event, ...] = get_args(Event)
 
@@ -252,6 +253,7 @@ class ReceivedEvent(TypedDict):
     rcpts: list[str]
     plan: list[PlanDict]
     forwarded: bool
+    message_id_added: NotRequired[bool]  # the relay added the Message-ID (SPEC Part 2)
     auth: NotRequired[AuthDict]  # with auth.verify
 
 

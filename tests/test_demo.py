@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from relay import dovecot
+
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -52,3 +54,17 @@ def test_demo_runs_reports_the_planted_spam_divergence_and_leaves_nothing(tmp_pa
     assert [e["outcome"] for e in final] == ["deferred", "delivered"]
     groups = {v["group"] for v in report["verdicts"]}
     assert groups == {"sales", "support", "marketing", "dev"}
+    if dovecot.available() is None:
+        return
+    # Placement (Dovecot behind the stand-ins): the new provider junks marketing's
+    # newsletters that legacy files in the Inbox; legacy junks the spam-like sample.
+    placement = report["placement"]
+    assert (out / "placement.jsonl").stat().st_size > 0
+    assert placement["providers"]["new"]["junk"] > 0
+    assert placement["providers"]["legacy"]["junk"] == 1
+    assert {d["group"] for d in placement["divergences"]} == {"marketing"}
+    verdicts = {v["group"]: v for v in report["verdicts"]}
+    marketing = verdicts["marketing"]
+    assert marketing["verdict"] == "not ready"
+    assert "placement: new junked" in marketing["reason"] and "maximum +2" in marketing["reason"]
+    assert "Placement per provider" in text

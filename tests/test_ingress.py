@@ -205,9 +205,14 @@ async def test_null_sender_empty_message_and_several_recipients(
     qid = queue_id(await send_data(c, b""))
     data = stored(env, qid)
     assert b"\tfor <" not in data  # `for` only with one recipient
-    assert data.endswith(b"X-Relay-Trace: test-node " + qid.encode() + b"\r\n")
+    # SPEC Part 2: a message without Message-ID gets one from the relay, on both copies
+    added = f"<{qid}.test-node@relay.test>"
+    assert data.endswith(
+        b"X-Relay-Trace: test-node " + qid.encode() + b"\r\nMessage-ID: " + added.encode() + b"\r\n"
+    )
     (ev,) = env.events("received")
-    assert ev["mail_from"] == "" and ev["size"] == 0 and ev["message_id"] is None
+    assert ev["mail_from"] == "" and ev["size"] == 0
+    assert ev["message_id"] == added and ev["message_id_added"] is True
     plan = {(p["rcpt"], p["provider"], p["delivered_to"], p["role"]) for p in ev["plan"]}
     assert plan == {
         ("zed@example.com", "legacy", "zed@example.com", "primary"),
@@ -799,8 +804,9 @@ async def test_pipelined_transaction_in_one_write(relay_factory: RelayFactory) -
     assert [(r.code, r.enhanced) for r in got] == want
     first, second_id = queue_id(got[5]), queue_id(got[9])
     assert env.relay.spool.load(first).envelope.rcpts == ("alice@example.com", "zed@example.com")
+    added = f"Message-ID: <{second_id}.test-node@relay.test>\r\n".encode()  # SPEC Part 2
     assert stored(env, second_id).endswith(b"X-Relay-Trace: test-node " + second_id.encode()
-                                           + b"\r\n.two\r\n")  # fmt: skip
+                                           + b"\r\n" + added + b".two\r\n")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -263,7 +263,10 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
             page.on("request", lambda req: requests.append(req.url))
             page.goto(url, wait_until="load")
             page.screenshot(path=str(screenshot))
-            marks = page.evaluate(MARKS_JS, list(CHART_IDS.values()))
+            placement_ids = [
+                f"chart-placement-{p}" for p in demo.doc.get("placement", {}).get("providers", {})
+            ]
+            marks = page.evaluate(MARKS_JS, [*CHART_IDS.values(), *placement_ids])
             cards = page.evaluate(
                 "() => [...document.querySelectorAll('#readiness .verdict')].map("
                 "(c) => [c.dataset.group, c.querySelector('.badge').textContent.trim(),"
@@ -292,7 +295,19 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
     ]
     assert all(top < 600 for _, _, top in cards)  # the verdicts are on the first screen
     assert all(top < first_chart_top for _, _, top in cards)
-    assert breaks == ["avoid"] * len(CHART_IDS)
+    # SPEC Part 2: with placement figures (Dovecot behind the demo) a chart per provider more
+    assert breaks == ["avoid"] * (len(CHART_IDS) + len(placement_ids))
+    for cid in placement_ids:  # a bar for all copies and one per group, stacked by folder
+        stats = demo.doc["placement"]
+        prov = cid.removeprefix("chart-placement-")
+        scopes = [stats["providers"][prov]] + [
+            g["providers"][prov] for g in stats["groups"] if g["providers"][prov]["probed"]
+        ]
+        folders = [
+            f for f in ("inbox", "junk", "other", "missing", "unknown") if any(s[f] for s in scopes)
+        ]
+        visible = sum(1 for s in scopes for f in folders if s[f])
+        assert (marks[cid]["marks"], marks[cid]["visible"]) == (len(scopes) * len(folders), visible)
     png = screenshot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(png[16:20], "big") == 1280 and int.from_bytes(png[20:24], "big") == 2000
@@ -305,11 +320,14 @@ def test_demo_report_in_headless_chromium(demo: Demo, tmp_path: Path) -> None:
 def test_demo_charts_have_no_clipped_or_overlapping_text(demo: Demo) -> None:
     """SPEC Part 2: no clipped legend, no overlapping labels (measured in Chromium)."""
     m = measure_page(demo.out / "report.html", width=1280, height=800)
-    assert set(m["charts"]) == set(CHART_IDS.values())
+    # plus one placement chart per probed provider when the demo ran with Dovecot
+    placement = {c for c in m["charts"] if c.startswith("chart-placement-")}
+    assert set(m["charts"]) - placement == set(CHART_IDS.values())
     for cid, chart in m["charts"].items():
         assert (chart["clipped"], chart["overlaps"]) == ([], []), cid
     assert m["overflowing"] == [] and m["page_width"] <= 1280
-    assert max(chart["bottom"] for chart in m["charts"].values()) <= 2 * 800
+    # the comparison's charts in the first two screens (placement has its own section)
+    assert max(c["bottom"] for k, c in m["charts"].items() if k not in placement) <= 2 * 800
 
 
 # --------------------------------------------------------------------------- builder data

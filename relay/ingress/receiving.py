@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 
 from relay.archive.plan import archive_entry
 from relay.auth import Judgement, Message, Verifier
@@ -66,8 +67,10 @@ class Receiving:
         self.header = bytearray()
         self.header_done = False
         self.header_whole = False  # the header section ended within HEADER_SCAN_LIMIT
-        # with our Authentication-Results: the content held until its header section is whole
-        self.held: bytearray | None = bytearray() if intake.strips else None
+        # the content held until its header section is whole: we add a missing Message-ID
+        # and, with our Authentication-Results, remove forged ones claiming our id
+        self.held: bytearray | None = bytearray()
+        self.added_message_id: str | None = None
         self.prefix_length = 0  # our Received: and X-Relay-Trace: at the start of the spool file
         self.store_error: str | None = None
         self.started = False
@@ -85,6 +88,7 @@ class Receiving:
             f"Received: from {helo} ({address_literal(self.server.client_ip)})\r\n"
             f"\tby {self.intake.hostname} (relay) with {proto} id {self.queue_id}{for_clause};"
             f" {when}\r\nX-Relay-Trace: {self.intake.node} {self.queue_id}\r\n"
+            + (f"Message-ID: {self.added_message_id}\r\n" if self.added_message_id else "")
         ).encode()
 
     async def write(self, data: bytes) -> None:
@@ -107,10 +111,13 @@ class Receiving:
 
     def _release(self) -> bytes:
         """The held content, without forged Authentication-Results when its header
-        section is whole (a section cut at the scan limit is passed on as it is)."""
+        section is whole (a section cut at the scan limit is passed on as it is);
+        a message without Message-ID gets one here, in our prefix (SPEC Part 2)."""
         assert self.held is not None
         held, self.held = bytes(self.held), None
-        if not self.header_whole:
+        if self.message_id() is None:  # the probe finds copies by it, on both providers
+            self.added_message_id = f"<{self.queue_id}.{self.intake.node}@{self.intake.hostname}>"
+        if not self.header_whole or not self.intake.strips:
             return held
         header = bytes(self.header)
         return strip_own(header, self.intake.authserv) + held[len(header) :]
@@ -166,6 +173,8 @@ class Receiving:
         return None
 
     def message_id(self) -> str | None:
+        if self.added_message_id:
+            return self.added_message_id
         m = re.search(
             rb"(?im)^message-id:[ \t]*((?:.|\r\n[ \t])*?)\r\n(?![ \t])", bytes(self.header)
         )
@@ -310,12 +319,14 @@ class Intake:
         return Reply.queued(msg.queue_id)
 
     def _accepted(self, msg: Receiving, record: Record, discarded: list[str]) -> None:
-        auth = {"auth": record.auth.to_dict()} if record.auth else {}
+        extra: dict[str, Any] = {"auth": record.auth.to_dict()} if record.auth else {}
+        if msg.added_message_id:
+            extra["message_id_added"] = True
         self.log.emit(
             "received", queue_id=msg.queue_id, message_id=record.message_id,
             mail_from=record.mail_from, client_ip=record.client_ip, size=record.size,
             rcpts=list(record.rcpts), plan=[p.to_dict() for p in record.plan],
-            forwarded=record.forwarded, **auth,
+            forwarded=record.forwarded, **extra,
         )  # fmt: skip
         for rcpt in discarded:
             self.log.emit(

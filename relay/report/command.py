@@ -19,6 +19,7 @@ from relay.report.figures import load_thresholds
 from relay.report.inputs import check_inputs, check_tz, parse_bound
 from relay.report.logs import build_report
 from relay.report.model import PROVIDERS, Report, ReportError, Thresholds
+from relay.report.placement import attach_placement, placement_columns
 
 
 def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | None], Any]:
@@ -86,7 +87,8 @@ def _bound_param(end: bool) -> Callable[[click.Context, click.Parameter, str | N
     "placement",
     metavar="PLACEMENT_LOG",
     multiple=True,
-    help="A placement log (repeatable): the providers' own verdicts, for the fairness table.",
+    help="A placement log of `relay probe` (repeatable): the Placement section, and the "
+    "providers' own verdicts for the fairness table.",
 )
 @click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
 def report_command(
@@ -107,6 +109,7 @@ def report_command(
     try:
         check_inputs(logs)
         check_tz(tz)
+        check_inputs(placement)
         thresholds = load_thresholds(thresholds_path) if thresholds_path else Thresholds()
         labels = _labels(label_args)
         pseudonymizer = Pseudonymizer.from_env() if pseudonymize else None
@@ -117,7 +120,8 @@ def report_command(
     try:
         if fmt == "csv":
             with _output(output) as out:
-                rep = write_csv(logs, out, since, until, group, pseudonymizer=pseudonymizer)
+                extra = placement_columns(placement, since, until, group) if placement else None
+                rep = write_csv(logs, out, since, until, group, extra, pseudonymizer=pseudonymizer)
             if rep.inputs.corrupt_lines or rep.inputs.orphan_events:
                 click.echo(
                     f"relay report: {rep.inputs.corrupt_lines} corrupt lines, "
@@ -131,6 +135,8 @@ def report_command(
             logs, since, until, group, thresholds,
             pseudonymizer=pseudonymizer, labels=labels, tz=tz, placement=placement,
         )  # fmt: skip
+        if placement:
+            attach_placement(rep, placement, since, until, group)
         text = _render(fmt, rep)
         with _output(output) as out:
             out.write(text)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from typing import Any, TextIO
 
@@ -16,6 +16,8 @@ from relay.privacy import Pseudonymizer
 from relay.report.format import num
 from relay.report.logs import build_report
 from relay.report.model import PROVIDERS, PairRow, Report
+
+ExtraColumns = tuple[tuple[str, ...], Callable[[PairRow], list[Any]]]
 
 CSV_COLUMNS: tuple[str, ...] = (
     "node",
@@ -77,17 +79,22 @@ def write_csv(
     since: str | datetime | date | None = None,
     until: str | datetime | date | None = None,
     group: str | None = None,
+    extra: ExtraColumns | None = None,
     *,
     pseudonymizer: Pseudonymizer | None = None,
 ) -> Report:
-    """Stream one CSV row per (message, recipient) pair to `out`; returns the report too."""
+    """Stream one CSV row per (message, recipient) pair to `out`; returns the report too.
+
+    `extra`: more columns after these and their values per row (the placement's).
+    """
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    names, values = extra or ((), lambda row: [])
+    w.writerow((*CSV_COLUMNS, *names))
     return build_report(
         paths,
         since,
         until,
         group,
-        pair_sink=lambda row: w.writerow(_csv_values(row)),
+        pair_sink=lambda row: w.writerow(_csv_values(row) + values(row)),
         pseudonymizer=pseudonymizer,
     )

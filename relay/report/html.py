@@ -499,6 +499,8 @@ def _environment() -> jinja2.Environment:
 
 def render_html(report: Report) -> str:
     """The HTML report: verdicts first, then the charts, then every table."""
+    from relay.report.placement_render import placement_html  # it builds on this module
+
     charts = {
         "group_rates": group_rates_chart(report),
         "joined": joined_chart(report),
@@ -537,6 +539,7 @@ def render_html(report: Report) -> str:
             activity_unit=activity_rows(report)[0],
             time=lambda ts: fmt_time(ts, tz),
             report_version=REPORT_VERSION,
+            placement=placement_html(report),
         )
     )
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from relay.report.completeness import GroupCompleteness
 from relay.report.reasons import REASONS
+
+if TYPE_CHECKING:
+    from relay.report.placement import PlacementReport
 
 PROVIDERS: tuple[str, str] = ("legacy", "new")
 # Position of each provider in the aggregation's per-provider pairs and lists.
@@ -66,6 +69,9 @@ class Thresholds(BaseModel):
     max_p95_increase_ms: int = 60000
     max_divergence_rate: float = Field(0.005, ge=0, le=1)
     max_pending_ratio: float = Field(0.05, ge=0, le=1)
+    # placement (with --placement; relay.report.placement)
+    min_probed_pairs: int = Field(20, ge=0)
+    max_junk_rate_increase: float = Field(0.02, ge=-1, le=1)
 
 
 class ReportError(Exception):
@@ -299,6 +305,7 @@ class Report:
     # divergences per hour, in order.
     latency_histogram: dict[str, list[int]] = field(default_factory=dict)
     hourly: list[HourCounts] = field(default_factory=list)
+    placement: PlacementReport | None = None  # with --placement
     # relay/report/auth.py: the figures per authentication class, and the fairness table
     by_auth: list[ScopeStats] = field(default_factory=list)
     fairness: AuthFairness = field(default_factory=AuthFairness)
@@ -312,7 +319,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (stable keys, see docs/report.md)."""
-        return {
+        doc = {
             "report_version": REPORT_VERSION,
             "inputs": asdict(self.inputs),
             "filters": dict(self.filters),
@@ -332,6 +339,9 @@ class Report:
             "fairness": self.fairness.to_dict(),
             "completeness": [asdict(c) for c in self.completeness],
         }
+        if self.placement is not None:
+            doc["placement"] = self.placement.to_dict()
+        return doc
 
 
 def _scope_dict(s: ScopeStats, kind: str) -> dict[str, Any]:

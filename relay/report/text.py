@@ -421,10 +421,13 @@ def _completeness(report: Report) -> list[str]:
 
 
 def render_text(report: Report) -> str:
-    """The text report: verdicts, pilot comparison, divergences, then all traffic and users."""
+    """The text report: verdicts, pilot comparison, divergences, placement, then all traffic
+    and users."""
+    from relay.report.placement_render import placement_text  # it builds on this module
+
     sections = (
-        _header, _readiness, _comparison, _completeness, _divergences, _providers, _latency,
-        _reasons, _groups, _users, _authentication,
+        _header, _readiness, _comparison, _completeness, _divergences, placement_text,
+        _providers, _latency, _reasons, _groups, _users, _authentication,
     )  # fmt: skip
     out = [line for section in sections for line in section(report)]
     return "\n".join(line.rstrip() for line in out) + "\n"

@@ -82,6 +82,8 @@ class Provider:
 
         self.rules: list[Rule] = []
         self.messages: list[ReceivedMessage] = []
+        # called with each message accepted, e.g. to file it in a mail store (relay.dovecot)
+        self.on_message: Callable[[ReceivedMessage], None] | None = None
         self.dropped_after_data: list[ReceivedMessage] = []
         self.connections = 0
         self.auth_attempts: list[tuple[str, str]] = []
@@ -220,6 +222,8 @@ class Provider:
 
     def _record(self, message: ReceivedMessage) -> None:
         self.messages.append(message)
+        if self.on_message is not None:
+            self.on_message(message)
         self._notify()
 
     def _record_dropped(self, message: ReceivedMessage) -> None:

@@ -1,0 +1,162 @@
+"""An in-memory stand-in for IMAPClient, for the probe's fast tests.
+
+It behaves like a strict server for what the probe may do (EXAMINE, UID SEARCH
+HEADER / SINCE / X-GM-RAW, UID FETCH of header fields and INTERNALDATE) and
+fails the test for anything else: a read-write SELECT, a fetch of a body or of
+a flag-setting item. Every call is recorded in `commands`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from email.parser import BytesHeaderParser
+from typing import Any
+
+from imapclient.exceptions import LoginError
+
+
+@dataclass
+class FakeMessage:
+    headers: bytes  # the header section, CRLF lines
+    internaldate: datetime
+
+    def header(self, name: str) -> list[str]:
+        msg = BytesHeaderParser().parsebytes(self.headers)
+        return [str(v) for v in msg.get_all(name) or []]
+
+
+@dataclass
+class FakeServer:
+    """Mailboxes by login: folder name -> (flags, messages)."""
+
+    capabilities: tuple[bytes, ...] = (b"IMAP4REV1", b"SPECIAL-USE")
+    password: str = "pw"
+    token: str | None = None  # accepted XOAUTH2 token
+    down: bool = False  # connections refused
+    mailboxes: dict[str, dict[str, tuple[tuple[bytes, ...], list[FakeMessage]]]] = field(
+        default_factory=dict
+    )
+    commands: list[tuple[str, Any]] = field(default_factory=list)
+    logins: list[str] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def mailbox(self, login: str, junk: str = "Junk", junk_flag: bool = True) -> dict[str, Any]:
+        if login not in self.mailboxes:
+            flags = (b"\\HasNoChildren", b"\\Junk") if junk_flag else (b"\\HasNoChildren",)
+            self.mailboxes[login] = {
+                "INBOX": ((b"\\HasNoChildren",), []),
+                junk: (flags, []),
+                "Sent": ((b"\\HasNoChildren", b"\\Sent"), []),
+            }
+        return self.mailboxes[login]
+
+    def file(self, login: str, folder: str, headers: str, when: datetime | None = None) -> None:
+        """Put a message in a folder (as the provider's filter would)."""
+        raw = headers.replace("\n", "\r\n").encode() + b"\r\n"
+        with self.lock:
+            box = self.mailbox(login)
+            if folder not in box:
+                box[folder] = ((b"\\HasNoChildren",), [])
+            box[folder][1].append(FakeMessage(raw, when or datetime.now(UTC)))
+
+    def client(self, host: str, **kwargs: Any) -> FakeClient:
+        if self.down:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return FakeClient(self)
+
+    def count(self, name: str) -> int:
+        return sum(1 for c, _ in self.commands if c == name)
+
+
+class FakeClient:
+    def __init__(self, server: FakeServer):
+        self.server = server
+        self.login_name: str | None = None
+        self.selected: str | None = None
+        self.normalise_times = True
+
+    def _note(self, name: str, arg: Any = None) -> None:
+        with self.server.lock:
+            self.server.commands.append((name, arg))
+
+    def capabilities(self) -> tuple[bytes, ...]:
+        return self.server.capabilities
+
+    def login(self, user: str, password: str) -> None:
+        self._note("LOGIN", user)
+        if password != self.server.password:
+            raise LoginError("[AUTHENTICATIONFAILED] Authentication failed.")
+        self.login_name = user
+        self.server.logins.append(user)
+
+    def oauth2_login(self, user: str, token: str) -> None:
+        self._note("AUTHENTICATE", user)
+        if token != self.server.token:
+            raise LoginError("[AUTHENTICATIONFAILED] Authentication failed.")
+        self.login_name = user
+        self.server.logins.append(user)
+
+    def starttls(self, ctx: Any) -> None:
+        self._note("STARTTLS")
+
+    def _box(self) -> dict[str, Any]:
+        assert self.login_name is not None
+        with self.server.lock:
+            return self.server.mailbox(self.login_name)
+
+    def list_folders(self) -> list[tuple[tuple[bytes, ...], bytes, str]]:
+        self._note("LIST")
+        return [(flags, b"/", name) for name, (flags, _) in self._box().items()]
+
+    def select_folder(self, folder: str, readonly: bool = False) -> dict[bytes, Any]:
+        assert readonly, "the probe must only EXAMINE"
+        self._note("EXAMINE", folder)
+        self.selected = folder
+        return {b"READ-ONLY": [b""]}
+
+    def _messages(self) -> list[FakeMessage]:
+        assert self.selected is not None
+        with self.server.lock:
+            return list(self._box()[self.selected][1])
+
+    def search(self, criteria: list[Any]) -> list[int]:
+        self._note("SEARCH", criteria[0])
+        msgs = self._messages()
+        if criteria[0] == "SINCE":
+            since: date = criteria[1]
+            return [i + 1 for i, m in enumerate(msgs) if m.internaldate.date() >= since]
+        assert criteria[0] == "HEADER", criteria
+        name, value = criteria[1], criteria[2]
+        return [i + 1 for i, m in enumerate(msgs) if any(value in v for v in m.header(name))]
+
+    def gmail_search(self, query: str) -> list[int]:
+        self._note("X-GM-RAW", query)
+        assert b"X-GM-EXT-1" in self.server.capabilities
+        wanted = query.removeprefix("rfc822msgid:")
+        return [
+            i + 1
+            for i, m in enumerate(self._messages())
+            if any(v.strip().strip("<>") == wanted for v in m.header("Message-ID"))
+        ]
+
+    def fetch(self, uids: list[int], items: list[str]) -> dict[int, dict[bytes, Any]]:
+        self._note("FETCH", len(uids))
+        assert len(items) == 2 and items[0].startswith("BODY.PEEK[HEADER.FIELDS ("), items
+        assert items[1] == "INTERNALDATE"
+        fields = items[0].split("(", 1)[1].rstrip(")]").split()
+        msgs = self._messages()
+        out = {}
+        for uid in uids:
+            m = msgs[uid - 1]
+            lines = [f"{name}: {v}\r\n".encode() for name in fields for v in m.header(name)]
+            key = f"BODY[HEADER.FIELDS ({' '.join(fields)})]".encode()
+            out[uid] = {key: b"".join(lines) + b"\r\n", b"INTERNALDATE": m.internaldate}
+        return out
+
+    def logout(self) -> None:
+        self._note("LOGOUT")
+
+    def shutdown(self) -> None:
+        pass

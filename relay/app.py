@@ -21,6 +21,7 @@ from relay.archive.writer import ArchiveWriter, retention
 from relay.auth import Verifier as AuthVerifier
 from relay.auth.arc import ArcKeyError
 from relay.bounce import Bouncer
+from relay.canary.sender import CanarySender
 from relay.delivery import Reply
 from relay.dsn import Action
 from relay.filewatch import watch
@@ -210,6 +211,9 @@ class Relay:
         if self.archive:
             purge = retention(self.archive.store, self.cfg.relay.archive.retention_days, self.log)
             self._tasks.append(asyncio.create_task(purge, name="archive-retention"))
+        if self.cfg.relay.canary.enabled:
+            canary = CanarySender(self.cfg.relay.canary, self.port, self.log.node)
+            self._tasks.append(asyncio.create_task(canary.run(), name="canary"))
         self.started = True
         oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
 

@@ -72,9 +72,10 @@ def cli() -> None:
 def check(config_path: str) -> None:
     """Validate both YAML files and print the routing table."""
     from relay.auth import commands as auth
+    from relay.canary.sender import route_issues
 
     cfg = _load(config_path, warn=True)
-    key_issues = auth.arc_key_issues(cfg)
+    key_issues = auth.arc_key_issues(cfg) + route_issues(cfg)
     for issue in key_issues:
         click.echo(str(issue), err=True)
     if key_issues:

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from relay.canary.config import CanarySettings
 from relay.privacy import KEY_ENV
 from relay.probe.config import PlacementSettings, placement_issues
 from relay.yamldoc import ConfigError, ConfigIssue
@@ -275,6 +276,7 @@ class RelaySettings(_Strict):
     log_privacy: Literal["plain", "hash"] = "plain"  # hash: addresses pseudonymized (privacy.py)
     archive: ArchiveSettings = ArchiveSettings()
     placement: PlacementSettings = PlacementSettings()
+    canary: CanarySettings = CanarySettings()
 
     @field_validator("domains")
     @classmethod
@@ -360,6 +362,7 @@ def _resolve_paths(settings: RelaySettings, base: Path) -> RelaySettings:
             ),
             "archive": settings.archive.model_copy(update={"dir": rel(settings.archive.dir)}),
             "placement": settings.placement.resolved(base),
+            "canary": settings.canary.resolved(base),
         }
     )
 

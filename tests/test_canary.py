@@ -14,6 +14,8 @@ from relay.canary import CANARY_HEADER
 from relay.canary.sender import CanarySender, route_issues
 from tests.harness import PILOTS, RelayEnv, relay_settings, write_relay
 from tests.helpers_auth import key
+from tests.test_probe import Env, new_address
+from tests.test_probe import env as probe_env  # noqa: F401 (a fixture)
 
 CANARY_PILOTS = PILOTS + (
     "  - address: canary@example.com\n"
@@ -97,3 +99,32 @@ def test_check_wants_the_canary_mailboxes_routed(tmp_path: Path, pilots: str, pr
         assert len(found) == 1 and problem in found[0], found
     else:
         assert found == []
+
+
+async def test_probe_measures_a_canary_and_counts_a_junked_one(probe_env: Env) -> None:
+    env = probe_env
+    probe = await env.start()
+    rcpt = "ann@example.com"
+    plan = [
+        {"rcpt": rcpt, "provider": side, "delivered_to": to, "role": role,
+         "group": "(canary)", "mode": "dual", "pilot": True}
+        for side, to, role in (("legacy", rcpt, "primary"), ("new", new_address(rcpt), "shadow"))
+    ]  # fmt: skip
+    env.log.write(event="received", queue_id="C1", rcpts=[rcpt], plan=plan,
+                  message_id="<C1@origin.test>")  # fmt: skip
+    for d in plan:
+        env.log.write(event="delivery", queue_id="C1", rcpt=rcpt, provider=d["provider"],
+                      delivered_to=d["delivered_to"], group="(canary)", pilot=True,
+                      outcome="delivered")  # fmt: skip
+    await env.advance(30)
+    env.file("legacy", rcpt, "INBOX", "C1")  # INTERNALDATE 30 s after the 250
+    env.file("new", rcpt, "Junk", "C1")
+    await env.advance(30)
+    by = {e["provider"]: e for e in env.placements()}
+    assert by["legacy"]["folder"] == "inbox" and by["legacy"]["canary"] is True
+    assert by["new"]["folder"] == "junk" and by["new"]["canary"] is True
+    m = probe.metrics
+    assert m.canary_placements.labels("new", "junk")._value.get() == 1
+    assert m.canary_roundtrip.labels("legacy")._sum.get() == 30
+    assert m.canary_last_inbox.labels("legacy")._value.get() == env.clock.now()
+    assert m.placements.labels("legacy", "inbox")._value.get() == 0  # not a pilot figure

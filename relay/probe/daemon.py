@@ -32,6 +32,7 @@ import watchfiles
 
 from relay import config
 from relay.app import PilotList
+from relay.canary import CANARY_GROUP
 from relay.log import DeliveryLog, oplog, setup_operational_log, utc_ts
 from relay.probe.config import ProbeProvider
 from relay.probe.errors import ProbeError
@@ -73,6 +74,10 @@ class Pilots(PilotList):
             self._stamp = stamp
             self.reload()
         return self.table
+
+
+def _epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def _ts(epoch: float) -> str:
@@ -338,8 +343,15 @@ class Probe:
         }  # fmt: skip
         if look.auth_class:
             fields["auth_class"] = look.auth_class
+        if look.group == CANARY_GROUP:
+            fields["canary"] = True
         self.out.emit("placement", **fields)
-        self.metrics.placements.labels(look.provider, folder).inc()
+        if look.group != CANARY_GROUP:
+            self.metrics.placements.labels(look.provider, folder).inc()
+            return
+        arrived = found.provider_time if found else None
+        roundtrip = None if arrived is None else _epoch(arrived) - look.delivered
+        self.metrics.canary(look.provider, folder, roundtrip, now)
 
     def lag(self) -> float:
         now = self.clock.now()

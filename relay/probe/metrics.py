@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from relay.metrics import MetricsServer
@@ -52,6 +52,28 @@ class ProbeMetrics(MetricsServer):
             "relay_probe_rounds", "Rounds of looks, by provider", ["provider"],
             registry=self.registry,
         )  # fmt: skip
+
+        self.canary_roundtrip = Histogram(
+            "relay_canary_roundtrip_seconds", "Canary arrival: INTERNALDATE minus the relay's 250",
+            ["provider"], registry=self.registry,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600),
+        )  # fmt: skip
+        self.canary_placements = Counter(
+            "relay_canary_placement", "Canary placements by provider and folder",
+            ["provider", "folder"], registry=self.registry,
+        )  # fmt: skip
+        self.canary_last_inbox = Gauge(
+            "relay_canary_last_inbox_timestamp", "When the last canary was found in the Inbox",
+            ["provider"], registry=self.registry,
+        )  # fmt: skip
+
+    def canary(self, provider: str, folder: str, roundtrip: float | None, now: float) -> None:
+        """One canary's placement (kept apart from the pilots' `relay_placement`)."""
+        self.canary_placements.labels(provider, folder).inc()
+        if roundtrip is not None:
+            self.canary_roundtrip.labels(provider).observe(max(roundtrip, 0.0))
+        if folder == "inbox":
+            self.canary_last_inbox.labels(provider).set(now)
 
     def live(self, lag: Callable[[], float], open_looks: Callable[[], int]) -> None:
         self.registry.register(_Live(lag, open_looks))

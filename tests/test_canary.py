@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email
+import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import dkim
@@ -12,10 +14,12 @@ import pytest
 from relay import config
 from relay.canary import CANARY_HEADER
 from relay.canary.sender import CanarySender, route_issues
+from relay.report.canaries import canary_report
+from relay.report.logs import build_report
+from relay.report.placement import attach_placement
+from relay.report.text import render_text
 from tests.harness import PILOTS, RelayEnv, relay_settings, write_relay
 from tests.helpers_auth import key
-from tests.test_probe import Env, new_address
-from tests.test_probe import env as probe_env  # noqa: F401 (a fixture)
 
 CANARY_PILOTS = PILOTS + (
     "  - address: canary@example.com\n"
@@ -101,30 +105,44 @@ def test_check_wants_the_canary_mailboxes_routed(tmp_path: Path, pilots: str, pr
         assert found == []
 
 
-async def test_probe_measures_a_canary_and_counts_a_junked_one(probe_env: Env) -> None:
-    env = probe_env
-    probe = await env.start()
-    rcpt = "ann@example.com"
-    plan = [
-        {"rcpt": rcpt, "provider": side, "delivered_to": to, "role": role,
-         "group": "(canary)", "mode": "dual", "pilot": True}
-        for side, to, role in (("legacy", rcpt, "primary"), ("new", new_address(rcpt), "shadow"))
-    ]  # fmt: skip
-    env.log.write(event="received", queue_id="C1", rcpts=[rcpt], plan=plan,
-                  message_id="<C1@origin.test>")  # fmt: skip
-    for d in plan:
-        env.log.write(event="delivery", queue_id="C1", rcpt=rcpt, provider=d["provider"],
-                      delivered_to=d["delivered_to"], group="(canary)", pilot=True,
-                      outcome="delivered")  # fmt: skip
-    await env.advance(30)
-    env.file("legacy", rcpt, "INBOX", "C1")  # INTERNALDATE 30 s after the 250
-    env.file("new", rcpt, "Junk", "C1")
-    await env.advance(30)
-    by = {e["provider"]: e for e in env.placements()}
-    assert by["legacy"]["folder"] == "inbox" and by["legacy"]["canary"] is True
-    assert by["new"]["folder"] == "junk" and by["new"]["canary"] is True
-    m = probe.metrics
-    assert m.canary_placements.labels("new", "junk")._value.get() == 1
-    assert m.canary_roundtrip.labels("legacy")._sum.get() == 30
-    assert m.canary_last_inbox.labels("legacy")._value.get() == env.clock.now()
-    assert m.placements.labels("legacy", "inbox")._value.get() == 0  # not a pilot figure
+async def test_report_keeps_canaries_out_of_pilot_figures_and_shows_them_apart(
+    relay_env: Callable[..., Awaitable[RelayEnv]], tmp_path: Path
+) -> None:
+    env = await relay_env(canary_yaml(tmp_path), pilots=CANARY_PILOTS)
+    sender = CanarySender(env.cfg.relay.canary, env.port, env.relay.log.node)
+    await sender.send_one()
+    await sender.send_one()
+    await env.send(["alice@example.com"])
+    await env.wait_idle()
+    deliveries = {(e["queue_id"], e["provider"]): e for e in env.events("delivery")}
+    canary_qids = sorted({q for (q, _), e in deliveries.items() if e["group"] == "(canary)"})
+    placements = tmp_path / "placement.jsonl"
+    found = [("legacy", "inbox", 30.5), ("new", "junk", 90)]  # the second canary: not found
+    lines = []
+    for provider, folder, after in found:
+        d = deliveries[(canary_qids[0], provider)]
+        t250 = datetime.fromisoformat(d["ts"])
+        lines.append({
+            "event": "placement", "ts": (t250 + timedelta(seconds=120)).isoformat(),
+            "node": d["node"], "queue_id": canary_qids[0], "rcpt": d["rcpt"],
+            "provider": provider, "delivered_to": d["delivered_to"], "group": "(canary)",
+            "folder": folder, "detail": folder, "match": "message_id",
+            "provider_time": (t250 + timedelta(seconds=after)).isoformat(),
+            "looked_after_s": 120, "verdict": None, "received": d["ts"], "canary": True,
+        })  # fmt: skip
+    placements.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rep = build_report([env.log_path], placement=[placements])
+    attach_placement(rep, [placements])
+    rep.canaries = canary_report([str(env.log_path)], [str(placements)])
+    assert rep.comparison.pilot_pairs == 1  # alice only
+    assert "(canary)" not in {g.name for g in rep.groups} | {v.group for v in rep.verdicts}
+    assert rep.placement is not None and rep.placement.providers["legacy"].probed == 0
+    doc = rep.to_dict()["canaries"]
+    assert doc["legacy"] == {
+        "sent": 2, "arrived": 1, "inbox": 1, "junk": 0, "other": 0, "missing": 1,
+        "arrival_p50_s": 30.5, "arrival_p95_s": 30.5, "arrival_max_s": 30.5,
+    }  # fmt: skip
+    assert (doc["new"]["junk"], doc["new"]["arrival_max_s"]) == (1, 90)
+    text = render_text(rep)
+    assert "Canaries (messages the relay sent itself" in text
+    assert "legacy 2 1 1 0 0 1 30.5 s / 30.5 s / 30.5 s" in " ".join(text.split())

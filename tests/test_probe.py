@@ -457,6 +457,34 @@ async def test_metrics_listener(env: Env) -> None:
     assert health == b"ok\n"
 
 
+async def test_probe_measures_a_canary_and_counts_a_junked_one(env: Env) -> None:
+    probe = await env.start()
+    rcpt = "ann@example.com"
+    plan = [
+        {"rcpt": rcpt, "provider": side, "delivered_to": to, "role": role,
+         "group": "(canary)", "mode": "dual", "pilot": True}
+        for side, to, role in (("legacy", rcpt, "primary"), ("new", new_address(rcpt), "shadow"))
+    ]  # fmt: skip
+    env.log.write(event="received", queue_id="C1", rcpts=[rcpt], plan=plan,
+                  message_id="<C1@origin.test>")  # fmt: skip
+    for d in plan:
+        env.log.write(event="delivery", queue_id="C1", rcpt=rcpt, provider=d["provider"],
+                      delivered_to=d["delivered_to"], group="(canary)", pilot=True,
+                      outcome="delivered")  # fmt: skip
+    await env.advance(30)
+    env.file("legacy", rcpt, "INBOX", "C1")  # INTERNALDATE 30 s after the 250
+    env.file("new", rcpt, "Junk", "C1")
+    await env.advance(30)
+    by = {e["provider"]: e for e in env.placements()}
+    assert by["legacy"]["folder"] == "inbox" and by["legacy"]["canary"] is True
+    assert by["new"]["folder"] == "junk" and by["new"]["canary"] is True
+    m = probe.metrics
+    assert m.canary_placements.labels("new", "junk")._value.get() == 1
+    assert m.canary_roundtrip.labels("legacy")._sum.get() == 30
+    assert m.canary_last_inbox.labels("legacy")._value.get() == env.clock.now()
+    assert m.placements.labels("legacy", "inbox")._value.get() == 0  # not a pilot figure
+
+
 # --------------------------------------------------------------------------- configuration
 
 

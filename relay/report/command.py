@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import click
 
 from relay.privacy import KEY_ENV, Pseudonymizer, PseudonymKeyMissing
+from relay.report.canaries import canary_report
 from relay.report.csv import write_csv
 from relay.report.figures import load_thresholds
 from relay.report.inputs import check_inputs, check_tz, parse_bound
@@ -137,6 +138,7 @@ def report_command(
         )  # fmt: skip
         if placement:
             attach_placement(rep, placement, since, until, group)
+        rep.canaries = canary_report(logs, placement, since, until)
         text = _render(fmt, rep)
         with _output(output) as out:
             out.write(text)

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
+from relay.canary import CANARY_GROUP
 from relay.privacy import Pseudonymizer
 from relay.records import AUTH_CLASSES
 from relay.report.auth import Fairness, auth_class
@@ -287,7 +288,8 @@ class _Builder:
                 pair.pilot = pilot
                 pair.auth = cls
                 pair.group = g if isinstance(g, str) else (NO_GROUP if pilot else NON_PILOT_GROUP)
-                pair.included = msg.in_window and (self.group is None or pair.group == self.group)
+                wanted = self.group is None or pair.group == self.group
+                pair.included = msg.in_window and wanted and pair.group != CANARY_GROUP
             elif e.get("pilot") is True:
                 pair.pilot = True
             pair.slots[PROVIDER_INDEX[e["provider"]]] = _Slot(e.get("role") == "primary")

@@ -17,6 +17,7 @@ from relay.report.completeness import GroupCompleteness
 from relay.report.reasons import REASONS
 
 if TYPE_CHECKING:
+    from relay.report.canaries import CanaryReport
     from relay.report.placement import PlacementReport
 
 PROVIDERS: tuple[str, str] = ("legacy", "new")
@@ -306,6 +307,7 @@ class Report:
     latency_histogram: dict[str, list[int]] = field(default_factory=dict)
     hourly: list[HourCounts] = field(default_factory=list)
     placement: PlacementReport | None = None  # with --placement
+    canaries: CanaryReport | None = None  # when the logs hold canaries (relay/report/canaries.py)
     # relay/report/auth.py: the figures per authentication class, and the fairness table
     by_auth: list[ScopeStats] = field(default_factory=list)
     fairness: AuthFairness = field(default_factory=AuthFairness)
@@ -341,6 +343,8 @@ class Report:
         }
         if self.placement is not None:
             doc["placement"] = self.placement.to_dict()
+        if self.canaries is not None:
+            doc["canaries"] = self.canaries.to_dict()
         return doc
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from relay.report.canaries import is_canary
 from relay.report.format import fmt_pct
 from relay.report.inputs import check_inputs, open_log, order_inputs, parse_ts
 from relay.report.model import (
@@ -216,6 +217,8 @@ class _Reader:
             out.errors.append(f"{path}: {exc.strerror or exc}")
 
     def _in_window(self, ev: dict[str, Any]) -> bool:
+        if is_canary(ev):  # the Canaries section's (relay/report/canaries.py)
+            return False
         if self.group is not None and ev.get("group") != self.group:
             return False
         if self.since is None and self.until is None:

@@ -423,6 +423,7 @@ def _completeness(report: Report) -> list[str]:
 def render_text(report: Report) -> str:
     """The text report: verdicts, pilot comparison, divergences, placement, then all traffic
     and users."""
+    from relay.report.canaries import canaries_text
     from relay.report.placement_render import placement_text  # it builds on this module
 
     sections = (
@@ -430,4 +431,5 @@ def render_text(report: Report) -> str:
         _providers, _latency, _reasons, _groups, _users, _authentication,
     )  # fmt: skip
     out = [line for section in sections for line in section(report)]
+    out += canaries_text(report.canaries)
     return "\n".join(line.rstrip() for line in out) + "\n"

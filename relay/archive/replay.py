@@ -22,9 +22,8 @@ and sends them like any queued message.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ from relay.archive.writer import user_address
 from relay.config import Config
 from relay.log import DeliveryLog, utc_ts
 from relay.records import ControlRequest, Envelope, PlanEntry, Provider
-from relay.report.inputs import open_log, order_inputs
+from relay.report.inputs import read_events
 from relay.routing import PilotTable, resolve_recipient, route
 from relay.spool import Spool, new_queue_id
 from relay.spool.control import ask_all
@@ -79,24 +78,12 @@ def default_logs(log: Path) -> list[Path]:
     return [p for p in [log, *log.parent.glob(log.name + ".*")] if p.is_file()]
 
 
-def _events(paths: Iterable[Path]) -> Iterator[dict[str, object]]:
-    for path in order_inputs(paths):
-        with open_log(path) as fh:
-            for raw in fh:
-                try:
-                    ev = json.loads(raw)
-                except ValueError:
-                    continue  # a line torn by a crash
-                if isinstance(ev, dict):
-                    yield ev
-
-
 def present_at(paths: Iterable[Path], provider: str) -> set[Pair]:
     """Pairs the delivery logs show `provider` has (or is being replayed to)."""
     delivered: set[Pair] = set()
     failed: set[Pair] = set()
     replays: dict[tuple[str, str], Pair] = {}  # replay (node, queue id) -> the original pair
-    for ev in _events(paths):
+    for ev in read_events(paths):
         kind, node, qid = ev.get("event"), ev.get("node"), ev.get("queue_id")
         rcpt = ev.get("rcpt")
         if not (isinstance(node, str) and isinstance(qid, str) and isinstance(rcpt, str)):

@@ -5,14 +5,13 @@ pairs are in no pilot figure or verdict (relay/report/logs.py, placement.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from relay.canary import CANARY_GROUP
-from relay.report.inputs import open_log, order_inputs, parse_ts
+from relay.report.inputs import parse_ts, read_events
 from relay.report.model import PROVIDERS
 
 FOUND = ("inbox", "junk", "other")
@@ -43,18 +42,6 @@ def is_canary(ev: dict[str, Any]) -> bool:
     return ev.get("canary") is True or ev.get("group") == CANARY_GROUP
 
 
-def _events(paths: Iterable[str]) -> Iterable[dict[str, Any]]:
-    for path in order_inputs(paths):
-        with open_log(path) as f:
-            for raw in f:
-                try:
-                    ev = json.loads(raw)
-                except ValueError:
-                    continue  # counted by the main report's readers
-                if isinstance(ev, dict):
-                    yield ev
-
-
 def _within(ts: Any, since: datetime | None, until: datetime | None) -> bool:
     t = parse_ts(ts) if isinstance(ts, str) else None
     return t is not None and not (
@@ -75,7 +62,7 @@ def canary_report(
     """The section's figures; None when the logs hold no canary."""
     stats = {p: CanaryStats() for p in PROVIDERS}
     sent: set[tuple[str, str, str, str]] = set()
-    for ev in _events(logs):
+    for ev in read_events(logs):
         if ev.get("event") != "received" or not _within(ev.get("ts"), since, until):
             continue
         for e in ev.get("plan") or []:
@@ -84,7 +71,7 @@ def canary_report(
     if not sent:
         return None
     found: dict[tuple[str, str, str, str], tuple[str, float | None]] = {}
-    for ev in _events(placement):
+    for ev in read_events(placement):
         key = (ev.get("node"), ev.get("queue_id"), ev.get("rcpt"), ev.get("provider"))
         if ev.get("event") != "placement" or not is_canary(ev) or key not in sent:
             continue

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from relay.canary import CANARY_GROUP
 from relay.config import RelaySettings
 from relay.probe.config import PlacementSettings
 from relay.probe.follow import Position
@@ -188,9 +189,10 @@ class ProbeState:
         if delivered is None or key in self.looks or key in self.done:
             return None
         now = self.now()
+        canary = plan.get("group") == CANARY_GROUP  # always probed: they prove the setup works
         if (
             delivered + self.settings.give_up_after < now
-            or not sampled(node, qid, rcpt, self.settings.sample)
+            or not (canary or sampled(node, qid, rcpt, self.settings.sample))
             or not self.may_probe(rcpt)
         ):
             self.skipped += 1

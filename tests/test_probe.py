@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -458,7 +459,10 @@ async def test_metrics_listener(env: Env) -> None:
 
 
 async def test_probe_measures_a_canary_and_counts_a_junked_one(env: Env) -> None:
+    placement = env.cfg.relay.placement.model_copy(update={"sample": 0.0})
+    env.cfg = replace(env.cfg, relay=env.cfg.relay.model_copy(update={"placement": placement}))
     probe = await env.start()
+    env.log.pair("Q9")  # sample 0: no pilot pair is probed, canaries still are
     rcpt = "ann@example.com"
     plan = [
         {"rcpt": rcpt, "provider": side, "delivered_to": to, "role": role,
@@ -483,6 +487,7 @@ async def test_probe_measures_a_canary_and_counts_a_junked_one(env: Env) -> None
     assert m.canary_roundtrip.labels("legacy")._sum.get() == 30
     assert m.canary_last_inbox.labels("legacy")._value.get() == env.clock.now()
     assert m.placements.labels("legacy", "inbox")._value.get() == 0  # not a pilot figure
+    assert probe.state.skipped == 2 and {e["queue_id"] for e in env.placements()} == {"C1"}
 
 
 # --------------------------------------------------------------------------- configuration

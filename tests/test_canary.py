@@ -146,3 +146,16 @@ async def test_report_keeps_canaries_out_of_pilot_figures_and_shows_them_apart(
     text = render_text(rep)
     assert "Canaries (messages the relay sent itself" in text
     assert "legacy 2 1 1 0 0 1 30.5 s / 30.5 s / 30.5 s" in " ".join(text.split())
+
+
+def test_relay_check_refuses_unrouted_canary_mailboxes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from relay.cli import cli
+
+    path = write_relay(tmp_path / "config", relay_settings(1, 2, canary_yaml(tmp_path)), PILOTS)
+    r = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert r.exit_code == 1
+    assert "canary.mailboxes.legacy: not a pilot entry of group (canary)" in r.output
+    ok = write_relay(tmp_path / "ok", relay_settings(1, 2, canary_yaml(tmp_path)), CANARY_PILOTS)
+    assert CliRunner().invoke(cli, ["check", "-c", str(ok)]).exit_code == 0

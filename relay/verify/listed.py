@@ -33,6 +33,7 @@ class RecipientList:
         self.path = cfg.recipients_path
         self.table = cfg.recipients
         self.delimiter = cfg.relay.recipient_delimiter
+        self.refused = 0  # edits refused so far (an operator's, or a test's, signal)
 
     def known(self, address: str) -> bool:
         return listed(self.table, address, self.delimiter)
@@ -43,6 +44,7 @@ class RecipientList:
         except config.ConfigError as exc:
             for issue in exc.issues:
                 oplog.error("recipients edit refused; last good list stays", problem=str(issue))
+            self.refused += 1
             return False
         self.table = table
         oplog.info("recipients reloaded", entries=len(table.addresses) + len(table.wildcards))

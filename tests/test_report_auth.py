@@ -4,6 +4,8 @@ is written by the test as the probe would write it."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -13,10 +15,14 @@ from typing import Any
 from click.testing import CliRunner
 
 from relay.report.command import report_command
+from relay.report.html import render_html
 from relay.report.logs import build_report
+from relay.report.model import Report
+from relay.report.reasons import REASON_LABELS
 from tests.harness import RelayEnv
 from tests.helpers_auth import send_from
 from tests.helpers_dns import LoopbackDNS
+from tests.report_pages import by_id, parse, table_rows
 from tests.test_auth import CASES, auth_yaml
 
 MakeEnv = Callable[..., Awaitable[RelayEnv]]
@@ -88,6 +94,44 @@ async def test_by_authentication_and_fairness_equal_the_tally(
     assert "By authentication (the class the relay gave the message at ingress)" in text
     assert "Fairness: the providers' own verdicts on mail the relay judged aligned_pass" in text
     assert "new said dmarc=fail on 67% of the mail the relay judged aligned_pass" in text
+    _html_and_csv_equal_the_tally(rep, tally, env.log_path, plog)
+
+
+def _html_and_csv_equal_the_tally(rep: Report, tally: Counter[str], log: Path, plog: Path) -> None:
+    """The HTML's tables carry the text's columns and the tally; the CSV's auth_class too."""
+    doc = parse(render_html(rep))
+    outcomes = by_id(doc, "auth-table-outcomes")
+    assert [th.all_text() for th in outcomes.find("th")] == [
+        "class", "provider", "planned", "delivered", "bounced", "expired", "deleted",
+        "pending", "deferrals", "rate", "1st try",
+    ]  # fmt: skip
+    reasons = by_id(doc, "auth-table-reasons")
+    assert [th.all_text() for th in reasons.find("th")] == [
+        "class",
+        "provider",
+        *REASON_LABELS.values(),
+    ]
+    assert all(set(r[2:]) == {"0"} for r in table_rows(reasons))  # nothing bounced
+    rows = table_rows(outcomes)
+    names = [r[0] for r in rows if r[0]]
+    assert names == [s.name for s in rep.by_auth]
+    cls = ""
+    for r in rows:  # class, provider, planned, delivered, …
+        cls = r[0] or cls
+        assert (r[2], r[3]) == (str(tally[cls]), str(tally[cls])), r
+    assert len(rows) == 2 * len(tally)
+    fair = table_rows(by_id(doc, "fairness-table"))
+    assert [r[:6] for r in fair] == [
+        ["legacy", "3", "0", "0", "0", "0"],
+        ["new", "3", "0", "2", "2", "2"],
+    ]
+    notes = [n.all_text() for n in doc.walk() if "fairness-note" in n.classes]
+    assert notes == [rep.fairness.rows[1].note]
+    assert notes[0].startswith("new said dmarc=fail on 67% of the mail")
+
+    out = _report(log, "--format", "csv", "--placement", str(plog))
+    got = Counter(row["auth_class"] for row in csv.DictReader(io.StringIO(out)))
+    assert got == tally  # one recipient a message: a pair per message
 
 
 def _report(*args: Any) -> str:
@@ -119,7 +163,11 @@ def test_without_a_placement_log_the_table_is_absent_and_says_why(tmp_path: Path
     assert rep.fairness.rows == [] and rep.fairness.absent is not None
     assert "no placement log given" in rep.fairness.absent
     assert "Fairness: no table: no placement log given (--placement)" in _report(log)
+    absent = by_id(parse(render_html(rep)), "fairness-absent").all_text()
+    assert absent == f"No table: {rep.fairness.absent}."
     log.write_text(json.dumps(base | {"queue_id": "Q1"}) + "\n")  # auth.verify off
     rep = build_report([log])
     assert rep.by_auth == [] and "auth.verify was off" in (rep.fairness.absent or "")
     assert "By authentication: none (no received event carries a verdict" in _report(log)
+    page = parse(render_html(rep))
+    assert "None (no received event carries a verdict" in by_id(page, "authentication").all_text()

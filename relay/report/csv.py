@@ -44,6 +44,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     ),
     "divergence",
     "class",
+    "auth_class",
 )
 
 
@@ -69,7 +70,7 @@ def _csv_values(row: PairRow) -> list[Any]:
             o.reason or "",
             o.smtp_response or "",
         ]
-    vals += [row.divergence, row.joined]
+    vals += [row.divergence, row.joined, row.auth_class]
     return vals
 
 

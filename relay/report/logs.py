@@ -575,6 +575,7 @@ class _Builder:
             new=_outcome(pair.slots[1], privacy, pair.rcpt),
             divergence=_CSV_DIVERGENCE.get(kind, ""),
             joined=joined,
+            auth_class=pair.auth or "",
         )
 
     # -- end of input

@@ -379,3 +379,4 @@ class PairRow:
     new: Outcome
     divergence: str  # "" or one of DIVERGENCE_KINDS
     joined: str  # "" (not a pilot pair) or one of JOINED
+    auth_class: str  # the class the relay gave the message at ingress, "" without a verdict

@@ -14,13 +14,12 @@ report says so.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from relay.records import AUTH_CLASSES
-from relay.report.inputs import open_log, order_inputs
+from relay.report.inputs import read_events
 from relay.report.model import FAIRNESS_ALERT_RATE, AuthFairness, FairnessRow
 
 PROVIDERS = ("legacy", "new")
@@ -51,25 +50,16 @@ class Fairness:
         self.errors: list[str] = []
         # (node, queue id, rcpt lowercased, provider) -> the last verdict seen
         self.verdicts: dict[tuple[str, str, str, str], dict[str, str]] = {}
-        for path in order_inputs(paths):
-            self._read(path)
+        try:
+            for ev in read_events(paths):
+                if ev.get("event") == "placement":
+                    self._placement(ev)
+        except (OSError, EOFError, ValueError) as exc:
+            self.errors.append(f"placement log: {exc}")
         self.seen = dict.fromkeys(PROVIDERS, 0)
         self.fails = {p: dict.fromkeys(FAIRNESS_TOKENS, 0) for p in PROVIDERS}
         self.any_fail = dict.fromkeys(PROVIDERS, 0)
         self.classes_seen = False
-
-    def _read(self, path: str) -> None:
-        try:
-            with open_log(path) as f:
-                for raw in f:
-                    try:
-                        ev = json.loads(raw)
-                    except ValueError:
-                        continue
-                    if isinstance(ev, dict) and ev.get("event") == "placement":
-                        self._placement(ev)
-        except (OSError, EOFError, ValueError) as exc:
-            self.errors.append(f"{path}: {exc}")
 
     def _placement(self, ev: dict[str, Any]) -> None:
         key = (ev.get("node"), ev.get("queue_id"), ev.get("rcpt"), ev.get("provider"))

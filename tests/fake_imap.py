@@ -2,8 +2,11 @@
 
 It behaves like a strict server for what the probe may do (EXAMINE, UID SEARCH
 HEADER / SINCE / X-GM-RAW, UID FETCH of header fields and INTERNALDATE) and
-fails the test for anything else: a read-write SELECT, a fetch of a body or of
-a flag-setting item. Every call is recorded in `commands`.
+fails the test for anything else: a fetch of a body or of a flag-setting item,
+and a read-write SELECT, a flag or an expunge anywhere but in the logins of
+`writable` (the canary mailboxes). Messages keep their UID for life. Every call
+is recorded in `commands`, every write also in `writes` (login, command), so a
+test can assert none went elsewhere even when the probe swallowed the failure.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from imapclient.exceptions import LoginError
 class FakeMessage:
     headers: bytes  # the header section, CRLF lines
     internaldate: datetime
+    uid: int = 0
+    flags: set[bytes] = field(default_factory=set)
 
     def header(self, name: str) -> list[str]:
         msg = BytesHeaderParser().parsebytes(self.headers)
@@ -40,6 +45,10 @@ class FakeServer:
     )
     commands: list[tuple[str, Any]] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
+    writable: set[str] = field(default_factory=set)  # logins the probe may delete in
+    writes: list[tuple[str, str]] = field(default_factory=list)
+    uidvalidity: int = 7
+    next_uid: int = 1
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def mailbox(self, login: str, junk: str = "Junk", junk_flag: bool = True) -> dict[str, Any]:
@@ -59,7 +68,12 @@ class FakeServer:
             box = self.mailbox(login)
             if folder not in box:
                 box[folder] = ((b"\\HasNoChildren",), [])
-            box[folder][1].append(FakeMessage(raw, when or datetime.now(UTC)))
+            box[folder][1].append(FakeMessage(raw, when or datetime.now(UTC), self.next_uid))
+            self.next_uid += 1
+
+    def uids(self, login: str, folder: str) -> list[int]:
+        with self.lock:
+            return [m.uid for m in self.mailbox(login)[folder][1]]
 
     def client(self, host: str, **kwargs: Any) -> FakeClient:
         if self.down:
@@ -75,6 +89,7 @@ class FakeClient:
         self.server = server
         self.login_name: str | None = None
         self.selected: str | None = None
+        self.readonly = True
         self.normalise_times = True
 
     def _note(self, name: str, arg: Any = None) -> None:
@@ -111,10 +126,49 @@ class FakeClient:
         return [(flags, b"/", name) for name, (flags, _) in self._box().items()]
 
     def select_folder(self, folder: str, readonly: bool = False) -> dict[bytes, Any]:
-        assert readonly, "the probe must only EXAMINE"
-        self._note("EXAMINE", folder)
+        self.selected = None
+        if not readonly:
+            self._write("SELECT")
+        self._note("EXAMINE" if readonly else "SELECT", folder)
         self.selected = folder
-        return {b"READ-ONLY": [b""]}
+        self.readonly = readonly
+        answer: dict[bytes, Any] = {b"UIDVALIDITY": self.server.uidvalidity}
+        return {b"READ-ONLY": [b""], **answer} if readonly else answer
+
+    def _write(self, command: str) -> None:
+        """Record a write; fail unless this is a canary mailbox (a read-write selection)."""
+        with self.server.lock:
+            self.server.writes.append((str(self.login_name), command))
+        assert self.login_name in self.server.writable, f"{command} in {self.login_name}"
+        assert command == "SELECT" or not self.readonly, f"{command} in an EXAMINEd folder"
+
+    def add_flags(self, uids: list[int], flags: list[bytes], silent: bool = False) -> None:
+        self._write("STORE")
+        self._note("STORE", (list(uids), list(flags)))
+        for m in self._messages():
+            if m.uid in uids:
+                m.flags.update(flags)
+
+    def _expunge(self, only: list[int] | None) -> None:
+        with self.server.lock:
+            assert self.selected is not None
+            msgs = self._box()[self.selected][1]
+            msgs[:] = [
+                m
+                for m in msgs
+                if b"\\Deleted" not in m.flags or (only is not None and m.uid not in only)
+            ]
+
+    def uid_expunge(self, uids: list[int]) -> None:
+        self._write("UID EXPUNGE")
+        self._note("UID EXPUNGE", list(uids))
+        assert b"UIDPLUS" in self.server.capabilities
+        self._expunge(list(uids))
+
+    def expunge(self) -> None:
+        self._write("EXPUNGE")
+        self._note("EXPUNGE")
+        self._expunge(None)
 
     def _messages(self) -> list[FakeMessage]:
         assert self.selected is not None
@@ -126,18 +180,18 @@ class FakeClient:
         msgs = self._messages()
         if criteria[0] == "SINCE":
             since: date = criteria[1]
-            return [i + 1 for i, m in enumerate(msgs) if m.internaldate.date() >= since]
+            return [m.uid for m in msgs if m.internaldate.date() >= since]
         assert criteria[0] == "HEADER", criteria
         name, value = criteria[1], criteria[2]
-        return [i + 1 for i, m in enumerate(msgs) if any(value in v for v in m.header(name))]
+        return [m.uid for m in msgs if any(value in v for v in m.header(name))]
 
     def gmail_search(self, query: str) -> list[int]:
         self._note("X-GM-RAW", query)
         assert b"X-GM-EXT-1" in self.server.capabilities
         wanted = query.removeprefix("rfc822msgid:")
         return [
-            i + 1
-            for i, m in enumerate(self._messages())
+            m.uid
+            for m in self._messages()
             if any(v.strip().strip("<>") == wanted for v in m.header("Message-ID"))
         ]
 
@@ -146,10 +200,10 @@ class FakeClient:
         assert len(items) == 2 and items[0].startswith("BODY.PEEK[HEADER.FIELDS ("), items
         assert items[1] == "INTERNALDATE"
         fields = items[0].split("(", 1)[1].rstrip(")]").split()
-        msgs = self._messages()
+        msgs = {m.uid: m for m in self._messages()}
         out = {}
         for uid in uids:
-            m = msgs[uid - 1]
+            m = msgs[uid]
             lines = [f"{name}: {v}\r\n".encode() for name in fields for v in m.header(name)]
             key = f"BODY[HEADER.FIELDS ({' '.join(fields)})]".encode()
             out[uid] = {key: b"".join(lines) + b"\r\n", b"INTERNALDATE": m.internaldate}

@@ -490,6 +490,98 @@ async def test_probe_measures_a_canary_and_counts_a_junked_one(env: Env) -> None
     assert probe.state.skipped == 2 and {e["queue_id"] for e in env.placements()} == {"C1"}
 
 
+CANARY_ENTRY = (
+    '  - {address: canary@example.com, group: "(canary)", new_address: canary@example-new.com}\n'
+)
+
+
+def _canary_pair(env: Env, qid: str, group: str | None) -> None:
+    """A canary's `received` and two `delivery` events (`group` None: a log without it)."""
+    rcpt = "canary@example.com"
+    plan = [
+        {"rcpt": rcpt, "provider": side, "delivered_to": to, "role": role,
+         "group": group, "mode": "dual", "pilot": True}
+        for side, to, role in (("legacy", rcpt, "primary"), ("new", new_address(rcpt), "shadow"))
+    ]  # fmt: skip
+    env.log.write(event="received", queue_id=qid, rcpts=[rcpt], plan=plan,
+                  message_id=f"<{qid}@origin.test>")  # fmt: skip
+    for d in plan:
+        env.log.write(event="delivery", queue_id=qid, rcpt=rcpt, provider=d["provider"],
+                      delivered_to=d["delivered_to"], group=group, pilot=True,
+                      outcome="delivered")  # fmt: skip
+
+
+def _add_canary_entry(env: Env) -> None:
+    with open(env.folder / "pilot-users.yaml", "a") as f:
+        f.write(CANARY_ENTRY)
+    env.cfg = config.load(env.folder / "relay.yaml")
+
+
+async def test_verified_canaries_are_deleted_in_the_canary_mailboxes_only(env: Env) -> None:
+    _add_canary_entry(env)
+    env.servers["legacy"].capabilities += (b"UIDPLUS",)  # new: plain EXPUNGE
+    canary_logins = {"legacy": "canary@example.com", "new": "canary@example-new.com"}
+    for side, login in canary_logins.items():
+        env.servers[side].writable.add(login)
+    probe = await env.start()
+    env.log.pair("Q1")  # a pilot copy in the same rounds
+    _canary_pair(env, "C1", "(canary)")
+    _canary_pair(env, "C2", None)  # known as a canary by its header only
+    await env.advance(30)
+    for side in ("legacy", "new"):
+        env.file(side, "ann@example.com", "INBOX", "Q1")
+        env.file(side, "canary@example.com", "INBOX", "C1", "X-Relay-Canary: node1.1.a")
+        env.file(side, "canary@example.com", "Junk", "C2", "X-Relay-Canary: node1.2.b")
+    pilot_uids = {s: env.servers[s].uids(new_address("ann@example.com") if s == "new"
+                  else "ann@example.com", "INBOX") for s in ("legacy", "new")}  # fmt: skip
+    await env.advance(30)
+    by = {(e["queue_id"], e["provider"]): e for e in env.placements()}
+    assert {k: (e["folder"], e.get("canary")) for k, e in by.items()} == {
+        ("Q1", "legacy"): ("inbox", None), ("Q1", "new"): ("inbox", None),
+        ("C1", "legacy"): ("inbox", True), ("C1", "new"): ("inbox", True),
+        ("C2", "legacy"): ("junk", True), ("C2", "new"): ("junk", True),
+    }  # fmt: skip
+    assert probe.metrics.canary_placements.labels("new", "junk")._value.get() == 1
+    for side, login in canary_logins.items():
+        server = env.servers[side]
+        assert server.uids(login, "INBOX") == [] and server.uids(login, "Junk") == []
+        pilot = new_address("ann@example.com") if side == "new" else "ann@example.com"
+        assert server.uids(pilot, "INBOX") == pilot_uids[side]  # untouched
+        assert server.writes and {who for who, _ in server.writes} == {login}
+    assert env.servers["legacy"].count("UID EXPUNGE") == 2
+    assert env.servers["new"].count("EXPUNGE") == 2
+    assert env.servers["legacy"].count("EXPUNGE") == 0
+    await env.advance(900)  # nothing is looked for again, nothing more is written
+    assert len(env.placements()) == 6 and len(env.servers["new"].writes) == 6
+
+
+async def test_canaries_stay_without_delete_after_verify(env: Env) -> None:
+    _add_canary_entry(env)
+    canary = env.cfg.relay.canary.model_copy(update={"delete_after_verify": False})
+    env.cfg = replace(env.cfg, relay=env.cfg.relay.model_copy(update={"canary": canary}))
+    await env.start()
+    _canary_pair(env, "C1", "(canary)")
+    env.file("legacy", "canary@example.com", "INBOX", "C1")
+    await env.advance(60)
+    assert [e["canary"] for e in env.placements() if e["provider"] == "legacy"] == [True]
+    assert env.servers["legacy"].uids("canary@example.com", "INBOX") == [1]
+    assert env.servers["legacy"].writes == [] and env.servers["new"].writes == []
+
+
+def test_the_fake_server_refuses_a_deletion_outside_the_canary_mailboxes() -> None:
+    server = FakeServer(writable={"canary@example.com"})
+    server.file("ann@example.com", "INBOX", "Message-ID: <Q1@origin.test>\nX-Relay-Trace: n Q1")
+    settings = ProbeProvider(host="127.0.0.1", port=1, tls="none", password_env="RELAY_NO_PW")
+    server.password = ""
+    with ImapSession(settings, "ann@example.com", client_factory=server.client) as s:
+        found = s.find([Wanted("k", "<Q1@origin.test>", "n Q1", date(2000, 1, 1))])["k"]
+        assert found.uid == 1 and found.uidvalidity == server.uidvalidity
+        with pytest.raises(AssertionError, match=r"SELECT in ann@example\.com"):
+            s.delete([found])
+    assert server.uids("ann@example.com", "INBOX") == [1]
+    assert server.writes == [("ann@example.com", "SELECT")]
+
+
 # --------------------------------------------------------------------------- configuration
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import watchfiles
 
@@ -48,6 +48,7 @@ MAX_WAIT = 1.0  # seconds per wait slice (wall-clock steps, as in relay.schedule
 SAVE_EVERY = 1.0  # seconds between state writes while events keep coming
 MAX_ROUND_EVERY = 30.0
 
+T = TypeVar("T")
 SessionFactory = Callable[[ProbeProvider, str, "TokenSource | None"], ImapSession]
 
 
@@ -76,6 +77,11 @@ class Pilots(PilotList):
         return self.table
 
 
+def is_canary(look: Look, found: Found | None) -> bool:
+    """A canary by its pair's group, or by its X-Relay-Canary header if the log lacks the group."""
+    return look.group == CANARY_GROUP or (found is not None and found.canary is not None)
+
+
 def _epoch(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
@@ -102,6 +108,9 @@ class ProviderProbe:
         self.in_round = False
         self.rounds = 0
         self.commands = 0
+        mailbox = getattr(probe.cfg.relay.canary.mailboxes, name, None)
+        # the one mailbox the probe may write to (delete verified canaries in)
+        self.canary_login = None if mailbox is None else settings.login_for(mailbox)
 
     def add(self, look: Look) -> None:
         heapq.heappush(self.heap, (look.due(self.probe.looks_at), next(self._seq), look.key))
@@ -172,6 +181,7 @@ class ProviderProbe:
             login: loop.run_in_executor(self.executor, self._look, login, looks)
             for login, looks in by_login.items()
         }
+        verified: list[Found] = []
         for login, job in jobs.items():
             try:
                 found, error = await job, None
@@ -181,15 +191,40 @@ class ProviderProbe:
                 oplog.warning("probe look failed", provider=self.name, reason=exc.reason,
                               detail=exc.detail)  # fmt: skip
             for look in by_login[login]:
-                self._settle(look, found.get(look.key), error)
+                copy = found.get(look.key)
+                self._settle(look, copy, error)
+                if copy is not None and login == self.canary_login and is_canary(look, copy):
+                    verified.append(copy)
         self.probe.changed()
+        if verified and self.probe.delete_canaries:
+            await self._delete(verified)
+
+    async def _delete(self, copies: list[Found]) -> None:
+        """Verified canaries, their placement logged, leave the canary mailbox."""
+        assert self.canary_login is not None
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(
+            self.executor, self._session, self.canary_login, lambda s: s.delete(copies)
+        )
+        try:
+            deleted = await job
+        except ProbeError as exc:  # they stay; the mailbox is not looked at for them again
+            self.probe.metrics.errors.labels(self.name, exc.reason).inc()
+            oplog.warning("canary not deleted", provider=self.name, reason=exc.reason,
+                          detail=exc.detail, copies=len(copies))  # fmt: skip
+            return
+        oplog.info("canaries deleted", provider=self.name, deleted=deleted, copies=len(copies))
 
     def _look(self, login: str, looks: list[Look]) -> dict[str, Found]:
         """In a worker thread: one session in one mailbox."""
+        return self._session(login, lambda s: s.find([lk.wanted() for lk in looks]))
+
+    def _session(self, login: str, work: Callable[[ImapSession], T]) -> T:
+        """In a worker thread: `work` in one session, its commands counted."""
         session = self.probe.session_factory(self.settings, login, self.tokens)
         try:
             with session:
-                return session.find([lk.wanted() for lk in looks])
+                return work(session)
         finally:
             for command in session.transcript.commands:
                 self.probe.metrics.commands.labels(self.name, command).inc()
@@ -227,6 +262,7 @@ class Probe:
         self.session_factory = session_factory
         self.looks_at = self.settings.looks()
         self.round_every = min(MAX_ROUND_EVERY, self.settings.delays[0] / 4)
+        self.delete_canaries = cfg.relay.canary.delete_after_verify
         self.pilots = Pilots(cfg)
         self.state = ProbeState(self.settings, cfg.relay, self.pilots.current, self.clock.now)
         self.out = DeliveryLog(self.settings.log, cfg.relay.node_name)
@@ -343,10 +379,11 @@ class Probe:
         }  # fmt: skip
         if look.auth_class:
             fields["auth_class"] = look.auth_class
-        if look.group == CANARY_GROUP:
+        canary = is_canary(look, found)
+        if canary:
             fields["canary"] = True
         self.out.emit("placement", **fields)
-        if look.group != CANARY_GROUP:
+        if not canary:
             self.metrics.placements.labels(look.provider, folder).inc()
             return
         arrived = found.provider_time if found else None

@@ -4,7 +4,9 @@ Built on IMAPClient (synchronous; the daemon runs each session in a thread).
 Folders are only ever opened with EXAMINE and messages read with
 `BODY.PEEK[HEADER.FIELDS (...)]` plus INTERNALDATE: no body, no subject, and
 no flag is ever set (PEEK leaves `\\Seen` alone). Every command goes through
-`ReadOnlyImap`, which offers nothing else, so a write cannot slip in.
+`ReadOnlyImap`, which offers nothing else, so a write cannot slip in. The one
+exception is `CanaryEraser`: deleting a verified canary, by its folder and UID,
+in a canary mailbox only (`canary.delete_after_verify`; the daemon decides).
 
 How a copy is found (SPEC Part 2): by Message-ID (Gmail's `X-GM-RAW
 rfc822msgid:` when `X-GM-EXT-1` is offered), confirmed by our X-Relay-Trace;
@@ -38,6 +40,7 @@ from relay.probe.verdict import parse_verdict
 HEADER_FIELDS = (
     "MESSAGE-ID",
     "X-RELAY-TRACE",
+    "X-RELAY-CANARY",
     "AUTHENTICATION-RESULTS",
     "X-FOREFRONT-ANTISPAM-REPORT",
     "X-SPAM-FLAG",
@@ -52,6 +55,7 @@ NOT_SEARCHED = {b"\\noselect", b"\\nonexistent", b"\\all", b"\\flagged", b"\\imp
                 b"\\sent", b"\\drafts"}  # fmt: skip
 
 ClientFactory = Callable[..., Any]
+Hit = tuple[int, Message, str | None]  # UID, header fields, INTERNALDATE
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class Found:
     match: str  # message_id | trace | sweep
     provider_time: str | None  # INTERNALDATE, RFC 3339 UTC
     verdict: dict[str, Any]
+    uid: int = 0  # in `name`, under `uidvalidity`: what a canary's deletion names
+    uidvalidity: int | None = None
+    canary: str | None = None  # the X-Relay-Canary header's id, when the copy has one
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,7 @@ class ReadOnlyImap:
         self._c = client
         self.transcript = transcript
         self.selected: str | None = None
+        self.uidvalidity: int | None = None
 
     @property
     def capabilities(self) -> tuple[bytes, ...]:
@@ -115,8 +123,9 @@ class ReadOnlyImap:
     def examine(self, folder: str) -> None:
         if self.selected != folder:
             self.transcript.note("EXAMINE")
-            self._c.select_folder(folder, readonly=True)
+            answer = self._c.select_folder(folder, readonly=True)
             self.selected = folder
+            self.uidvalidity = _uidvalidity(answer)
 
     def search(self, criteria: list[Any]) -> list[int]:
         self.transcript.note("UID SEARCH")
@@ -126,15 +135,51 @@ class ReadOnlyImap:
         self.transcript.note("UID SEARCH X-GM-RAW")
         return list(self._c.gmail_search(query))
 
-    def fetch_headers(self, uids: Sequence[int]) -> Iterator[tuple[Message, str | None]]:
-        """(header fields, INTERNALDATE) of each message, fetched in chunks."""
+    def fetch_headers(self, uids: Sequence[int]) -> Iterator[tuple[int, Message, str | None]]:
+        """(UID, header fields, INTERNALDATE) of each message, fetched in chunks."""
         for i in range(0, len(uids), FETCH_CHUNK):
             self.transcript.note("UID FETCH")
             answer = self._c.fetch(list(uids[i : i + FETCH_CHUNK]), FETCH_ITEMS)
-            for data in answer.values():
+            for uid, data in answer.items():
                 raw = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER")), b"")
                 when = data.get(b"INTERNALDATE")
-                yield _headers(raw or b""), _internaldate(when)
+                yield uid, _headers(raw or b""), _internaldate(when)
+
+
+class CanaryEraser:
+    """The probe's one write: delete a verified canary copy, exactly its UID, nothing else.
+
+    Separate from `ReadOnlyImap` so no finding code can reach it; the daemon
+    opens it only in the canary mailboxes. A changed UIDVALIDITY means the UID
+    may name another message now, so the copy is left alone.
+    """
+
+    def __init__(self, client: Any, transcript: Transcript):
+        self._c = client
+        self.transcript = transcript
+
+    def delete(self, found: Found) -> bool:
+        """True when the copy was expunged; False when its folder's UIDs changed meanwhile."""
+        self.transcript.note("SELECT")
+        answer = self._c.select_folder(found.name, readonly=False)
+        if found.uidvalidity is not None and _uidvalidity(answer) != found.uidvalidity:
+            return False
+        self.transcript.note("UID STORE")
+        self._c.add_flags([found.uid], [b"\\Deleted"], silent=True)
+        if b"UIDPLUS" in tuple(self._c.capabilities()):
+            self.transcript.note("UID EXPUNGE")
+            self._c.uid_expunge([found.uid])
+        else:  # also expunges whatever else was marked \Deleted in that folder
+            self.transcript.note("EXPUNGE")
+            self._c.expunge()
+        return True
+
+
+def _uidvalidity(answer: Any) -> int | None:
+    value = answer.get(b"UIDVALIDITY") if isinstance(answer, dict) else None
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int | bytes | str) else None
 
 
 def _headers(raw: bytes) -> Message:
@@ -258,6 +303,14 @@ class ImapSession:
         with mapped_errors():
             return _Finder(self.imap, folders, wanted).run()
 
+    def delete(self, copies: Sequence[Found]) -> int:
+        """Delete these found copies (canaries, in a canary mailbox); how many went."""
+        assert self.imap is not None
+        eraser = CanaryEraser(self._client, self.transcript)
+        self.imap.selected = None  # read-only again before any later EXAMINE
+        with mapped_errors():
+            return sum(eraser.delete(f) for f in copies)
+
 
 class _Finder:
     def __init__(self, imap: ReadOnlyImap | None, folders: Folders, wanted: Sequence[Wanted]):
@@ -277,8 +330,13 @@ class _Finder:
             self.sweep()
         return self.found
 
-    def _take(self, w: Wanted, name: str, kind: str, match: str, h: Message, t: str | None) -> None:
-        self.found[w.key] = Found(kind, name, match, t, parse_verdict(h))
+    def _take(self, w: Wanted, name: str, kind: str, match: str, hit: Hit) -> None:
+        uid, h, t = hit
+        canary = h.get("X-Relay-Canary")
+        self.found[w.key] = Found(
+            kind, name, match, t, parse_verdict(h), uid, self.imap.uidvalidity,
+            None if canary is None else str(canary).strip(),
+        )  # fmt: skip
         del self.todo[w.key]
 
     def search_each(self, kinds: Sequence[str]) -> None:
@@ -294,9 +352,9 @@ class _Finder:
                 else:
                     uids = self.imap.search(["HEADER", "X-Relay-Trace", w.trace])
                     match = "trace"
-                for headers, when in self.imap.fetch_headers(uids) if uids else ():
-                    if w.trace in _traces(headers):
-                        self._take(w, name, kind, match, headers, when)
+                for hit in self.imap.fetch_headers(uids) if uids else ():
+                    if w.trace in _traces(hit[1]):
+                        self._take(w, name, kind, match, hit)
                         break
 
     def _by_message_id(self, message_id: str) -> list[int]:
@@ -313,10 +371,10 @@ class _Finder:
             since = min(w.since for w in self.todo.values())
             self.imap.examine(name)
             uids = self.imap.search(["SINCE", since])
-            for headers, when in self.imap.fetch_headers(uids):
-                for trace in _traces(headers) & by_trace.keys():
+            for hit in self.imap.fetch_headers(uids):
+                for trace in _traces(hit[1]) & by_trace.keys():
                     w = by_trace.pop(trace)
-                    self._take(w, name, kind, "sweep", headers, when)
+                    self._take(w, name, kind, "sweep", hit)
 
 
 def _detail(exc: BaseException) -> str:

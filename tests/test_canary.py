@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import json
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from relay import config
 from relay.canary import CANARY_HEADER
 from relay.canary.sender import CanarySender, route_issues
 from relay.report.canaries import canary_report
+from relay.report.html import render_html
 from relay.report.logs import build_report
 from relay.report.placement import attach_placement
 from relay.report.text import render_text
@@ -146,6 +148,13 @@ async def test_report_keeps_canaries_out_of_pilot_figures_and_shows_them_apart(
     text = render_text(rep)
     assert "Canaries (messages the relay sent itself" in text
     assert "legacy 2 1 1 0 0 1 30.5 s / 30.5 s / 30.5 s" in " ".join(text.split())
+    page = render_html(rep)
+    assert page.index('id="canaries"') > page.index('id="authentication"')  # after the tables
+    rows = re.findall(r"<tr><td class=\"p-(\w+)\">.*?</tr>", page.split('id="canary-table"')[1])
+    cells = re.findall(r'<td class="num">([^<]*)</td>', page.split('id="canary-table"')[1])
+    assert rows[:2] == ["legacy", "new"]
+    assert cells[:9] == ["2", "1", "1", "0", "0", "1", "30.5 s", "30.5 s", "30.5 s"]
+    assert cells[9:18] == ["2", "1", "0", "1", "0", "1", "90 s", "90 s", "90 s"]
 
 
 def test_relay_check_refuses_unrouted_canary_mailboxes(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relay.report.model import ReportError
@@ -126,3 +127,37 @@ def read_events(paths: Iterable[str | os.PathLike[str]]) -> Iterator[dict[str, A
                     continue
                 if isinstance(ev, dict):
                     yield ev
+
+
+class LineCounts(Protocol):
+    """What a log reader counts: the delivery report's InputStats, placement's report."""
+
+    files: list[str]
+    lines: int
+    corrupt_lines: int
+    errors: list[str]
+
+
+def read_counted(path: str, counts: LineCounts, handle: Callable[[dict[str, Any]], bool]) -> None:
+    """Feed every JSON object line of one log to `handle`, counting lines, corrupt lines
+    (unparsable, not an object, or refused by `handle`) and unreadable files, the way
+    every report section counts its inputs."""
+    counts.files.append(path)
+    loads = json.JSONDecoder().decode
+    try:
+        with open_log(path) as f:
+            for raw in f:
+                counts.lines += 1
+                try:
+                    ev = loads(raw.decode())
+                except ValueError:  # also UnicodeDecodeError
+                    if raw.strip():
+                        counts.corrupt_lines += 1
+                    continue
+                if type(ev) is not dict or not handle(ev):
+                    counts.corrupt_lines += 1
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        counts.corrupt_lines += 1
+        counts.errors.append(f"{path}: truncated or corrupt gzip data ({exc})")
+    except OSError as exc:
+        counts.errors.append(f"{path}: {exc.strerror or exc}")

@@ -19,10 +19,7 @@ See docs/report.md.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import zlib
 from array import array
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
@@ -44,10 +41,10 @@ from relay.report.figures import (
 from relay.report.inputs import (
     check_inputs,
     check_tz,
-    open_log,
     order_inputs,
     parse_bound,
     parse_ts,
+    read_counted,
 )
 from relay.report.model import (
     J_PENDING,
@@ -134,27 +131,7 @@ class _Builder:
     # -- reading
 
     def read(self, path: str) -> None:
-        self.stats.files.append(path)
-        loads = json.JSONDecoder().decode
-        handle = self._event
-        stats = self.stats
-        try:
-            with open_log(path) as f:
-                for raw in f:
-                    stats.lines += 1
-                    try:
-                        ev = loads(raw.decode())
-                    except ValueError:  # also UnicodeDecodeError
-                        if raw.strip():
-                            stats.corrupt_lines += 1
-                        continue
-                    if type(ev) is not dict or not handle(ev):
-                        stats.corrupt_lines += 1
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            stats.corrupt_lines += 1
-            stats.errors.append(f"{path}: truncated or corrupt gzip data ({exc})")
-        except OSError as exc:
-            stats.errors.append(f"{path}: {exc.strerror or exc}")
+        read_counted(path, self.stats, self._event)
 
     def _event(self, ev: dict[str, Any]) -> bool:
         """Apply one decoded line; False if it is not a valid event."""

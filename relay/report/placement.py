@@ -16,10 +16,7 @@ when the placement events carry the relay's verdicts). See docs/report.md.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -27,7 +24,7 @@ from typing import Any
 
 from relay.report.canaries import is_canary
 from relay.report.format import fmt_pct
-from relay.report.inputs import check_inputs, open_log, order_inputs, parse_ts
+from relay.report.inputs import check_inputs, order_inputs, parse_ts, read_counted
 from relay.report.model import (
     PROVIDERS,
     VERDICT_INSUFFICIENT,
@@ -193,28 +190,15 @@ class _Reader:
         self.out = PlacementReport(files=[])
 
     def read(self, path: str) -> None:
-        out = self.out
-        out.files.append(path)
-        try:
-            with open_log(path) as f:
-                for raw in f:
-                    out.lines += 1
-                    try:
-                        ev = json.loads(raw)
-                    except ValueError:
-                        if raw.strip():
-                            out.corrupt_lines += 1
-                        continue
-                    if _valid(ev):
-                        out.events += 1
-                        self._event(ev)
-                    elif not (isinstance(ev, dict) and ev.get("event") != "placement"):
-                        out.corrupt_lines += 1
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            out.corrupt_lines += 1
-            out.errors.append(f"{path}: truncated or corrupt gzip data ({exc})")
-        except OSError as exc:
-            out.errors.append(f"{path}: {exc.strerror or exc}")
+        read_counted(path, self.out, self._line)
+
+    def _line(self, ev: dict[str, Any]) -> bool:
+        """A placement event is counted and folded; another event kind is no error."""
+        if _valid(ev):
+            self.out.events += 1
+            self._event(ev)
+            return True
+        return ev.get("event") != "placement"
 
     def _in_window(self, ev: dict[str, Any]) -> bool:
         if is_canary(ev):  # the Canaries section's (relay/report/canaries.py)

@@ -35,6 +35,19 @@ from relay.yamldoc import dotted as _dotted
 from relay.yamldoc import pydantic_issues as _pydantic_issues
 from relay.yamldoc import read_yaml as _read_yaml
 
+AUTO_WORKERS_MAX = 16
+
+
+def auto_workers() -> int:
+    """`workers: auto`: the CPUs this process may use (its affinity mask, as a
+    container's cpuset sets it), capped; docs/performance.md has what it buys."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, AUTO_WORKERS_MAX))
+
+
 TlsMode = Literal["none", "starttls", "required", "implicit"]
 PilotMode = Literal["dual", "new-only", "legacy-only"]
 
@@ -270,6 +283,8 @@ class RelaySettings(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     dns: DnsSettings = DnsSettings()
     auth: AuthSettings = AuthSettings()
+    # "auto": one process per CPU this process may run on (at most AUTO_WORKERS_MAX),
+    # resolved when the file is read; 1 when listen.port is 0 (nothing to share)
     workers: int = Field(1, ge=1, le=64)
     pid_file: Path | None = None
     log_buffer: int = Field(10_000, ge=0)
@@ -277,6 +292,15 @@ class RelaySettings(_Strict):
     archive: ArchiveSettings = ArchiveSettings()
     placement: PlacementSettings = PlacementSettings()
     canary: CanarySettings = CanarySettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_workers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("workers", "auto") == "auto":
+            listen = data.get("listen")
+            port = listen.get("port", 2525) if isinstance(listen, dict) else 2525
+            data = {**data, "workers": auto_workers() if port else 1}
+        return data
 
     @field_validator("domains")
     @classmethod

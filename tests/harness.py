@@ -204,6 +204,7 @@ def relay_settings(
         "shutdown_timeout": 2,
         "limits": {"min_free_space": 0},
         "metrics": {"host": "127.0.0.1", "port": 0},
+        "workers": 1,  # tests look into spool/queue/; tests/test_workers.py runs N
     }
     for override in overrides:
         settings = merged(settings, override)

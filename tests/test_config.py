@@ -158,3 +158,20 @@ def test_shipped_config_is_valid() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert PILOTS  # the fixture file mirrors the shipped one plus a legacy-only entry
+
+
+def test_workers_auto_is_the_default_one_per_usable_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shipped default uses every CPU the process may run on (its affinity mask),
+    capped; a relay on port 0 (tests, the demo) has no port to share and runs one."""
+    base = {"domains": ["example.com"]}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2})
+    assert config.RelaySettings.model_validate(base).workers == 3
+    assert config.RelaySettings.model_validate({**base, "workers": "auto"}).workers == 3
+    assert config.RelaySettings.model_validate({**base, "listen": {"port": 0}}).workers == 1
+    assert config.RelaySettings.model_validate({**base, "workers": 2}).workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    assert config.RelaySettings.model_validate(base).workers == config.AUTO_WORKERS_MAX
+    with pytest.raises(ValueError, match="workers"):
+        config.RelaySettings.model_validate({**base, "workers": "many"})

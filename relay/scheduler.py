@@ -214,7 +214,7 @@ class Scheduler:
         """At start: queue what is unfinished, tidy away what a crash left finished."""
         for s in stored:
             if not self.add(s.queue_id, s.envelope, s.states):
-                self.spool.remove(s.queue_id)
+                self.spool.remove_now(s.queue_id)
 
     def _push(self, msg: Message, provider: Provider) -> None:
         open_ = msg.open(provider)
@@ -416,7 +416,7 @@ class Scheduler:
     async def _finish(self, msg: Message) -> None:
         """Remove a message whose deliveries are all final, once nothing records for it."""
         if msg.done and msg.busy == 0 and self.messages.pop(msg.queue_id, None) is not None:
-            await asyncio.to_thread(self.spool.remove, msg.queue_id)
+            await self.spool.remove(msg.queue_id)
 
     async def _send(self, msg: Message, provider: Provider, batch: list[DeliveryState]) -> Attempt:
         rcpts = [d.plan.delivered_to for d in batch]

@@ -11,9 +11,9 @@ Layout (see docs/spool.md for why):
                        format; the spool names the file, so each spool has its own)
 
 Durability is by group commit: every message that finished DATA while the
-previous batch was being synced is written, fdatasync'd and renamed in one
-thread call that ends with a single fsync of the queue directory. The 250 is
-sent only after that call returned.
+previous batch was being synced is written, fdatasync'd and renamed by the
+spool's writing thread in one batch that ends with a single fsync of the
+queue directory. The 250 is sent only after that batch is done.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import secrets
 import shutil
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -86,12 +87,58 @@ class Stored:
 
 @dataclass
 class _Job:
-    kind: str  # "msg" | "state"
+    kind: str  # "msg" | "state" | "remove"
     future: asyncio.Future[None]
     incoming: Incoming | None = None
     envelope: bytes = b""
     queue_id: str = ""
     lines: bytes = b""
+
+
+class _Committer(threading.Thread):
+    """The spool's one writing thread: it takes every job queued while it was busy
+    as one batch and answers the loop once per batch (one wake-up each way, not a
+    thread hop per message: under load the hops' futex traffic cost more CPU
+    than the writes; docs/performance.md)."""
+
+    def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop):
+        super().__init__(name="spool-commit", daemon=True)
+        self.spool = spool
+        self.loop = loop
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+
+    def put(self, job: _Job) -> None:
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        """Commit what was queued, then end (called in a thread: it waits)."""
+        self.jobs.put(None)
+        self.join()
+
+    def run(self) -> None:
+        last = False
+        while not last:
+            batch: list[_Job] = []
+            item = self.jobs.get()
+            while True:
+                if item is None:
+                    last = True
+                else:
+                    batch.append(item)
+                try:
+                    item = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+            if not batch:
+                continue
+            try:
+                errors = self.spool._commit_batch(batch)
+            except Exception as exc:  # a bug: fail the batch rather than hang its waiters
+                errors = [exc] * len(batch)
+            try:
+                self.loop.call_soon_threadsafe(self.spool._settle, batch, errors)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
 
 
 class Spool:
@@ -101,12 +148,9 @@ class Spool:
         self.corrupt = root / "corrupt"
         self.control = root / "control"
         self.verify_cache = root / "verify.cache"
-        self._jobs: list[_Job] = []
-        self._wake: asyncio.Event | None = None
-        self._committer: asyncio.Task[None] | None = None
+        self._committer: _Committer | None = None
         self._free: tuple[float, int] = (0.0, 0)
         self._stopping = False
-        self._sync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
         # other directories whose disk must keep `min_free_space` too (the archive)
         self.also_on_disk: tuple[Path, ...] = ()
         # test seam: called with the path after each fdatasync/fsync returns
@@ -121,20 +165,15 @@ class Spool:
     async def start(self) -> None:
         await asyncio.to_thread(self.create)
         self._stopping = False
-        self._wake = asyncio.Event()
-        self._committer = asyncio.create_task(self._commit_loop(), name="spool-commit")
+        self._committer = _Committer(self, asyncio.get_running_loop())
+        self._committer.start()
 
     async def stop(self) -> None:
         """Commit what was submitted (its waiters get their answer), then stop."""
         self._stopping = True
-        if self._committer:
-            assert self._wake is not None
-            self._wake.set()
-            try:
-                await self._committer
-            finally:
-                self._committer = None
-                self._sync_pool.shutdown(wait=False)
+        committer, self._committer = self._committer, None
+        if committer is not None:
+            await asyncio.to_thread(committer.finish)
 
     def free_space(self) -> int:
         """Bytes free on the fullest of the disks the relay writes messages to."""
@@ -202,54 +241,51 @@ class Spool:
         lines = b"".join(s.to_line() for s in states)
         await self._submit(_Job("state", self._future(), queue_id=queue_id, lines=lines))
 
+    async def remove(self, queue_id: str) -> None:
+        """Every delivery is final: the message leaves the queue (after the state
+        changes submitted before, in the same thread; docs/spool.md)."""
+        await self._submit(_Job("remove", self._future(), queue_id=queue_id))
+
     def _future(self) -> asyncio.Future[None]:
         return asyncio.get_running_loop().create_future()
 
     async def _submit(self, job: _Job) -> None:
-        assert self._wake is not None, "spool not started"
-        if self._stopping:
-            raise SpoolError("spool stopped")
-        self._jobs.append(job)
-        self._wake.set()
+        if self._committer is None:
+            raise SpoolError("spool stopped" if self._stopping else "spool not started")
+        self._committer.put(job)
         await job.future
 
-    async def _commit_loop(self) -> None:
-        """One batch at a time: all that was submitted while the last one synced."""
-        assert self._wake is not None
-        while not (self._stopping and not self._jobs):
-            if not self._jobs:
-                await self._wake.wait()
-            self._wake.clear()
-            jobs, self._jobs = self._jobs, []
-            if not jobs:
+    def _settle(self, jobs: list[_Job], errors: list[Exception | None]) -> None:
+        """On the loop, once per batch: each waiter gets its answer."""
+        if any(errors):
+            self._free = (0.0, 0)  # look at the disk again before the next MAIL
+        for job, err in zip(jobs, errors, strict=True):
+            if job.future.done():  # its waiter was cancelled
                 continue
-            try:
-                errors = await asyncio.to_thread(self._commit_batch, jobs)
-            except Exception as exc:  # a failed directory sync fails the whole batch
-                errors = [exc] * len(jobs)
-            if any(errors):
-                self._free = (0.0, 0)  # look at the disk again before the next MAIL
-            for job, err in zip(jobs, errors, strict=True):
-                if job.future.done():
-                    continue
-                if err is None:
-                    job.future.set_result(None)
-                else:
-                    job.future.set_exception(SpoolError(str(err)))
+            if err is None:
+                job.future.set_result(None)
+            else:
+                job.future.set_exception(SpoolError(str(err)))
 
     def _synced(self, path: Path) -> None:
         if self.on_sync:
             self.on_sync(path)
 
     def _commit_batch(self, jobs: list[_Job]) -> list[Exception | None]:
-        """Sync every file of the batch concurrently, then the directory once.
+        """Write and sync every file of the batch, then the directory once.
 
-        Concurrent fdatasyncs share ext4 journal commits: measured here, 20 files
-        take 2.3 ms this way against 5.3 ms one after the other. A message's state
-        changes in one batch are one append, in the order they were recorded.
+        One after the other, in this thread: syncing concurrently from a pool
+        shares ext4 journal commits (20 files: 2.3 ms against 5.3 ms), but its
+        thread hops cost more CPU than the waits (docs/performance.md). A
+        message's state changes in one batch are one append, in the order they
+        were recorded; removals come last, after every append.
         """
         units: dict[str, list[_Job]] = {}
+        removals: list[_Job] = []
         for job in jobs:
+            if job.kind == "remove":
+                removals.append(job)
+                continue
             key = f"msg:{id(job)}" if job.kind == "msg" else f"state:{job.queue_id}"
             units.setdefault(key, []).append(job)
         failed: dict[int, Exception] = {}
@@ -264,10 +300,19 @@ class Spool:
                 for job in unit:
                     failed[id(job)] = exc
 
-        list(self._sync_pool.map(run, units.values()))
-        if len(failed) < len(jobs):
-            fsync_dir(self.queue)
-            self._synced(self.queue)
+        for unit in units.values():
+            run(unit)
+        if units and len(failed) < len(units):
+            try:
+                fsync_dir(self.queue)
+                self._synced(self.queue)
+            except OSError as exc:  # a failed directory sync fails the whole batch
+                failed.update((id(job), exc) for job in jobs if job.kind != "remove")
+        for job in removals:
+            try:
+                self.remove_now(job.queue_id)
+            except OSError as exc:
+                failed[id(job)] = exc
         return [failed.get(id(job)) for job in jobs]
 
     def _commit_message(self, job: _Job) -> None:
@@ -392,8 +437,9 @@ class Spool:
             if src.exists():
                 shutil.move(src, self.corrupt / src.name)
 
-    def remove(self, queue_id: str) -> None:
-        """Every delivery is final: the message leaves the queue."""
+    def remove_now(self, queue_id: str) -> None:
+        """Remove a finished message's files here and now (recovery, before the
+        writing thread runs; while it runs, `remove` goes through it)."""
         (self.queue / f"{queue_id}.msg").unlink(missing_ok=True)
         (self.queue / f"{queue_id}.state").unlink(missing_ok=True)
 

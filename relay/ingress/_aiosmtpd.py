@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -118,6 +119,11 @@ class _CachedIntrospection:
 
 
 _introspection = _CachedIntrospection()
+# `<dot-atom@dot-atom>` in ASCII with no comment after it: the path nearly every
+# MAIL and RCPT carries, for which the `email` header parser (aiosmtpd's
+# `_getaddr`: 12 % of the loop's time under load) gives this same answer.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 _Command = Callable[[Any, str | None], Awaitable[None]]
 _announcing_by_class: dict[type, dict[str, _Command]] = {}
 
@@ -175,6 +181,18 @@ class AiosmtpdSMTP(SMTP):
 
     def on_command(self, name: str) -> None:
         """A recognised command starts; the idle timer has just been restarted for it."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # `_getaddr`: how aiosmtpd's MAIL and RCPT take the path from their argument
+        # (address, rest); the common case is answered without `email`'s parser,
+        # with the same result and the same local-part limit (tests/test_ingress_paths.py).
+        m = _SIMPLE_PATH.match(arg) if arg else None
+        if m is None or "(" in arg[m.end() :]:
+            return super()._getaddr(arg)
+        address = m.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg[m.end() :].lstrip(" \t")
 
     def _create_envelope(self) -> DsnEnvelope:
         # `_create_envelope`: where aiosmtpd makes each transaction's envelope (at

@@ -60,8 +60,10 @@ class DataParser:
             return b""
         block, self._pending = buf[: last + 1], buf[last + 1 :]
         out = self._fast(block)
-        if out is None:
-            out = self._lines(block)
+        if out is None:  # the plain lines before the first dot-line, then line by line
+            cut = block.find(b"\n.") + 1  # the terminator, at least, is one
+            head = self._fast(block[:cut]) if cut > 0 else None
+            out = self._lines(block) if head is None else head + self._lines(block[cut:])
         received = len(chunk) - (len(self.rest) + 3 if self.done else 0)
         self._count(received)
         return b"" if self.error is not None else out

@@ -1,4 +1,5 @@
-"""The ingress's fast path for MAIL/RCPT paths gives what aiosmtpd's own parser gives."""
+"""The fast paths for plain mailboxes give what the libraries' own parsers give: the
+ingress's MAIL/RCPT paths (aiosmtpd's `_getaddr`) and egress quoting (aiosmtplib's)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP
+from aiosmtplib.email import quote_address as aiosmtplib_quote
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.delivery._aiosmtplib import quote_address
 from relay.ingress._aiosmtpd import AiosmtpdSMTP
 
 
@@ -60,3 +63,25 @@ def test_local_part_limit_is_kept() -> None:
 @given(st.text(alphabet='ab.@<>()[] \t"+-=_1', max_size=30))
 def test_same_answer_for_any_argument(arg: str) -> None:
     assert ours(arg) == theirs(arg)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["", "alice@example.com", "a.b+c@sub.example.com", "A!#$%&'*+/=?^_`{|}~-@EXAMPLE.COM",
+     '"a b"@example.com', "a..b@example.com", "ä@example.com", "a@[127.0.0.1]", "x"],
+)  # fmt: skip
+def test_egress_quoting_same_as_aiosmtplib(address: str) -> None:
+    assert quote_address(address) == aiosmtplib_quote(address)
+
+
+def test_egress_quoting_still_refuses_what_could_inject() -> None:
+    with pytest.raises(ValueError, match="not permitted"):
+        quote_address("a b@example.com")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet='ab.@<>()[] \t"+-=_1\r\n', max_size=30))
+def test_egress_quoting_same_for_any_address(address: str) -> None:
+    assert _outcome(lambda _, a: quote_address(a), address, 0) == _outcome(
+        lambda _, a: aiosmtplib_quote(a), address, 0
+    )

@@ -285,9 +285,10 @@ class Scheduler:
                 )
                 self._in_flight.add(task)
                 task.add_done_callback(functools.partial(self._attempt_done, msg.queue_id))
-                # asyncio.wait, unlike awaiting the task, leaves the attempt running when
-                # drain() cancels this worker: attempts in flight may finish.
-                await asyncio.wait((task, sent), return_when=asyncio.FIRST_COMPLETED)
+                task.add_done_callback(functools.partial(_resolve, sent))  # never started
+                # `sent`, not the task: cancelling this worker (drain) leaves the
+                # attempt running, so attempts in flight may finish
+                await sent
 
     def _slot(self, provider: Provider) -> asyncio.Semaphore:
         """Connection slots per destination: with `bounce: null` DSNs go to the legacy
@@ -554,6 +555,11 @@ class Scheduler:
             msg.busy -= 1
         await self._finish(msg)
         return count
+
+
+def _resolve(future: asyncio.Future[None], _: object) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _reply_text(reply: Reply) -> str:

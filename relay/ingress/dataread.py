@@ -59,20 +59,22 @@ class DataParser:
             self._count(len(chunk))
             return b""
         block, self._pending = buf[: last + 1], buf[last + 1 :]
-        out = self._fast(block)
-        if out is None:  # the plain lines before the first dot-line, then line by line
-            cut = block.find(b"\n.") + 1  # the terminator, at least, is one
-            head = self._fast(block[:cut]) if cut > 0 else None
-            out = self._lines(block) if head is None else head + self._lines(block[cut:])
+        # the plain lines before the first line starting with "." (the terminator
+        # is one) pass as they are; from there on, line by line
+        cut = block.find(b"\n.") + 1
+        head = self._fast(block[:cut] if cut else block)
+        if head is None:
+            out = self._lines(block)
+        else:
+            out = head + self._lines(block[cut:]) if cut else head
         received = len(chunk) - (len(self.rest) + 3 if self.done else 0)
         self._count(received)
         return b"" if self.error is not None else out
 
     def _fast(self, block: bytes) -> bytes | None:
-        """The common case: CRLF lines, no leading dots, no long lines → the block as is."""
+        """The common case: CRLF lines, no long lines, no leading dot on the first line
+        (the caller cuts the block before any other) → the block as is."""
         if self._truncated or not self._prev_crlf or block.startswith(b"."):
-            return None
-        if b"\n." in block:
             return None
         n = block.count(b"\n")
         if block.count(b"\r\n") != n or block.count(b"\r") != n:

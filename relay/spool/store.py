@@ -154,7 +154,9 @@ class Spool:
         # other directories whose disk must keep `min_free_space` too (the archive)
         self.also_on_disk: tuple[Path, ...] = ()
         # test seam: called with the path after each fdatasync/fsync returns
-        self.on_sync: Callable[[Path], None] | None = None
+        self.on_sync: Callable[[str | Path], None] | None = None
+        self._dir = str(self.queue)  # hot-path file names are built as strings, not Paths
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- setup ---------------------------------------------------------------
 
@@ -165,7 +167,8 @@ class Spool:
     async def start(self) -> None:
         await asyncio.to_thread(self.create)
         self._stopping = False
-        self._committer = _Committer(self, asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self._committer = _Committer(self, self._loop)
         self._committer.start()
 
     async def stop(self) -> None:
@@ -247,7 +250,9 @@ class Spool:
         await self._submit(_Job("remove", self._future(), queue_id=queue_id))
 
     def _future(self) -> asyncio.Future[None]:
-        return asyncio.get_running_loop().create_future()
+        # the loop `start` ran in (asyncio.get_running_loop costs a getpid per call)
+        assert self._loop is not None, "spool not started"
+        return self._loop.create_future()
 
     async def _submit(self, job: _Job) -> None:
         if self._committer is None:
@@ -267,7 +272,7 @@ class Spool:
             else:
                 job.future.set_exception(SpoolError(str(err)))
 
-    def _synced(self, path: Path) -> None:
+    def _synced(self, path: str | Path) -> None:
         if self.on_sync:
             self.on_sync(path)
 
@@ -334,10 +339,10 @@ class Spool:
             msg.discard()
             raise
         msg.fh.close()
-        os.rename(msg.path, self.queue / f"{msg.queue_id}.msg")
+        os.rename(msg.path, self._file(msg.queue_id, ".msg"))
 
     def _append_state(self, queue_id: str, lines: bytes) -> None:
-        path = self.queue / f"{queue_id}.state"
+        path = self._file(queue_id, ".state")
         with open(path, "ab") as fh:
             fh.write(lines)
             fh.flush()
@@ -346,12 +351,15 @@ class Spool:
 
     # -- reading back ----------------------------------------------------------
 
+    def _file(self, queue_id: str, suffix: str) -> str:
+        return f"{self._dir}/{queue_id}{suffix}"
+
     def msg_path(self, queue_id: str) -> Path:
         return self.queue / f"{queue_id}.msg"
 
     def open_content(self, queue_id: str) -> tuple[BinaryIO, int]:
         """An open file positioned at the content, and the content's length."""
-        fh = open(self.msg_path(queue_id), "rb")  # noqa: SIM115 - caller closes
+        fh = open(self._file(queue_id, ".msg"), "rb")  # noqa: SIM115 - caller closes
         fh.seek(-FOOTER.size, os.SEEK_END)
         _, length, _, _, _ = FOOTER.unpack(fh.read(FOOTER.size))
         fh.seek(0)
@@ -440,8 +448,9 @@ class Spool:
     def remove_now(self, queue_id: str) -> None:
         """Remove a finished message's files here and now (recovery, before the
         writing thread runs; while it runs, `remove` goes through it)."""
-        (self.queue / f"{queue_id}.msg").unlink(missing_ok=True)
-        (self.queue / f"{queue_id}.state").unlink(missing_ok=True)
+        for suffix in (".msg", ".state"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file(queue_id, suffix))
 
 
 def fsync_dir(path: Path) -> None:

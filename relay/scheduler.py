@@ -434,13 +434,18 @@ class Scheduler:
             if provider == "archive":  # in a thread: encryption and fsync never block the loop
                 opener = functools.partial(self.spool.open_content, msg.queue_id)
                 return Attempt(dict.fromkeys(rcpts, await self.archiver(env, opener)))
-            # Streamed from the spool file in chunks, never whole (SPEC: bounded memory);
-            # a small message is read on the loop, cheaper than a thread hop.
-            content = await Content.open(
-                functools.partial(self.spool.open_content, msg.queue_id),
-                inline=env.size <= SMALL_MESSAGE,
-                prefix=env.prepended(provider),
-            )
+            # Streamed from the spool file in chunks, never whole (SPEC: bounded memory),
+            # unless the spool still holds it from its commit; a small message is read
+            # on the loop, cheaper than a thread hop.
+            held = self.spool.recent_content(msg.queue_id)
+            if held is not None:
+                content = Content.from_bytes(held, prefix=env.prepended(provider))
+            else:
+                content = await Content.open(
+                    functools.partial(self.spool.open_content, msg.queue_id),
+                    inline=env.size <= SMALL_MESSAGE,
+                    prefix=env.prepended(provider),
+                )
             try:
                 return await self.sender(
                     self.provider_settings(provider), env.mail_from, rcpts, content,

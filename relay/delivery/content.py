@@ -36,8 +36,8 @@ class Content:
         self._eight_bit: tuple[bool, bool] | None = None
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Content:
-        return cls(len(data), data)
+    def from_bytes(cls, data: bytes, prefix: bytes = b"") -> Content:
+        return cls(len(data), data, prefix=prefix)
 
     @classmethod
     async def open(

@@ -19,6 +19,7 @@ queue directory. The 250 is sent only after that batch is done.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import queue
@@ -38,6 +39,11 @@ from relay.records import Envelope, StateLine, parse_envelope, parse_state_line
 FOOTER = struct.Struct(">4sQIII")  # magic, content length, envelope length, crcs
 MAGIC = b"RLY1"
 WRITE_THRESHOLD = 1 << 20  # bytes buffered in memory before a threaded write
+# Contents of recently committed small messages kept in memory for their first
+# deliveries, so that neither provider's copy opens the file (two opens, footer
+# reads and preads per message); bounded, oldest dropped first.
+RECENT_MAX_MESSAGE = 256 * 1024
+RECENT_BYTES = 16 << 20
 
 
 class SpoolError(Exception):
@@ -90,6 +96,7 @@ class _Job:
     kind: str  # "msg" | "state" | "remove"
     future: asyncio.Future[None]
     incoming: Incoming | None = None
+    content: bytes | None = None  # a message's whole content, when it was all in memory
     envelope: bytes = b""
     queue_id: str = ""
     lines: bytes = b""
@@ -157,6 +164,8 @@ class Spool:
         self.on_sync: Callable[[str | Path], None] | None = None
         self._dir = str(self.queue)  # hot-path file names are built as strings, not Paths
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._recent_bytes = 0
 
     # -- setup ---------------------------------------------------------------
 
@@ -237,7 +246,28 @@ class Spool:
 
     async def commit(self, msg: Incoming, envelope: Envelope) -> None:
         """Make message + envelope durable; returns only once they are on disk."""
-        await self._submit(_Job("msg", self._future(), incoming=msg, envelope=envelope.to_json()))
+        whole = bytes(msg.buffer) if msg.fh is None else None
+        job = _Job("msg", self._future(), incoming=msg, content=whole, envelope=envelope.to_json())
+        await self._submit(job)
+        if whole is not None and len(whole) <= RECENT_MAX_MESSAGE:
+            self._remember(msg.queue_id, whole)
+
+    def _remember(self, queue_id: str, content: bytes) -> None:
+        self._recent[queue_id] = content
+        self._recent_bytes += len(content)
+        while self._recent_bytes > RECENT_BYTES:
+            _, dropped = self._recent.popitem(last=False)
+            self._recent_bytes -= len(dropped)
+
+    def _forget(self, queue_id: str) -> None:
+        content = self._recent.pop(queue_id, None)
+        if content is not None:
+            self._recent_bytes -= len(content)
+
+    def recent_content(self, queue_id: str) -> bytes | None:
+        """The content of a message committed lately, if it is still held in memory
+        (read from the loop only); else None, and `open_content` reads the file."""
+        return self._recent.get(queue_id)
 
     async def record(self, queue_id: str, states: list[StateLine]) -> None:
         """Append delivery state changes durably (batched like commits)."""
@@ -247,6 +277,7 @@ class Spool:
     async def remove(self, queue_id: str) -> None:
         """Every delivery is final: the message leaves the queue (after the state
         changes submitted before, in the same thread; docs/spool.md)."""
+        self._forget(queue_id)
         await self._submit(_Job("remove", self._future(), queue_id=queue_id))
 
     def _future(self) -> asyncio.Future[None]:
@@ -330,7 +361,8 @@ class Spool:
             footer = FOOTER.pack(
                 MAGIC, msg.size, len(job.envelope), msg.crc, zlib.crc32(job.envelope)
             )
-            fh.write(bytes(msg.buffer) + job.envelope + footer)
+            content = job.content if job.content is not None else bytes(msg.buffer)
+            fh.write(content + job.envelope + footer)
             msg.buffer.clear()
             fh.flush()
             os.fdatasync(fh.fileno())
@@ -343,10 +375,15 @@ class Spool:
 
     def _append_state(self, queue_id: str, lines: bytes) -> None:
         path = self._file(queue_id, ".state")
-        with open(path, "ab") as fh:
-            fh.write(lines)
-            fh.flush()
-            os.fdatasync(fh.fileno())
+        # os.open, not open(): no buffer object, isatty probe or seek per append
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(lines)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
         self._synced(path)
 
     # -- reading back ----------------------------------------------------------
@@ -440,6 +477,7 @@ class Spool:
             pass
 
     def quarantine(self, queue_id: str) -> None:
+        self._forget(queue_id)
         for suffix in (".msg", ".state"):
             src = self.queue / f"{queue_id}{suffix}"
             if src.exists():

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from relay import config
 from relay.archive.writer import ArchiveWriter, retention
@@ -39,6 +40,8 @@ from relay.startup import PidFile, StartupError, starting
 from relay.supervisor import EXIT_WORKER_STARTUP, FORWARDED, Supervisor, worker_config
 from relay.verify import RecipientCheck, RecipientList, Verifier
 from relay.verify.cache import VerifyCache
+
+_T = TypeVar("_T")
 
 
 class PilotList:
@@ -159,12 +162,23 @@ class Relay:
             except SpoolLocked as exc:
                 raise StartupError(f"spool {root}", str(exc)) from None
 
+    async def _recover(self) -> int:
+        """The spool's messages into the scheduler, RECOVERY_BATCH at a time read in a
+        thread: a deep queue is never in memory whole (docs/performance.md "Outage")."""
+        records = self.spool.recovery()
+        queued = 0
+        while batch := await asyncio.to_thread(_take, records, RECOVERY_BATCH):
+            for qid in (item for item in batch if isinstance(item, str)):
+                oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
+            queued += self.scheduler.recover(item for item in batch if not isinstance(item, str))
+        return queued
+
     async def _bounce(
         self, msg: Message, items: list[tuple[DeliveryState, Reply]], action: Action
     ) -> None:
         """The scheduler's `on_notice`: a DSN (the bouncer is built after the
         scheduler, since it queues the DSN with the scheduler's add)."""
-        await self.bouncer.bounce(msg.queue_id, msg.envelope, items, action)
+        await self.bouncer.bounce(msg.queue_id, msg.env, items, action)
 
     def reload(self) -> None:
         """SIGHUP: the pilot list and the recipients file read again."""
@@ -180,10 +194,7 @@ class Relay:
                 raise StartupError(f"spool {root}", "in use by another relay")
             if self.cfg.relay.workers == 1 and worker_roots(root):
                 await asyncio.to_thread(self._gather_workers)
-            stored, bad = await asyncio.to_thread(self.spool.recover)
-        for qid in bad:
-            oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
-        self.scheduler.recover(stored)
+            recovered = await self._recover()
         if self.archive:
             with starting(f"archive {self.archive.store.root}"):
                 await asyncio.to_thread(self.archive.start)
@@ -215,7 +226,7 @@ class Relay:
             canary = CanarySender(self.cfg.relay.canary, self.port, self.log.node)
             self._tasks.append(asyncio.create_task(canary.run(), name="canary"))
         self.started = True
-        oplog.info("relay started", port=self.port, node=self.log.node, recovered=len(stored))
+        oplog.info("relay started", port=self.port, node=self.log.node, recovered=recovered)
 
     async def stop(self) -> None:
         if self.stopped.is_set():
@@ -271,6 +282,13 @@ async def serve(cfg: config.Config, worker: int | None = None) -> int:
     if pid_file:
         pid_file.remove()
     return 0
+
+
+RECOVERY_BATCH = 1000  # spool records read per thread call at start
+
+
+def _take(items: Iterator[_T], n: int) -> list[_T]:
+    return list(itertools.islice(items, n))
 
 
 EXIT_STARTUP = 1  # `relay: WHAT: WHY` on stderr; a worker's own startup failure too

@@ -216,14 +216,14 @@ class Bouncer:
             return None
         failures = [
             Failure(
-                d.plan.rcpt,
+                d.entry.rcpt,
                 failure_status(d.status, reply.code, reply.enhanced),
-                self.remote_mta(d.plan.provider),
+                self.remote_mta(d.entry.provider),
                 f"{reply.code} {reply.text}" if reply.code else reply.text,
-                d.plan.orcpt,
+                d.entry.orcpt,
             )
             for d, reply in items
-            if d.plan.role == "primary"
+            if d.entry.role == "primary"
         ]
         if not failures:
             return None

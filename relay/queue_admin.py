@@ -53,7 +53,7 @@ def load_scheduler(settings: RelaySettings, spool: Spool, log: DeliveryLog) -> S
 
 def describe(msg: Message, now: float, full: bool = False) -> dict[str, Any]:
     """`relay queue list` (one line each) and `show` (`full`) as JSON."""
-    env = msg.envelope
+    env = msg.env  # offline: every message loaded (load_scheduler)
     by_provider: dict[str, dict[str, int]] = {}
     for d in msg.deliveries:
         counts = by_provider.setdefault(d.provider, {})
@@ -74,7 +74,7 @@ def describe(msg: Message, now: float, full: bool = False) -> dict[str, Any]:
         out["client_ip"] = env.client_ip
         out["size"] = env.size
         out["deliveries"] = [
-            {**d.plan.to_dict(), "status": d.status, "attempts": d.attempts,
+            {**d.entry.to_dict(), "status": d.status, "attempts": d.attempts,
              "next_attempt_in_s": round(max(0.0, d.due - now), 1) if not d.final else None,
              "last_reply": d.last}
             for d in msg.deliveries

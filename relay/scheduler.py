@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from relay import dsn, retry
 from relay.authhold import AuthHold
@@ -40,6 +40,9 @@ MAX_WAIT = 1.0
 # stay far below: at most max_recipients / recipients-per-transaction.
 LOOP_LIMIT = 20
 LOOP_WINDOW = 60.0
+# A message none of whose deliveries is due sooner than this is held in short form
+# (Message.shorten) until its next attempt reads the envelope back.
+SHORTEN_AFTER = 5.0
 # `provider: archive` has no SMTP host: only its number of concurrent writes is used
 ARCHIVE_SLOTS = ProviderSettings(host="(archive)", max_connections=16)
 
@@ -62,10 +65,13 @@ class Clock:
 
 @dataclass(slots=True)
 class DeliveryState:
-    """One plan entry's progress, as the state lines replayed so far say."""
+    """One plan entry's progress, as the state lines replayed so far say.
+
+    `plan` is None while its message is held in short form (`Message.short`)."""
 
     index: int
-    plan: PlanEntry
+    provider: Provider
+    plan: PlanEntry | None
     status: Status = "pending"
     attempts: int = 0
     due: float = 0.0
@@ -77,8 +83,10 @@ class DeliveryState:
         return self.status in FINAL
 
     @property
-    def provider(self) -> Provider:
-        return self.plan.provider
+    def entry(self) -> PlanEntry:
+        """The plan entry (its message is loaded: attempts, deletes and DSNs load it)."""
+        assert self.plan is not None, "message held in short form"
+        return self.plan
 
     def apply(self, line: StateLine) -> None:
         """Replay a recorded state change."""
@@ -95,27 +103,54 @@ class DeliveryState:
         return StateLine(self.index, self.status, self.attempts, self.due, self.last, self.warned)
 
 
-@dataclass
+_NONE: dict[str, Any] = {}  # the shared empty `locks`/`recent` (never changed in place)
+
+
+@dataclass(slots=True)
 class Message:
+    """A queued message. Between attempts it is held in short form (`short`): the
+    envelope and plan entries dropped, read back from the spool for its next
+    attempt, so that a deep queue (a provider down for hours) costs a few hundred
+    bytes a message (docs/performance.md "Outage")."""
+
     queue_id: str
-    envelope: Envelope
+    envelope: Envelope | None
     deliveries: list[DeliveryState]
-    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    received: float  # the envelope's received_epoch, kept in short form too
+    locks: dict[str, asyncio.Lock] = field(default_factory=lambda: _NONE)
     # attempts (and deletes) working on it: the last one out removes a finished
     # message, so no state line is appended after its files are gone
     busy: int = 0
     # monotonic start times of this process's recent attempts, per provider (LOOP_*)
-    recent: dict[str, list[float]] = field(default_factory=dict)
+    recent: dict[str, list[float]] = field(default_factory=lambda: _NONE)
 
     @property
-    def received(self) -> float:
-        return self.envelope.received_epoch
+    def env(self) -> Envelope:
+        assert self.envelope is not None, "message held in short form"
+        return self.envelope
 
     def open(self, provider: Provider) -> list[DeliveryState]:
         return [d for d in self.deliveries if d.provider == provider and not d.final]
 
     def lock(self, provider: Provider) -> asyncio.Lock:
-        return self.locks.setdefault(provider, asyncio.Lock())
+        if provider not in self.locks:
+            self.locks = {**self.locks, provider: asyncio.Lock()}
+        return self.locks[provider]
+
+    def load(self, envelope: Envelope) -> None:
+        """Back from short form, with the envelope read from the spool."""
+        self.envelope = envelope
+        for d in self.deliveries:
+            d.plan = envelope.plan[d.index]
+
+    def shorten(self, now: float) -> None:
+        """Drop what the spool holds (and what no attempt uses now): `busy` is 0."""
+        self.envelope = None
+        for d in self.deliveries:
+            d.plan = None
+        self.locks = _NONE
+        recent = {p: ts for p, ts in self.recent.items() if ts and now - ts[-1] < LOOP_WINDOW}
+        self.recent = recent or _NONE
 
     @property
     def done(self) -> bool:
@@ -196,10 +231,10 @@ class Scheduler:
 
         Returns False for a message whose deliveries are all final already.
         """
-        deliveries = [DeliveryState(i, p) for i, p in enumerate(envelope.plan)]
+        deliveries = [DeliveryState(i, p.provider, p) for i, p in enumerate(envelope.plan)]
         for line in states:  # parse_state_line checked each index against the plan
             deliveries[line.index].apply(line)
-        msg = Message(queue_id, envelope, deliveries)
+        msg = Message(queue_id, envelope, deliveries, envelope.received_epoch)
         for d in deliveries:
             if d.status == "pending":  # never tried: due since it arrived (FIFO with retries)
                 d.due = min(msg.received, self.clock.now())
@@ -210,11 +245,17 @@ class Scheduler:
             self._push(msg, provider)
         return True
 
-    def recover(self, stored: list[Stored]) -> None:
-        """At start: queue what is unfinished, tidy away what a crash left finished."""
+    def recover(self, stored: Iterable[Stored]) -> int:
+        """At start: queue what is unfinished (in short form: nothing is attempted
+        yet), tidy away what a crash left finished; returns how many were queued."""
+        queued = 0
         for s in stored:
-            if not self.add(s.queue_id, s.envelope, s.states):
+            if self.add(s.queue_id, s.envelope, s.states):
+                self.messages[s.queue_id].shorten(time.monotonic())
+                queued += 1
+            else:
                 self.spool.remove_now(s.queue_id)
+        return queued
 
     def _push(self, msg: Message, provider: Provider) -> None:
         open_ = msg.open(provider)
@@ -370,7 +411,7 @@ class Scheduler:
         try:
             async with msg.lock(provider):
                 batch = msg.open(provider)
-                if not batch:
+                if not batch or not await self._loaded(msg, batch):
                     return
                 if self._looping(msg, provider):
                     self._hold(msg, batch, "attempt loop: more than LOOP_LIMIT attempts")
@@ -394,12 +435,36 @@ class Scheduler:
                 await self._finish(msg)
             elif msg.queue_id in self.messages:
                 self._push(msg, provider)
+                self._maybe_shorten(msg)
+
+    async def _loaded(self, msg: Message, batch: list[DeliveryState]) -> bool:
+        """The message back from short form; False (the batch held) when the spool
+        cannot give its envelope back."""
+        if msg.envelope is not None:
+            return True
+        try:
+            envelope = await asyncio.to_thread(self.spool.load_envelope, msg.queue_id)
+        except (ValueError, OSError) as exc:
+            self._hold(msg, batch, f"envelope unreadable: {exc}")
+            return False
+        if msg.envelope is None:  # another attempt may have loaded it meanwhile
+            msg.load(envelope)
+        return True
+
+    def _maybe_shorten(self, msg: Message) -> None:
+        """Short form for a message nothing works on and none of whose deliveries is
+        due within SHORTEN_AFTER seconds (a deferral, not a quick retry)."""
+        if msg.busy or msg.envelope is None:
+            return
+        soon = self.clock.now() + SHORTEN_AFTER
+        if all(d.final or d.due > soon for d in msg.deliveries):
+            msg.shorten(time.monotonic())
 
     def _looping(self, msg: Message, provider: Provider) -> bool:
         now = time.monotonic()
         recent = [t for t in msg.recent.get(provider, ()) if now - t < LOOP_WINDOW]
         recent.append(now)
-        msg.recent[provider] = recent
+        msg.recent = {**msg.recent, provider: recent}
         return len(recent) > LOOP_LIMIT
 
     def _hold(
@@ -420,13 +485,13 @@ class Scheduler:
             await self.spool.remove(msg.queue_id)
 
     async def _send(self, msg: Message, provider: Provider, batch: list[DeliveryState]) -> Attempt:
-        rcpts = [d.plan.delivered_to for d in batch]
-        env = msg.envelope
+        rcpts = [d.entry.delivered_to for d in batch]
+        env = msg.env
         # RFC 3461 parameters, for a provider that offers DSN: a shadow (or replayed)
         # copy is NOTIFY=NEVER (as Postfix sends BCC copies), so it never bounces
         rcpt_options = {
-            d.plan.delivered_to: dsn.rcpt_options(
-                "NEVER" if d.plan.role != "primary" else d.plan.notify, d.plan.orcpt
+            d.entry.delivered_to: dsn.rcpt_options(
+                "NEVER" if d.entry.role != "primary" else d.entry.notify, d.entry.orcpt
             )
             for d in batch
         }
@@ -474,7 +539,7 @@ class Scheduler:
         states, events = [], []
         notices: dict[Action, list[tuple[DeliveryState, Reply]]] = {}
         for d in batch:
-            reply = result.replies.get(d.plan.delivered_to) or Reply(
+            reply = result.replies.get(d.entry.delivered_to) or Reply(
                 None, "no reply recorded for this recipient", "connect"
             )
             d.attempts += 1
@@ -486,8 +551,8 @@ class Scheduler:
             if decision.due is not None:
                 d.due = decision.due
             d.last = _reply_text(reply)
-            action = dsn.notice(d.plan, d.status, result.dsn, warn and not d.warned)
-            if action is not None and not msg.envelope.dsn:
+            action = dsn.notice(d.entry, d.status, result.dsn, warn and not d.warned)
+            if action is not None and not msg.env.dsn:
                 d.warned |= action == "delayed"
                 notices.setdefault(action, []).append((d, reply))
             states.append(d.line())
@@ -501,7 +566,7 @@ class Scheduler:
         latency = round((now - msg.received) * 1000)
         for d, reply in events:
             self.log.emit(
-                "delivery", queue_id=msg.queue_id, **d.plan.to_dict(), outcome=d.status,
+                "delivery", queue_id=msg.queue_id, **d.entry.to_dict(), outcome=d.status,
                 smtp_code=reply.code, enhanced_code=reply.enhanced,
                 smtp_response=reply.text, attempt=d.attempts, latency_ms=max(0, latency),
                 tls=result.tls, remote_id=result.remote_id if reply.ok else None,
@@ -547,6 +612,8 @@ class Scheduler:
             for p in providers:
                 async with msg.lock(p):
                     batch = msg.open(p)
+                    if batch and not await self._loaded(msg, batch):
+                        continue  # its envelope unreadable: held (and logged), not deleted
                     for d in batch:
                         d.status = "deleted"
                     if batch:
@@ -554,11 +621,12 @@ class Scheduler:
                             queue_id, [StateLine(d.index, "deleted", d.attempts) for d in batch]
                         )
                     for d in batch:
-                        self.log.emit("deleted", queue_id=queue_id, rcpt=d.plan.rcpt, provider=p)
+                        self.log.emit("deleted", queue_id=queue_id, rcpt=d.entry.rcpt, provider=p)
                     count += len(batch)
         finally:
             msg.busy -= 1
         await self._finish(msg)
+        self._maybe_shorten(msg)
         return count
 
 

@@ -447,22 +447,56 @@ class Spool:
 
     def recover(self) -> tuple[list[Stored], list[str]]:
         """Scan the spool at start: committed messages, and ids moved to corrupt/."""
+        good: list[Stored] = []
+        bad: list[str] = []
+        for item in self.recovery():
+            if isinstance(item, str):
+                bad.append(item)
+            else:
+                good.append(item)
+        return good, bad
+
+    def recovery(self) -> Iterator[Stored | str]:
+        """`recover` one message at a time, for a deep queue: each committed message,
+        or the id of one moved to corrupt/. Leftovers (`.tmp` files, state files
+        without a message) are tidied before the first."""
         self.create()
         for tmp in self.queue.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
-        good: list[Stored] = []
-        bad: list[str] = []
-        for qid in self.queue_ids():
+        ids = list(self.queue_ids())
+        known = set(ids)
+        for state in self.queue.glob("*.state"):
+            if state.stem not in known:
+                state.unlink(missing_ok=True)
+        for qid in ids:
             try:
                 self._trim_torn_state(qid)
-                good.append(self.load(qid))
+                stored = self.load(qid)
             except (ValueError, OSError):
-                bad.append(qid)
                 self.quarantine(qid)
-        for state in self.queue.glob("*.state"):
-            if not self.msg_path(state.stem).exists():
-                state.unlink(missing_ok=True)
-        return good, bad
+                yield qid
+            else:
+                yield stored
+
+    def load_envelope(self, queue_id: str) -> Envelope:
+        """A queued message's envelope alone (its footer and record, checksum checked):
+        what the scheduler reads back for a message it holds in short form."""
+        fd = os.open(self._file(queue_id, ".msg"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            total = os.fstat(fd).st_size
+            if total < FOOTER.size:
+                raise ValueError("shorter than its footer")
+            magic, clen, elen, _, ecrc = FOOTER.unpack(
+                os.pread(fd, FOOTER.size, total - FOOTER.size)
+            )
+            if magic != MAGIC or clen + elen + FOOTER.size != total:
+                raise ValueError("footer does not match the file")
+            env = os.pread(fd, elen, clen)
+        finally:
+            os.close(fd)
+        if len(env) != elen or zlib.crc32(env) != ecrc:
+            raise ValueError("checksum mismatch")
+        return parse_envelope(env)
 
     def _trim_torn_state(self, queue_id: str) -> None:
         """Cut a state file back to its last whole line, so that appends start clean."""

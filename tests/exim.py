@@ -12,10 +12,13 @@ One instance per module (`exim_fixture`): spool, logs and maildirs in a
 temporary folder, a plain port with STARTTLS and an implicit-TLS port
 (`tls_on_connect_ports`), a certificate from the suite's test CA. What it
 offers is switched per test by files (`Exim.switch`), read at each EHLO:
-`no-starttls` (tls_advertise_hosts empty), `no-smtputf8`. Its other rules:
+`no-starttls` (tls_advertise_hosts empty), `no-smtputf8`, `dsn` (DSN is
+offered only then, as in Exim's default). Its other rules:
 `recipients_max = 3` (more get Exim's bare `452 too many recipients`),
 `refused@` gets a multi-line `550` at RCPT, a message with a header
-`X-Test-Deny: yes` a multi-line `550` at DATA.
+`X-Test-Deny: yes` a multi-line `550` at DATA, and `disabled@` is accepted
+and then fails in routing (Exim then bounces to the sender, unless told
+NOTIFY=NEVER).
 
 Started with `-C`, Exim gives up root (the config is not in Debian's
 TRUSTED_CONFIG_LIST), so it runs, and delivers, as Debian-exim: a uid no
@@ -45,7 +48,7 @@ from tests.test_delivery import until
 PACKAGES = ("exim4-daemon-light", "exim4-base", "exim4-config", "libidn12")
 CACHE = Path(os.environ.get("RELAY_TEST_EXIM_CACHE", "/var/cache/relay-tests/exim"))
 DOMAINS = ("example-new.com", "dev.example-new.com")
-LOCAL_PARTS = ("alice", "robert", "jürgen", "refused", *(f"r{i}" for i in range(1, 7)))
+LOCAL_PARTS = ("alice", "robert", "jürgen", "refused", "disabled", *(f"r{i}" for i in range(1, 7)))
 HOSTNAME = "mx.exim.test"
 RECIPIENTS_MAX = 3
 
@@ -121,6 +124,7 @@ tls_certificate = {base}/etc/cert.pem
 tls_privatekey = {base}/etc/key.pem
 tls_advertise_hosts = ${{if exists{{{switch}/no-starttls}}{{}}{{*}}}}
 smtputf8_advertise_hosts = ${{if exists{{{switch}/no-smtputf8}}{{}}{{*}}}}
+dsn_advertise_hosts = ${{if exists{{{switch}/dsn}}{{*}}{{}}}}
 recipients_max = {RECIPIENTS_MAX}
 message_size_limit = 50M
 host_lookup =
@@ -142,6 +146,12 @@ acl_data:
   accept
 
 begin routers
+disabled:
+  driver = redirect
+  domains = +local_domains
+  local_parts = disabled
+  allow_fail
+  data = :fail: 5.2.1 mailbox disabled
 mailbox:
   driver = accept
   domains = +local_domains
@@ -225,7 +235,7 @@ class Exim:
 
     @contextlib.contextmanager
     def switch(self, name: str) -> Iterator[None]:
-        """Turn on a switch of the config (`no-starttls`, `no-smtputf8`) for a block."""
+        """Turn on a switch of the config (`no-starttls`, `no-smtputf8`, `dsn`) for a block."""
         flag = self.base / "switch" / name
         flag.touch()
         try:

@@ -11,6 +11,7 @@ SMTPUTF8 off per test. The fidelity matrix through Exim is in test_fidelity.py.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -251,3 +252,37 @@ async def test_smtputf8_not_offered_by_exim(make_env: Factory, exim: Exim) -> No
     await env.wait_events(2, provider="legacy", outcome="delivered", timeout=30)
     await env.idle()
     assert env.bounce.messages == []
+
+
+@pytest.mark.parametrize("dsn", [True, False], ids=["dsn-offered", "no-dsn"])
+async def test_shadow_copy_failing_inside_exim_bounces_only_without_dsn(
+    make_env: Factory, exim: Exim, dsn: bool
+) -> None:
+    """Exim accepts the shadow copy, then fails the mailbox in routing. Offering DSN,
+    it got NOTIFY=NEVER and makes no bounce; without DSN the relay cannot ask, and
+    Exim bounces to the sender (the limit SPEC's "when its provider offers DSN" means)."""
+    env = await with_exim(make_env, exim)
+    tag = env.marker()
+    with exim.switch("dsn") if dsn else contextlib.nullcontext():
+        await env.send(["disabled@dev.example.com"], data=message(tag))
+        [event] = await env.wait_events(1, provider="new", outcome="delivered", timeout=30)
+    [line] = arrivals(exim, tag)
+    ident = exim_id(line)
+    failed = await until(
+        lambda: [x for x in exim.log_of(ident) if f" {ident} ** disabled@dev.example-new.com" in x],
+        30, "Exim's failure of the address",
+    )  # fmt: skip
+    assert "R=disabled: 5.2.1 mailbox disabled" in failed[0]
+    ignored = (
+        f" {ident} disabled@dev.example-new.com: "
+        "error ignored: RFC 3461 DSN, failure notify not requested"
+    )
+    bounce = f" <= <> R={ident} "
+    await until(lambda: any(" Completed" in x for x in exim.log_of(ident)), 30, "Completed")
+    if dsn:
+        assert any(ignored in x for x in exim.log_of(ident)), exim.log_of(ident)
+        assert bounce not in exim.mainlog
+    else:  # Exim's bounce to the sender is logged after the original's Completed
+        await until(lambda: bounce in exim.mainlog, 30, "Exim's bounce to the sender")
+        assert not any(ignored in x for x in exim.log_of(ident))
+    assert event["remote_id"] == ident and env.bounce.messages == []

@@ -47,8 +47,16 @@ from tests.test_delivery import until
 
 PACKAGES = ("exim4-daemon-light", "exim4-base", "exim4-config", "libidn12")
 CACHE = Path(os.environ.get("RELAY_TEST_EXIM_CACHE", "/var/cache/relay-tests/exim"))
-DOMAINS = ("example-new.com", "dev.example-new.com")
-LOCAL_PARTS = ("alice", "robert", "jürgen", "refused", "disabled", *(f"r{i}" for i in range(1, 7)))
+DOMAINS = ("example.com", "example-new.com", "dev.example-new.com")  # legacy's, new's
+LOCAL_PARTS = (
+    "alice",
+    "zed",
+    "robert",
+    "jürgen",
+    "refused",
+    "disabled",
+    *(f"r{i}" for i in range(1, 7)),
+)
 HOSTNAME = "mx.exim.test"
 RECIPIENTS_MAX = 3
 

@@ -21,6 +21,7 @@ from relay.testing import Provider
 from tests import exim as exim_helpers
 from tests import test_delivery
 from tests.exim import Exim
+from tests.harness import RawClient
 from tests.test_delivery import SENDER, Env, Factory, copies, until
 
 make_env = test_delivery.make_env  # the relay-in-process fixture, shared
@@ -152,33 +153,65 @@ async def test_bare_452_too_many_recipients_sends_the_rest_at_once(
         await exim.stored(f"r{i}@dev.example-new.com", f"<{tag}@exim.test>".encode())
 
 
-async def test_exim_down_while_mail_flows_loses_nothing(make_env: Factory, exim: Exim) -> None:
-    """Exim stopped between messages: its copies are deferred and stay queued (legacy's
-    go on), and after Exim's restart and the retry each is in its maildir exactly once."""
-    env = await with_exim(make_env, exim)
+@pytest.mark.parametrize("role", ["new", "legacy"])
+async def test_exim_down_while_mail_flows_loses_nothing(
+    make_env: Factory, exim: Exim, role: str
+) -> None:
+    """Exim (as `new`, or as `legacy` with the primary copies) stopped between messages:
+    its copies are deferred and stay queued while the other provider's go on; after
+    Exim's restart and the retry each is in its maildir exactly once, no DSN sent."""
+    if role == "new":
+        env, other, mailbox = await with_exim(make_env, exim), "legacy", "alice@example-new.com"
+    else:
+        env = await make_env(legacy=Provider("unused-legacy"), legacy_cfg=exim.settings())
+        other, mailbox = "new", "alice@example.com"
     before = [env.marker() for _ in range(3)]
     during = [env.marker() for _ in range(3)]
     for tag in before:
         await env.send(["alice@example.com"], data=message(tag))
-    await env.wait_events(3, provider="new", outcome="delivered", timeout=30)
+    await env.wait_events(3, provider=role, outcome="delivered", timeout=30)
     exim.stop()
     try:
         queued = [(await env.send(["alice@example.com"], data=message(t))).queue_id for t in during]
-        deferred = await env.wait_events(3, provider="new", outcome="deferred", timeout=30)
+        deferred = await env.wait_events(3, provider=role, outcome="deferred", timeout=30)
         assert {(e["smtp_code"], e["smtp_response"]) for e in deferred} == {
             (None, f"SMTPConnectError at connect: Error connecting to 127.0.0.1 on port {exim.port}"
                    f": [Errno 111] Connect call failed ('127.0.0.1', {exim.port})")
         }  # fmt: skip
-        await env.wait_events(6, provider="legacy", outcome="delivered", timeout=30)
+        await env.wait_events(6, provider=other, outcome="delivered", timeout=30)
         assert sorted({f.split(".")[0] for f in env.queue_files()}) == sorted(queued)
     finally:
         exim.start()
     env.clock.advance(67)
-    await env.wait_events(6, provider="new", outcome="delivered", timeout=30)
+    await env.wait_events(6, provider=role, outcome="delivered", timeout=30)
     await until(lambda: env.queue_files() == [], 10, "queue emptied")
     for tag in before + during:
-        await exim.stored("alice@example-new.com", f"<{tag}@exim.test>".encode())
+        await exim.stored(mailbox, f"<{tag}@exim.test>".encode())
         assert len(arrivals(exim, tag)) == 1
+    assert env.bounce.messages == []
+
+
+async def test_verify_recipients_asks_exim(make_env: Factory, exim: Exim) -> None:
+    """`verify_recipients` with Exim as legacy (the primary of non-pilots and dual pilots):
+    its answers at RCPT (`MAIL FROM:<>` probes, as its rejectlog shows) become the relay's,
+    a repeat comes from the cache."""
+    env = await make_env(
+        legacy=Provider("unused-legacy"), legacy_cfg=exim.settings(),
+        extra={"verify_recipients": True, "verify_timeout": 10},
+    )  # fmt: skip
+    c = await RawClient.open(env.relay.port)
+    await c.ehlo()
+    assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
+    assert (await c.cmd("RCPT TO:<zed@example.com>")).code == 250
+    unknown = await c.cmd("RCPT TO:<nobody@example.com>")
+    assert (unknown.code, unknown.enhanced) == (550, "5.1.1"), unknown
+    refused = await c.cmd("RCPT TO:<refused@example.com>")  # Exim: a two-line 550 5.7.1
+    assert (refused.code, refused.enhanced) == (550, "5.1.1"), refused
+    assert (await c.cmd("RCPT TO:<nobody@example.com>")).code == 550
+    await c.close()
+    rejected = re.findall(r"F=<> rejected RCPT <([^>]+)>: (.*)", exim.read("rejectlog"))
+    assert rejected.count(("nobody@example.com", "5.1.1 unknown user")) == 1  # then the cache
+    assert ("refused@example.com", "5.7.1 refused by policy: first line") in rejected
 
 
 async def test_multiline_refusal_at_rcpt_of_a_shadow_copy(make_env: Factory, exim: Exim) -> None:

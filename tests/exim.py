@@ -12,8 +12,10 @@ One instance per module (`exim_fixture`): spool, logs and maildirs in a
 temporary folder, a plain port with STARTTLS and an implicit-TLS port
 (`tls_on_connect_ports`), a certificate from the suite's test CA. What it
 offers is switched per test by files (`Exim.switch`), read at each EHLO:
-`no-starttls` (tls_advertise_hosts empty), `no-smtputf8`, `dsn` (DSN is
-offered only then, as in Exim's default). Its other rules:
+`no-starttls` (tls_advertise_hosts empty), `broken-tls` (its certificate
+file missing: STARTTLS offered, then `454 TLS currently unavailable`),
+`client-cert` (a client certificate required: the handshake fails),
+`no-smtputf8`, `dsn` (DSN is offered only then, as in Exim's default). Its other rules:
 `recipients_max = 3` (more get Exim's bare `452 too many recipients`),
 `refused@` gets a multi-line `550` at RCPT, a message with a header
 `X-Test-Deny: yes` a multi-line `550` at DATA, and `disabled@` is accepted
@@ -117,7 +119,8 @@ def _free_id() -> int:
 
 
 def _config(base: Path, root: Path, port: int, tls_port: int) -> str:
-    switch = base / "switch"
+    switch, etc = base / "switch", base / "etc"
+    broken = f"exists{{{switch}/broken-tls}}"
     return f"""keep_environment =
 exim_path = {root}/usr/sbin/exim4
 primary_hostname = {HOSTNAME}
@@ -128,8 +131,11 @@ log_selector = +smtp_connection +received_recipients +tls_cipher +smtp_protocol_
 local_interfaces = 127.0.0.1
 daemon_smtp_ports = {port} : {tls_port}
 tls_on_connect_ports = {tls_port}
-tls_certificate = {base}/etc/cert.pem
-tls_privatekey = {base}/etc/key.pem
+tls_certificate = ${{if {broken}{{{etc}/missing.pem}}{{{etc}/cert.pem}}}}
+tls_privatekey = ${{if {broken}{{{etc}/missing.pem}}{{{etc}/key.pem}}}}
+tls_verify_hosts = ${{if exists{{{switch}/client-cert}}{{*}}{{}}}}
+tls_verify_certificates = {base}/etc/ca.pem
+smtp_accept_queue_per_connection = 0
 tls_advertise_hosts = ${{if exists{{{switch}/no-starttls}}{{}}{{*}}}}
 smtputf8_advertise_hosts = ${{if exists{{{switch}/no-smtputf8}}{{}}{{*}}}}
 dsn_advertise_hosts = ${{if exists{{{switch}/dsn}}{{*}}{{}}}}
@@ -243,7 +249,7 @@ class Exim:
 
     @contextlib.contextmanager
     def switch(self, name: str) -> Iterator[None]:
-        """Turn on a switch of the config (`no-starttls`, `no-smtputf8`, `dsn`) for a block."""
+        """Turn on a switch of the config (see the module doc) for a block."""
         flag = self.base / "switch" / name
         flag.touch()
         try:

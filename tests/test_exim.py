@@ -53,29 +53,34 @@ def exim_id(line: str) -> str:
 
 
 TLS_CASES = {
-    # mode, Exim offers STARTTLS → the `tls` field, Exim's P= (protocol)
-    "none": ("none", True, None, "esmtp"),
-    "starttls": ("starttls", True, "TLSv1.3", "esmtps"),
-    "starttls-not-offered": ("starttls", False, None, "esmtp"),
-    "required": ("required", True, "TLSv1.3", "esmtps"),
-    "implicit": ("implicit", True, "TLSv1.3", "esmtps"),
+    # mode, an Exim switch → the `tls` field, Exim's P= (protocol)
+    "none": ("none", None, None, "esmtp"),
+    "starttls": ("starttls", None, "TLSv1.3", "esmtps"),
+    "starttls-not-offered": ("starttls", "no-starttls", None, "esmtp"),
+    # opportunistic as Postfix's "may": plaintext on the same connection after a refused
+    # STARTTLS, on a new one after a failed handshake
+    "starttls-refused": ("starttls", "broken-tls", None, "esmtp"),
+    "starttls-handshake-fails": ("starttls", "client-cert", None, "esmtp"),
+    "required": ("required", None, "TLSv1.3", "esmtps"),
+    "implicit": ("implicit", None, "TLSv1.3", "esmtps"),
+}
+TLS_ERRORS = {  # what Exim logs about its side of a failed STARTTLS
+    "broken-tls": "(cert/key setup: cert=",
+    "client-cert": "(gnutls_handshake): Certificate is required.",
 }
 
 
 @pytest.mark.parametrize("case", TLS_CASES)
 async def test_tls_mode_against_exim(make_env: Factory, exim: Exim, case: str) -> None:
     """Each mode as Exim saw it: TLS or not in its `<=` line (P=, X= cipher), the relay's
-    `tls` field, and `remote_id` equal to the id Exim logged (its `250 OK id=...`)."""
-    mode, offered, tls, protocol = TLS_CASES[case]
+    `tls` field, and `remote_id` equal to the id Exim logged (its `250 OK id=...`).
+    `starttls` verifies nothing: the suite's test CA is not given to it."""
+    mode, switch, tls, protocol = TLS_CASES[case]
     env = await with_exim(make_env, exim, mode)
     tag = env.marker()
-    if offered:
+    with exim.switch(switch) if switch else contextlib.nullcontext():
         await env.send(["alice@example.com"], data=message(tag))
         [event] = await env.wait_events(1, provider="new", outcome="delivered", timeout=30)
-    else:
-        with exim.switch("no-starttls"):
-            await env.send(["alice@example.com"], data=message(tag))
-            [event] = await env.wait_events(1, provider="new", outcome="delivered", timeout=30)
     [line] = arrivals(exim, tag)
     assert event["tls"] == tls
     assert event["remote_id"] == exim_id(line), (event, line)
@@ -85,6 +90,29 @@ async def test_tls_mode_against_exim(make_env: Factory, exim: Exim, case: str) -
     assert " for alice@example-new.com" in line
     [copy] = await exim.stored("alice@example-new.com", f"<{tag}@exim.test>".encode())
     assert f"\tid {exim_id(line)}\r\n".encode() in copy
+    if switch in TLS_ERRORS:
+        tls_error = f"TLS error on connection from (relay.test) [127.0.0.1] {TLS_ERRORS[switch]}"
+        await until(lambda: tls_error in exim.mainlog, 10, "Exim's log of the TLS failure")
+
+
+@pytest.mark.parametrize("switch", ["broken-tls", "client-cert"])
+async def test_tls_required_failing_starttls_defers(
+    make_env: Factory, exim: Exim, switch: str
+) -> None:
+    """Under `tls: required`, Exim's refused STARTTLS (its 454) or a failed handshake is
+    a deferral, never plaintext: nothing reached Exim."""
+    env = await with_exim(make_env, exim, "required")
+    tag = env.marker()
+    with exim.switch(switch):
+        await env.send(["alice@example.com"], data=message(tag))
+        [event] = await env.wait_events(1, provider="new", outcome="deferred", timeout=30)
+    if switch == "broken-tls":
+        assert (event["smtp_code"], event["smtp_response"]) == (454, "TLS currently unavailable")
+    else:
+        assert (event["smtp_code"], event["by"]) == (None, "relay"), event
+        assert event["smtp_response"].startswith("TLS failed: "), event
+    assert arrivals(exim, tag) == []
+    assert env.bounce.messages == []
 
 
 async def test_tls_required_without_starttls_defers_then_delivers(

@@ -78,18 +78,32 @@ def download(cache: Path = CACHE) -> list[Path]:
 
 
 def unpacked(cache: Path = CACHE) -> Path:
-    """The packages unpacked into one root under `cache` (once per set of .debs)."""
+    """The packages unpacked into one root under `cache` (once per set of .debs; a
+    concurrent run that unpacked the same set first wins, and its root stays put)."""
     debs = download(cache)
     stamp = "\n".join(d.name for d in debs) + "\n"
     root = cache / "root"
-    if (root / ".unpacked").exists() and (root / ".unpacked").read_text() == stamp:
+
+    def current() -> bool:
+        return (root / ".unpacked").exists() and (root / ".unpacked").read_text() == stamp
+
+    if current():
         return root
     work = Path(tempfile.mkdtemp(prefix="root.", dir=cache))
     for deb in debs:
         subprocess.run(["dpkg", "-x", str(deb), str(work)], check=True, timeout=120)
     (work / ".unpacked").write_text(stamp)
-    shutil.rmtree(root, ignore_errors=True)
-    work.rename(root)
+    if current():
+        shutil.rmtree(work)
+        return root
+    stale = Path(tempfile.mkdtemp(prefix="stale.", dir=cache))
+    with contextlib.suppress(FileNotFoundError):
+        root.rename(stale / "root")  # another set of .debs (an update)
+    try:
+        work.rename(root)
+    except OSError:  # another run's root got there first
+        shutil.rmtree(work)
+    shutil.rmtree(stale, ignore_errors=True)
     return root
 
 

@@ -78,6 +78,8 @@ async def test_tls_mode_against_exim(make_env: Factory, exim: Exim, case: str) -
     mode, switch, tls, protocol = TLS_CASES[case]
     env = await with_exim(make_env, exim, mode)
     tag = env.marker()
+    tls_error = f"TLS error on connection from (relay.test) [127.0.0.1] {TLS_ERRORS.get(switch)}"
+    tls_errors = exim.mainlog.count(tls_error)
     with exim.switch(switch) if switch else contextlib.nullcontext():
         await env.send(["alice@example.com"], data=message(tag))
         [event] = await env.wait_events(1, provider="new", outcome="delivered", timeout=30)
@@ -90,9 +92,8 @@ async def test_tls_mode_against_exim(make_env: Factory, exim: Exim, case: str) -
     assert " for alice@example-new.com" in line
     [copy] = await exim.stored("alice@example-new.com", f"<{tag}@exim.test>".encode())
     assert f"\tid {exim_id(line)}\r\n".encode() in copy
-    if switch in TLS_ERRORS:
-        tls_error = f"TLS error on connection from (relay.test) [127.0.0.1] {TLS_ERRORS[switch]}"
-        await until(lambda: tls_error in exim.mainlog, 10, "Exim's log of the TLS failure")
+    if switch in TLS_ERRORS:  # this test's own failed STARTTLS, as Exim saw it
+        await until(lambda: exim.mainlog.count(tls_error) > tls_errors, 10, "Exim's TLS error")
 
 
 @pytest.mark.parametrize("switch", ["broken-tls", "client-cert"])
@@ -142,14 +143,16 @@ async def test_tls_required_with_an_unknown_ca_defers(make_env: Factory, exim: E
     deferred by the relay, and Exim logged the aborted handshake."""
     env = await with_exim(make_env, exim, "required", ca_file=None)
     tag = env.marker()
+    aborted = (
+        "TLS error on connection from (relay.test) [127.0.0.1] (gnutls_handshake): "
+        "The TLS connection was non-properly terminated."
+    )
+    before = exim.mainlog.count(aborted)
     await env.send(["alice@example.com"], data=message(tag))
     [event] = await env.wait_events(1, provider="new", outcome="deferred", timeout=30)
     assert event["by"] == "relay" and "certificate verify failed" in event["smtp_response"]
     assert arrivals(exim, tag) == []
-    handshake = (
-        r"TLS error on connection from \(relay\.test\) \[127\.0\.0\.1\] \(gnutls_handshake\)"
-    )
-    await until(lambda: re.search(handshake, exim.mainlog), 10, "Exim's log of the handshake")
+    await until(lambda: exim.mainlog.count(aborted) > before, 10, "Exim's log of the handshake")
 
 
 async def test_bare_452_too_many_recipients_sends_the_rest_at_once(

@@ -32,6 +32,7 @@ make_env = test_delivery.make_env  # the relay-in-process fixture, shared
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.realservers,
     pytest.mark.timeout(120),
     pytest.mark.skipif(
         POSTFIX is None or os.geteuid() != 0,

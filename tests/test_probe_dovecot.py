@@ -34,6 +34,7 @@ from tests.helpers_probe import PILOTS, events, message, probe_yaml, send_all, w
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.realservers,
     pytest.mark.timeout(90),
     pytest.mark.skipif(
         dovecot_mod.available() is None,

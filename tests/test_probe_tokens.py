@@ -208,6 +208,7 @@ def test_command_token(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.realservers
 @pytest.mark.skipif(dovecot_mod.available() is None, reason="dovecot is not installed")
 def test_xoauth2_end_to_end_against_dovecots_oauth2_passdb(
     google: tuple[Stub, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -115,6 +115,59 @@ async def test_tls_modes(
         assert not any(c.startswith("MAIL") for c in env.legacy.commands)
 
 
+def client_cert_required(ca: trustme.CA) -> ssl.SSLContext:
+    """A provider's TLS that refuses every client without a certificate: the relay's
+    handshake fails (under TLS 1.3, at the EHLO after it)."""
+    ctx = ctx_for(ca, "127.0.0.1", "localhost")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ca.configure_trust(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize(("username", "outcome"), [(None, "delivered"), ("relayuser", "deferred")])
+async def test_starttls_handshake_failure_goes_on_in_plaintext(
+    make_env: Factory, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch,
+    username: str | None, outcome: str,
+) -> None:  # fmt: skip
+    """Opportunistic as Postfix's "may": a failed handshake is followed by a new
+    connection without STARTTLS, but never when a password would then go in clear."""
+    monkeypatch.setenv("RELAY_TEST_PW", PASSWORD)
+    auth = {"relayuser": PASSWORD} if username else None
+    legacy = Provider("legacy", starttls=True, tls_context=client_cert_required(ca), auth=auth)
+    cfg = {"tls": "starttls", "username": username, "password_env": "RELAY_TEST_PW"}
+    env = await make_env(legacy=legacy, legacy_cfg=cfg if username else {"tls": "starttls"})
+    sent = await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["tls"]) == (outcome, None), e
+    assert env.legacy.commands.count("STARTTLS") == 1
+    if username:
+        assert e["smtp_response"].startswith("TLS failed: "), e
+        assert env.legacy.connections == 1 and env.legacy.messages == []
+    else:
+        assert env.legacy.connections == 2
+        [m] = copies(env.legacy, sent.marker)
+        assert m.tls is False
+        assert_faithful(m, sent)
+
+
+async def test_tls_required_handshake_failure_says_why(
+    make_env: Factory, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Under `required`, a handshake the server fails after the client's side completed
+    (TLS 1.3: seen at the EHLO after STARTTLS) is a TLS failure by the relay, not a
+    bare "connection lost"."""
+    legacy = Provider("legacy", starttls=True, tls_context=client_cert_required(ca))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    env = await make_env(
+        legacy=legacy, legacy_cfg={"tls": "required", "ca_file": str(tmp_path / "ca.pem")}
+    )
+    await env.send(["zed@example.com"])
+    [e] = await env.wait_events(1, provider="legacy")
+    assert (e["outcome"], e["smtp_code"], e["by"]) == ("deferred", None, "relay"), e
+    assert e["smtp_response"].startswith("TLS failed: "), e
+    assert env.legacy.connections == 1 and env.legacy.messages == []
+
+
 async def test_tls_required_untrusted_ca_defers(
     make_env: Factory, server_tls: ssl.SSLContext
 ) -> None:

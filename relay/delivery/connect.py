@@ -4,6 +4,12 @@ Every failure becomes a `Failed` carrying the reply that stands for it, with
 the stage that decides its class (TLS and AUTH faults are deferred, never
 bounced: see `Reply.permanent`). A TLS failure without a provider's reply,
 and AUTH not offered, are the relay's own policy at work: `by="relay"`.
+
+`tls: starttls` is opportunistic as Postfix's "may" (measured with Postfix
+3.7 against Exim 4.96): a provider that offers STARTTLS and then refuses it
+(`454 TLS currently unavailable`) gets the mail in plaintext on the same
+connection, one whose TLS handshake fails on a new plaintext connection;
+never with a login configured (the password would go in clear).
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import ssl
 from dataclasses import dataclass
 
 import aiosmtplib
-from aiosmtplib import SMTPException, SMTPResponseException
+from aiosmtplib import SMTPException, SMTPResponseException, SMTPServerDisconnected
 
-from relay.config import ProviderSettings
+from relay.config import ProviderSettings, TlsMode
 from relay.delivery._aiosmtplib import SMTP
 from relay.delivery.hosts import Host
 from relay.delivery.reply import Failed, Reply, Stage, error_reply
@@ -44,11 +50,30 @@ def tls_context(cfg: ProviderSettings) -> ssl.SSLContext:
     return ctx
 
 
+class _HandshakeFailed(Failed):
+    """STARTTLS was accepted but the TLS handshake failed: the connection is lost."""
+
+
 async def open_session(cfg: ProviderSettings, host: Host, helo: str) -> Session:
     """Connect to `host`, EHLO, STARTTLS and AUTH as `cfg` says; raise `Failed` otherwise.
 
     TLS certificates are verified against the host's name, never its address.
     """
+    try:
+        return await _open(cfg, host, helo, cfg.tls)
+    except _HandshakeFailed as failed:
+        if not _plaintext_fallback(cfg):
+            raise Failed(failed.reply) from failed
+        return await _open(cfg, host, helo, "none")
+
+
+def _plaintext_fallback(cfg: ProviderSettings) -> bool:
+    """Opportunistic TLS that failed goes on in plaintext, unless a password would."""
+    return cfg.tls == "starttls" and not cfg.username
+
+
+async def _open(cfg: ProviderSettings, host: Host, helo: str, tls: TlsMode) -> Session:
+    """`open_session` with STARTTLS as `tls` says (`none` for the plaintext fallback)."""
     smtp = SMTP(
         hostname=host.address,
         server_hostname=host.name,
@@ -64,8 +89,8 @@ async def open_session(cfg: ProviderSettings, host: Host, helo: str) -> Session:
         await smtp.connect(timeout=cfg.connect_timeout)
         await _hello(smtp)  # aiosmtplib does not EHLO on connect: no extensions known before
         stage = "tls"
-        if await _secure(smtp, cfg, host.name):
-            await _hello(smtp)  # RFC 3207: forget what was learnt before TLS
+        if tls != "none" and await _secure(smtp, cfg, host.name):
+            await _hello_after_tls(smtp)
         stage = "auth"
         await _authenticate(smtp, cfg)
     except Failed:
@@ -92,6 +117,17 @@ async def _hello(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
+async def _hello_after_tls(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO again (RFC 3207: forget what was learnt before TLS). A TLS 1.3 server's
+    refusal of the handshake (a client certificate required) arrives only now, so a
+    connection lost here is a failed handshake."""
+    try:
+        await _hello(smtp)
+    except (SMTPServerDisconnected, ConnectionError, ssl.SSLError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+        raise _HandshakeFailed(Reply(None, f"TLS failed: {cause}", "tls", by="relay")) from exc
+
+
 def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:
     transport = smtp.transport
     ssl_obj = transport.get_extra_info("ssl_object") if transport else None
@@ -110,11 +146,15 @@ async def _secure(smtp: aiosmtplib.SMTP, cfg: ProviderSettings, name: str) -> bo
         await smtp.starttls(tls_context=tls_context(cfg), server_hostname=name)
     except SMTPResponseException as exc:
         if exc.code < 0:
-            raise Failed(Reply(None, f"TLS failed: {exc.message}", "tls", by="relay")) from exc
+            raise _HandshakeFailed(
+                Reply(None, f"TLS failed: {exc.message}", "tls", by="relay")
+            ) from exc
+        if _plaintext_fallback(cfg):
+            return False  # refused: the session is as before STARTTLS, go on in plaintext
         # a refused STARTTLS is a TLS failure: retried, never a bounce
         raise Failed(Reply.from_smtp(exc.code, exc.message, "tls")) from exc
     except (ssl.SSLError, SMTPException, OSError) as exc:
-        raise Failed(Reply(None, f"TLS failed: {exc}", "tls", by="relay")) from exc
+        raise _HandshakeFailed(Reply(None, f"TLS failed: {exc}", "tls", by="relay")) from exc
     return True
 
 

@@ -389,7 +389,8 @@ async def test_phases_inbox_then_junk_at_new_then_new_down(make_env: Any) -> Non
             "arrival_p95_s": pytest.approx(arrivals[min(n - 1, int(0.95 * n))], abs=0.002),
             "arrival_max_s": pytest.approx(arrivals[-1], abs=0.002),
         }, side  # fmt: skip
-        assert arrivals[0] > -1 and arrivals[-1] < 2  # INTERNALDATE has whole seconds
+        # about the 250 (INTERNALDATE has whole seconds; filed before the 250): no zone offset
+        assert arrivals[0] > -5 and arrivals[-1] < 5
         assert m3[f'relay_canary_roundtrip_seconds_count{{provider="{side}"}}'] == n
 
     # nothing but the canary mailboxes was written: Dovecot's commands and counters

@@ -86,9 +86,7 @@ class Dovecot:
         for sub, mode in (("base", 0o755), ("state", 0o755), ("mail", 0o777), ("rawlog", 0o777)):
             (d / sub).mkdir(exist_ok=True)
             (d / sub).chmod(mode)
-        (d / "before.sieve").write_text(
-            'require ["fileinto", "mailbox"];\n' + self.sieve + "\n", encoding="utf-8"
-        )
+        self.set_sieve(self.sieve)
         mailboxes = "".join(f'  mailbox "{f}" {{\n    auto = create\n  }}\n' for f in self.folders)
         oauth = ""
         mechanisms = "plain login"
@@ -175,6 +173,15 @@ plugin {{
         path = d / "dovecot.conf"
         path.write_text(conf, encoding="utf-8")
         return path
+
+    def set_sieve(self, sieve: str) -> None:
+        """The filter from the next delivery on, also while running (the script is compiled
+        at each delivery: its binary cannot be saved in the folder, which is root's)."""
+        self.sieve = sieve
+        path = self.dir / "before.sieve"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text('require ["fileinto", "mailbox"];\n' + sieve + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
     # -- life cycle
 

@@ -568,6 +568,56 @@ async def test_canaries_stay_without_delete_after_verify(env: Env) -> None:
     assert env.servers["legacy"].writes == [] and env.servers["new"].writes == []
 
 
+async def test_canaries_polled_then_missing_at_their_timeout_delivered_or_not(env: Env) -> None:
+    _add_canary_entry(env)
+    canary = env.cfg.relay.canary.model_copy(update={"enabled": True, "poll": 20, "timeout": 120})
+    env.cfg = replace(env.cfg, relay=env.cfg.relay.model_copy(update={"canary": canary}))
+    for side, login in (("legacy", "canary@example.com"), ("new", "canary@example-new.com")):
+        env.servers[side].writable.add(login)
+    probe = await env.start()  # delays [60, 300], give_up_after 900: the pilots' schedule
+    idle = [t for t in asyncio.all_tasks() if t.get_name().startswith("probe-idle-")]
+    await wait_until(lambda: all(t.done() for t in idle), 10, "IDLE looked for")
+    assert len(idle) == 2 and all(t.exception() is None for t in idle)
+    assert all(s.logins == [login] for s, login in zip(
+        env.servers.values(), ("canary@example.com", "canary@example-new.com"), strict=True
+    ))  # one session each: no IDLE on the fake server, so polls only  # fmt: skip
+    _canary_pair(env, "C1", "(canary)")
+    rcpt, plan = "canary@example.com", {"legacy": "canary@example.com",
+                                        "new": "canary@example-new.com"}  # fmt: skip
+    env.log.write(event="received", queue_id="C2", rcpts=[rcpt], message_id="<C2@origin.test>",
+                  plan=[{"rcpt": rcpt, "provider": p, "delivered_to": to, "group": "(canary)",
+                         "pilot": True} for p, to in plan.items()])  # fmt: skip
+    env.log.write(event="delivery", queue_id="C2", rcpt=rcpt, provider="legacy",
+                  delivered_to=rcpt, group="(canary)", pilot=True, outcome="delivered")  # fmt: skip
+    env.log.write(event="delivery", queue_id="C2", rcpt=rcpt, provider="new",
+                  delivered_to=plan["new"], group="(canary)", pilot=True,
+                  outcome="deferred")  # fmt: skip  # new is down: never delivered
+    await env.advance(0)  # read, and looked for at once: not there yet
+    await env.advance(10)
+    env.file("legacy", rcpt, "INBOX", "C1")
+    env.file("legacy", rcpt, "Junk", "C2")
+    await env.advance(9)
+    assert env.placements() == []  # the next poll is at 20 s
+    await env.advance(1)
+    by = {(e["queue_id"], e["provider"]): e for e in env.placements()}
+    assert {k: (e["folder"], e["looked_after_s"]) for k, e in by.items()} == {
+        ("C1", "legacy"): ("inbox", 20), ("C2", "legacy"): ("junk", 20),
+    }  # found by a poll, long before the first delay (60 s)  # fmt: skip
+    for step in (20, 20, 20, 20, 19):  # polls at 40, 60 (a delay), 80, 100: nor missing
+        await env.advance(step)
+    assert len(env.placements()) == 2
+    await env.advance(1)  # canary.timeout, not give_up_after: missing
+    by = {(e["queue_id"], e["provider"]): e for e in env.placements()}
+    assert {k: (e["folder"], e["detail"]) for k, e in by.items() if k[1] == "new"} == {
+        ("C1", "new"): ("missing", None), ("C2", "new"): ("missing", "not delivered"),
+    }  # fmt: skip
+    assert by[("C2", "new")]["looked_after_s"] == 120
+    assert probe.metrics.canary_placements.labels("new", "missing")._value.get() == 2
+    assert not probe.state.looks
+    logins = env.servers["new"].logins
+    assert logins.count("canary@example-new.com") == 1 + 7  # IDLE check; looks at 0..120 s
+
+
 def test_the_fake_server_refuses_a_deletion_outside_the_canary_mailboxes() -> None:
     server = FakeServer(writable={"canary@example.com"})
     server.file("ann@example.com", "INBOX", "Message-ID: <Q1@origin.test>\nX-Relay-Trace: n Q1")

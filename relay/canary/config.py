@@ -29,8 +29,11 @@ class CanarySettings(_Strict):
     from_: str = Field("canary@canary.example.org", alias="from")
     dkim: CanaryDkim = CanaryDkim()
     mailboxes: CanaryMailboxes = CanaryMailboxes()
-    timeout: float = Field(3600, gt=0)  # not in the Inbox by then: missing
+    timeout: float = Field(3600, gt=0)  # not found by then (after the 250, or sent): missing
     delete_after_verify: bool = True  # the canary mailboxes only
+    idle: bool = True  # the probe IDLEs in the canary mailboxes where the server offers it
+    idle_renew: float = Field(300, gt=0, le=1740)  # IDLE re-issued within RFC 2177's 29 min
+    poll: float = Field(30, gt=0)  # seconds between looks while a canary is awaited
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -53,8 +53,10 @@ def once(
     """One look, now, for every probed copy delivered since `since`; prints each; errors count."""
     placement = cfg.relay.placement
     wide = placement.model_copy(update={"give_up_after": float("inf"), "sample": 1.0})
+    canary = cfg.relay.canary.model_copy(update={"timeout": float("inf")})
+    relay = cfg.relay.model_copy(update={"canary": canary})
     table = PilotTable.build(cfg.pilots, cfg.relay)
-    state = ProbeState(wide, cfg.relay, lambda: table, lambda: datetime.now(UTC).timestamp())
+    state = ProbeState(wide, relay, lambda: table, lambda: datetime.now(UTC).timestamp())
     log = cfg.relay.log
     for path in order_inputs(p for p in log.parent.glob(log.name + "*") if p.suffix != ".state"):
         with open_log(path) as f:
@@ -66,7 +68,7 @@ def once(
     wanted_user = user.lower() if user else None
     looks = [
         lk for lk in state.looks.values()
-        if lk.delivered >= since.timestamp()
+        if lk.delivered >= since.timestamp() and not lk.pending
         and (wanted_user is None or wanted_user in (lk.rcpt.lower(), lk.delivered_to.lower()))
     ]  # fmt: skip
     errors = 0

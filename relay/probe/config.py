@@ -107,9 +107,11 @@ class PlacementSettings(_Strict):
     def state_path(self) -> Path:
         return self.state or self.log.with_name(self.log.name + ".state")
 
-    def looks(self) -> tuple[float, ...]:
-        """Seconds after the provider's 250 of each look; the last one decides "missing"."""
-        return (*(d for d in self.delays if d < self.give_up_after), self.give_up_after)
+    def looks(self, give_up: float | None = None) -> tuple[float, ...]:
+        """Seconds after the provider's 250 of each look; the last one (at `give_up`, by
+        default `give_up_after`) decides "missing"."""
+        last = self.give_up_after if give_up is None else give_up
+        return (*(d for d in self.delays if d < last), last)
 
     def resolved(self, base: Path) -> PlacementSettings:
         """Paths made absolute relative to relay.yaml's folder."""

@@ -8,6 +8,13 @@ every look due, groups them by mailbox and opens one session per mailbox
 `round_every` apart (a quarter of the first delay, at most 30 s), so a day of
 mail makes a bounded number of logins, not one per copy.
 
+Canaries are looked for sooner: their looks end at `canary.timeout` (then
+missing, also when never delivered: a canary's looks start at its `received`
+event); while one is awaited, a look every `canary.poll` seconds, and with IMAP
+IDLE in the canary mailbox (relay/probe/watch.py) a look as soon as the server
+tells of new mail. Such early looks keep the copy's schedule; rounds for them
+are `URGENT_GAP` apart.
+
 Waits are on events: the log follower wakes on file-system changes (watchfiles,
 with a one-second safety net), the rounds on the next due time of an injectable
 clock (relay.scheduler.Clock; tests advance a FakeClock). SIGTERM lets the
@@ -41,12 +48,14 @@ from relay.probe.imap import Found, ImapSession
 from relay.probe.metrics import ProbeMetrics
 from relay.probe.state import Look, ProbeState
 from relay.probe.tokens import TokenSource, token_source
+from relay.probe.watch import CanaryWatch
 from relay.routing import PilotTable
 from relay.scheduler import Clock
 
 MAX_WAIT = 1.0  # seconds per wait slice (wall-clock steps, as in relay.scheduler)
 SAVE_EVERY = 1.0  # seconds between state writes while events keep coming
 MAX_ROUND_EVERY = 30.0
+URGENT_GAP = 0.5  # seconds between rounds while a canary is looked for early (IDLE, polls)
 
 T = TypeVar("T")
 SessionFactory = Callable[[ProbeProvider, str, "TokenSource | None"], ImapSession]
@@ -107,14 +116,64 @@ class ProviderProbe:
         self.last_round = float("-inf")
         self.in_round = False
         self.rounds = 0
-        self.commands = 0
-        mailbox = getattr(probe.cfg.relay.canary.mailboxes, name, None)
+        c = probe.cfg.relay.canary
+        mailbox = getattr(c.mailboxes, name, None)
         # the one mailbox the probe may write to (delete verified canaries in)
         self.canary_login = None if mailbox is None else settings.login_for(mailbox)
+        self.canaries: set[str] = set()  # keys of the open canary looks
+        self.urgent: set[str] = set()  # keys to look at before they are due
+        self.poll_every = c.poll
+        self.last_poll = float("-inf")
+        self.watch = None
+        if c.enabled and c.idle and self.canary_login is not None:
+            self.watch = CanaryWatch(name, self.canary_login, self._session, c.idle_renew,
+                                     self._watch_failed)  # fmt: skip
 
     def add(self, look: Look) -> None:
-        heapq.heappush(self.heap, (look.due(self.probe.looks_at), next(self._seq), look.key))
+        due = look.due(self.probe.state.schedule(look))
+        heapq.heappush(self.heap, (due, next(self._seq), look.key))
+        if look.canary:
+            self.canaries.add(look.key)
         self.wake.set()
+
+    def new_look(self, look: Look) -> None:
+        """A copy just read from the log; a canary is looked for at once while IDLE watches
+        (it may have landed before its `delivery` event was read)."""
+        self.add(look)
+        if look.canary and not look.pending and self.watch is not None and self.watch.watching:
+            self.look_now([look.key])
+
+    def look_now(self, keys: list[str]) -> None:
+        """Look for these copies in the next round, before they are due (not a step of their
+        schedule: not found, they keep it)."""
+        now = self.probe.clock.now()
+        for key in keys:
+            self.urgent.add(key)
+            heapq.heappush(self.heap, (now, next(self._seq), key))
+        if keys:
+            self.wake.set()
+
+    def awaited(self) -> list[str]:
+        """The open canary looks of delivered copies (what IDLE and polls look for)."""
+        looks = self.probe.state.looks
+        self.canaries = {k for k in self.canaries if k in looks}
+        return [k for k in self.canaries if not looks[k].pending]
+
+    def canary_mail(self) -> None:
+        """IDLE saw a message land in the canary mailbox (or a session began)."""
+        self.look_now(self.awaited())
+
+    def _watch_failed(self, exc: ProbeError) -> None:
+        self.probe.metrics.errors.labels(self.name, exc.reason).inc()
+        oplog.warning("canary IDLE failed", provider=self.name, reason=exc.reason,
+                      detail=exc.detail)  # fmt: skip
+
+    def _next_poll(self) -> float:
+        return self.last_poll + self.poll_every if self.awaited() else float("inf")
+
+    def _next_round(self) -> float:
+        gap = URGENT_GAP if self.urgent else self.probe.round_every
+        return max(self.oldest_due() or float("inf"), self.last_round + gap)
 
     def oldest_due(self) -> float | None:
         while self.heap and self.heap[0][2] not in self.probe.state.looks:
@@ -123,27 +182,28 @@ class ProviderProbe:
 
     def idle(self) -> bool:
         """No round running and none due by the clock (tests advance a FakeClock, then wait)."""
-        due = self.oldest_due()
         now = self.probe.clock.now()
-        return not self.in_round and (
-            due is None or max(due, self.last_round + self.probe.round_every) > now
-        )
+        return not self.in_round and min(self._next_round(), self._next_poll()) > now
 
     def _take_due(self, now: float) -> list[Look]:
-        looks = self.probe.state.looks
+        state = self.probe.state
         due: dict[str, Look] = {}  # a key pushed twice is looked at once
         while self.heap and self.heap[0][0] <= now:
             _, _, key = heapq.heappop(self.heap)
-            look = looks.get(key)
-            if look is not None and look.due(self.probe.looks_at) <= now:
+            look = state.looks.get(key)
+            if look is not None and (key in self.urgent or look.due(state.schedule(look)) <= now):
                 due[key] = look
+            self.urgent.discard(key)
         return list(due.values())
 
     async def run(self) -> None:
         clock = self.probe.clock
         while not self.probe.stopping:
             now = clock.now()
-            start = max(self.oldest_due() or float("inf"), self.last_round + self.probe.round_every)
+            if self._next_poll() <= now:  # short polls for the awaited canaries
+                self.last_poll = now
+                self.look_now(self.awaited())
+            start = self._next_round()
             if start <= now:
                 due = self._take_due(now)
                 if due:
@@ -161,8 +221,9 @@ class ProviderProbe:
                         self.in_round = False
                 continue
             self.wake.clear()
+            wait = min(start, self._next_poll()) - now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=min(start - now, MAX_WAIT))
+                await asyncio.wait_for(self.wake.wait(), timeout=min(wait, MAX_WAIT))
 
     async def round(self, due: list[Look]) -> None:
         """Look for every due copy: one session per mailbox, then log or reschedule each."""
@@ -174,6 +235,10 @@ class ProviderProbe:
             if not state.may_probe(look.rcpt):  # opted out (`probe: false`) since delivery
                 state.finish(look)
                 state.skipped += 1
+                continue
+            if look.pending:  # its deadline, and still not delivered
+                self.probe.emit(look, "missing", detail="not delivered")
+                state.finish(look)
                 continue
             by_login.setdefault(self.settings.login_for(look.delivered_to), []).append(look)
         loop = asyncio.get_running_loop()
@@ -220,20 +285,23 @@ class ProviderProbe:
         return self._session(login, lambda s: s.find([lk.wanted() for lk in looks]))
 
     def _session(self, login: str, work: Callable[[ImapSession], T]) -> T:
-        """In a worker thread: `work` in one session, its commands counted."""
+        """In a worker thread: `work` in one session, its commands counted as they are sent."""
         session = self.probe.session_factory(self.settings, login, self.tokens)
-        try:
-            with session:
-                return work(session)
-        finally:
-            for command in session.transcript.commands:
-                self.probe.metrics.commands.labels(self.name, command).inc()
-            self.commands += len(session.transcript.commands)
+        session.transcript.listener = self._count
+        with session:
+            return work(session)
+
+    def _count(self, command: str) -> None:
+        self.probe.metrics.commands.labels(self.name, command).inc()
 
     def _settle(self, look: Look, found: Found | None, error: ProbeError | None) -> None:
-        last = look.step >= len(self.probe.looks_at) - 1
+        looks_at = self.probe.state.schedule(look)
+        last = look.step >= len(looks_at) - 1
         if found is not None:
             self.probe.emit(look, found.folder, detail=found.name, found=found)
+        elif look.due(looks_at) > self.probe.clock.now():  # an early look: its schedule goes on
+            self.add(look)
+            return
         elif last:
             if error is not None:
                 self.probe.emit(look, "unknown", detail=error.detail)
@@ -260,7 +328,6 @@ class Probe:
         self.settings = cfg.relay.placement
         self.clock = clock or Clock()
         self.session_factory = session_factory
-        self.looks_at = self.settings.looks()
         self.round_every = min(MAX_ROUND_EVERY, self.settings.delays[0] / 4)
         self.delete_canaries = cfg.relay.canary.delete_after_verify
         self.pilots = Pilots(cfg)
@@ -304,6 +371,11 @@ class Probe:
         self._runs = [
             asyncio.create_task(p.run(), name=f"probe-{n}") for n, p in self.providers.items()
         ]
+        self._runs += [
+            asyncio.create_task(p.watch.run(p.canary_mail), name=f"probe-idle-{n}")
+            for n, p in self.providers.items()
+            if p.watch is not None
+        ]
         self.started = True
         oplog.info("probe started", providers=sorted(self.providers),
                    open_looks=len(self.state.looks), metrics_port=self.metrics_port)  # fmt: skip
@@ -313,6 +385,9 @@ class Probe:
         self.stopping = True
         self._stop_follow.set()
         self._wake_all()
+        for p in self.providers.values():
+            if p.watch is not None:
+                p.watch.stop.set()  # each IDLE session ends within IDLE_SLICE
         if self._runs:
             await asyncio.wait(self._runs)
         for t in self._aux:
@@ -320,6 +395,8 @@ class Probe:
         await asyncio.gather(*self._runs, *self._aux, return_exceptions=True)
         for p in self.providers.values():
             p.executor.shutdown(wait=True)
+            if p.watch is not None:
+                p.watch.close()
         self.ingest_available()
         self._save()
         if self.follower is not None:
@@ -345,9 +422,8 @@ class Probe:
         n = 0
         for ev in self.follower.read():
             n += 1
-            look = self.state.ingest(ev)
-            if look is not None:
-                self.providers[look.provider].add(look)
+            for look in self.state.ingest(ev):
+                self.providers[look.provider].new_look(look)
         self.state.position = self.follower.position
         if n:
             self.changed()

@@ -7,6 +7,8 @@ no flag is ever set (PEEK leaves `\\Seen` alone). Every command goes through
 `ReadOnlyImap`, which offers nothing else, so a write cannot slip in. The one
 exception is `CanaryEraser`: deleting a verified canary, by its folder and UID,
 in a canary mailbox only (`canary.delete_after_verify`; the daemon decides).
+IDLE (RFC 2177) in an EXAMINEd folder is read-only too: it only waits for the
+server to say a message came (relay/probe/watch.py, the canary mailboxes).
 
 How a copy is found (SPEC Part 2): by Message-ID (Gmail's `X-GM-RAW
 rfc822msgid:` when `X-GM-EXT-1` is offered), confirmed by our X-Relay-Trace;
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -50,6 +54,7 @@ FETCH_ITEMS = [f"BODY.PEEK[HEADER.FIELDS ({' '.join(HEADER_FIELDS)})]", "INTERNA
 # More copies due in one mailbox than this: sweep first, search one by one only what is left.
 SEARCH_EACH_MAX = 3
 FETCH_CHUNK = 500
+IDLE_SLICE = 1.0  # seconds per wait inside IDLE, so a stop is seen within one
 # Folders that hold copies of mail filed elsewhere, or mail the user wrote.
 NOT_SEARCHED = {b"\\noselect", b"\\nonexistent", b"\\all", b"\\flagged", b"\\important",
                 b"\\sent", b"\\drafts"}  # fmt: skip
@@ -98,9 +103,12 @@ class Transcript:
     """The commands this session sent (names and folders, never arguments with addresses)."""
 
     commands: list[str] = field(default_factory=list)
+    listener: Callable[[str], None] | None = None  # told of each command as it is sent
 
     def note(self, command: str) -> None:
         self.commands.append(command)
+        if self.listener is not None:
+            self.listener(command)
 
 
 class ReadOnlyImap:
@@ -134,6 +142,24 @@ class ReadOnlyImap:
     def gmail_search(self, query: str) -> list[int]:
         self.transcript.note("UID SEARCH X-GM-RAW")
         return list(self._c.gmail_search(query))
+
+    def idle(self, seconds: float, stop: threading.Event) -> bool:
+        """IDLE in the examined folder for up to `seconds` or until `stop`; True when the
+        server told of a new message (an untagged EXISTS)."""
+        self.transcript.note("IDLE")
+        self._c.idle()
+        came = False
+        deadline = time.monotonic() + seconds
+        while not (came or stop.is_set()) and (left := deadline - time.monotonic()) > 0:
+            wait, began = min(left, IDLE_SLICE), time.monotonic()
+            responses = self._c.idle_check(timeout=wait)
+            if not responses and time.monotonic() - began < wait / 2:
+                # IMAPClient answers a connection closed under it with nothing, at once
+                raise ProbeError("connect", "connection closed in IDLE")
+            came = _exists(responses)
+        self.transcript.note("DONE")
+        _, responses = self._c.idle_done()  # not after an error: the connection is dropped
+        return came or _exists(responses)
 
     def fetch_headers(self, uids: Sequence[int]) -> Iterator[tuple[int, Message, str | None]]:
         """(UID, header fields, INTERNALDATE) of each message, fetched in chunks."""
@@ -173,6 +199,10 @@ class CanaryEraser:
             self.transcript.note("EXPUNGE")
             self._c.expunge()
         return True
+
+
+def _exists(responses: Sequence[Any]) -> bool:
+    return any(isinstance(r, tuple) and len(r) > 1 and r[1] == b"EXISTS" for r in responses)
 
 
 def _uidvalidity(answer: Any) -> int | None:
@@ -302,6 +332,29 @@ class ImapSession:
         folders = self.folders()
         with mapped_errors():
             return _Finder(self.imap, folders, wanted).run()
+
+    def idle_folders(self, most: int) -> tuple[str, ...]:
+        """The folders a canary can land in and IDLE can watch: Inbox, then the junk folders
+        (at most `most`); none when the server does not offer IDLE."""
+        assert self.imap is not None
+        with mapped_errors():
+            if b"IDLE" not in self.imap.capabilities:
+                return ()
+        f = self.folders()
+        return (f.inbox, *f.junk)[:most]
+
+    def watch(
+        self, folder: str, stop: threading.Event, came: Callable[[], None], renew: float
+    ) -> None:
+        """IDLE in `folder` until `stop`, re-issued every `renew` s; `came()` once at the
+        start (what arrived while no session watched) and at each new message."""
+        assert self.imap is not None
+        with mapped_errors():
+            self.imap.examine(folder)
+            came()
+            while not stop.is_set():
+                if self.imap.idle(renew, stop):
+                    came()
 
     def delete(self, copies: Sequence[Found]) -> int:
         """Delete these found copies (canaries, in a canary mailbox); how many went."""

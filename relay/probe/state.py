@@ -46,8 +46,15 @@ class Look:
     received: str | None
     delivered: float  # epoch of the provider's 250 (the `delivery` event's ts)
     auth_class: str | None = None
-    step: int = 0  # index into PlacementSettings.looks() of the next look
+    step: int = 0  # index into ProbeState.schedule(look) of the next look
     error: str | None = None  # why the last look failed, if it did
+    # a canary copy not delivered (yet): `delivered` is its received time, its one look the
+    # deadline, when it is missing; its `delivery` event replaces it by a real look
+    pending: bool = False
+
+    @property
+    def canary(self) -> bool:
+        return self.group == CANARY_GROUP
 
     @property
     def key(self) -> str:
@@ -117,47 +124,52 @@ class ProbeState:
         self.now = now
         self.probed = set(settings.providers)
         self.looks_at = settings.looks()
+        self.canary_looks_at = settings.looks(relay.canary.timeout)
         self.position = Position()
         self.messages: dict[str, MessageInfo] = {}
         self.looks: dict[str, Look] = {}
         self.done: dict[str, float] = {}
         self.skipped = 0  # delivered copies not probed: opted out, not sampled, too old
 
+    def schedule(self, look: Look) -> tuple[float, ...]:
+        """A canary's looks end at `canary.timeout`, a pilot copy's at `give_up_after`."""
+        return self.canary_looks_at if look.canary else self.looks_at
+
     # -- the delivery log
 
-    def ingest(self, ev: dict[str, Any]) -> Look | None:
-        """Apply one delivery-log event; a new Look when a probed copy was delivered."""
+    def ingest(self, ev: dict[str, Any]) -> list[Look]:
+        """Apply one delivery-log event; the new Looks (a probed copy delivered, or the
+        pending looks of a canary received)."""
         kind, node, qid = ev.get("event"), ev.get("node"), ev.get("queue_id")
         if not (isinstance(node, str) and isinstance(qid, str)):
-            return None
+            return []
         mkey = f"{node} {qid}"
         if kind == "received":
-            self._received(mkey, ev)
-            return None
+            return self._received(mkey, ev)
         info = self.messages.get(mkey)
         rcpt = ev.get("rcpt")
         if info is None or not isinstance(rcpt, str):
-            return None
+            return []
         if kind == "deleted":
             for p in [ev.get("provider")] if ev.get("provider") else self.probed:
                 info.waiting.pop(f"{rcpt.lower()} {p}", None)
         elif kind == "delivery" and ev.get("outcome") in ("delivered", "bounced", "expired"):
             plan = info.waiting.pop(f"{rcpt.lower()} {ev.get('provider')}", None)
             if plan is not None and ev["outcome"] == "delivered":
-                look = self._delivered(node, qid, rcpt, plan, info, ev)
+                look = self._delivered(node, qid, rcpt, plan, info, _epoch(ev.get("ts")))
                 self._forget_if_done(mkey, info)
-                return look
+                return [] if look is None else [look]
         self._forget_if_done(mkey, info)
-        return None
+        return []
 
     def _forget_if_done(self, mkey: str, info: MessageInfo) -> None:
         if not info.waiting:
             self.messages.pop(mkey, None)
 
-    def _received(self, mkey: str, ev: dict[str, Any]) -> None:
+    def _received(self, mkey: str, ev: dict[str, Any]) -> list[Look]:
         plan = ev.get("plan")
         if mkey in self.messages or not isinstance(plan, list):
-            return
+            return []
         waiting = {
             f"{e['rcpt'].lower()} {e['provider']}": e
             for e in plan
@@ -166,14 +178,22 @@ class ProbeState:
         }  # fmt: skip
         received_epoch = _epoch(ev.get("ts"))
         if not waiting or received_epoch is None:
-            return
+            return []
         auth = ev.get("auth")
         auth_class = auth.get("class") if isinstance(auth, dict) else None
         mid = ev.get("message_id")
-        self.messages[mkey] = MessageInfo(
+        info = self.messages[mkey] = MessageInfo(
             mid if isinstance(mid, str) else None, ev["ts"], received_epoch,
             auth_class if isinstance(auth_class, str) else None, waiting,
         )  # fmt: skip
+        # a canary that never reaches a provider (down, deferred, bounced) is missing there too
+        node, qid = mkey.split(" ", 1)
+        pending = (
+            self._delivered(node, qid, e["rcpt"], e, info, received_epoch, pending=True)
+            for e in waiting.values()
+            if e.get("group") == CANARY_GROUP
+        )
+        return [look for look in pending if look is not None]
 
     def _delivered(
         self,
@@ -182,31 +202,33 @@ class ProbeState:
         rcpt: str,
         plan: dict[str, Any],
         info: MessageInfo,
-        ev: dict[str, Any],
+        delivered: float | None,
+        pending: bool = False,
     ) -> Look | None:
-        delivered = _epoch(ev.get("ts"))
         key = look_key(node, qid, rcpt, str(plan["provider"]))
-        if delivered is None or key in self.looks or key in self.done:
-            return None
-        now = self.now()
-        canary = plan.get("group") == CANARY_GROUP  # always probed: they prove the setup works
-        if (
-            delivered + self.settings.give_up_after < now
-            or not (canary or sampled(node, qid, rcpt, self.settings.sample))
-            or not self.may_probe(rcpt)
-        ):
-            self.skipped += 1
+        known = self.looks.get(key)
+        if delivered is None or (known is not None and not known.pending) or key in self.done:
             return None
         look = Look(
             node=node, queue_id=qid, rcpt=rcpt, provider=str(plan["provider"]),
             delivered_to=str(plan.get("delivered_to") or rcpt), group=plan.get("group"),
             message_id=info.message_id, received=info.received, delivered=delivered,
-            auth_class=info.auth_class,
+            auth_class=info.auth_class, pending=pending,
         )  # fmt: skip
+        now = self.now()
+        looks_at = self.schedule(look)
+        if known is None and (  # a canary awaited since its `received` is looked for anyway
+            delivered + looks_at[-1] < now
+            # canaries are always probed: they prove the setup works
+            or not (look.canary or sampled(node, qid, rcpt, self.settings.sample))
+            or not self.may_probe(rcpt)
+        ):
+            self.skipped += not pending  # counted when (if) its delivery is read
+            return None
         # looks already past (a probe that was down, or started late) collapse into one now
         elapsed = now - delivered
-        passed = [i for i, t in enumerate(self.looks_at) if t <= elapsed]
-        look.step = passed[-1] if passed else 0
+        passed = [i for i, t in enumerate(looks_at) if t <= elapsed]
+        look.step = len(looks_at) - 1 if pending else passed[-1] if passed else 0
         self.looks[key] = look
         return look
 
@@ -253,9 +275,8 @@ class ProbeState:
         self.messages = {k: MessageInfo(**m) for k, m in data["messages"].items()}
         looks = (Look(**lk) for lk in data["looks"])
         self.looks = {lk.key: lk for lk in looks if lk.provider in self.probed}
-        self.looks_at = self.settings.looks()
         for lk in self.looks.values():  # delays may have changed since the state was saved
-            lk.step = min(lk.step, len(self.looks_at) - 1)
+            lk.step = min(lk.step, len(self.schedule(lk)) - 1)
         self.done = {str(k): float(v) for k, v in data["done"].items()}
 
     def save(self, path: Path) -> None:

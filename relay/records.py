@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -398,10 +399,12 @@ class _Fields:
         return tuple(value)
 
     def choice(self, key: str, choices: tuple[str | None, ...]) -> Any:
+        """The value, as the one object `choices` holds (a deep queue keeps a few
+        shared strings, not one copy per record)."""
         value = self.value(key, (str, type(None)))
         if value not in choices:
             raise RecordError(f"{self.what}: {key!r} is {value!r}, not one of {choices}")
-        return value
+        return choices[choices.index(value)]
 
 
 def fields(raw: bytes | str | Mapping[str, Any], what: str) -> _Fields:
@@ -476,7 +479,9 @@ def parse_state_line(raw: bytes | str | Mapping[str, Any], plan_size: int) -> St
     Lines since version 2 carry their CRC-32 in `c` (see StateLine.to_line); a
     version-1 line has none and is read as it was written."""
     obj = _object(raw, "state line")
-    if "c" in obj:
+    if isinstance(raw, bytes) and _crc_as_written(raw):  # as to_line wrote it: no re-encoding
+        obj = {k: v for k, v in obj.items() if k != "c"}
+    elif "c" in obj:
         body = dict(obj)
         crc = body.pop("c")
         expected = zlib.crc32(json.dumps(body, separators=(",", ":")).encode())
@@ -492,6 +497,15 @@ def parse_state_line(raw: bytes | str | Mapping[str, Any], plan_size: int) -> St
         f.number("due", optional=True), f.text_or_none("r", optional=True),
         "w" in obj and f.flag("w"),
     )  # fmt: skip
+
+
+_CRC_TAIL = re.compile(rb',"c":(\d+)}\n?$')
+
+
+def _crc_as_written(raw: bytes) -> bool:
+    """The line's `c` is the CRC-32 of its own bytes without it (StateLine.to_line)."""
+    m = _CRC_TAIL.search(raw)
+    return m is not None and zlib.crc32(raw[: m.start()] + b"}") == int(m.group(1))
 
 
 def parse_control_answer(raw: bytes | str | Mapping[str, Any]) -> ControlAnswer:

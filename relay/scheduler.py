@@ -13,6 +13,7 @@ import contextlib
 import functools
 import heapq
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ MAX_WAIT = 1.0
 # stay far below: at most max_recipients / recipients-per-transaction.
 LOOP_LIMIT = 20
 LOOP_WINDOW = 60.0
+RETRY_BATCH = 5000  # `relay queue retry` of every message: state appends per spool batch
 # A message none of whose deliveries is due sooner than this is held in short form
 # (Message.shorten) until its next attempt reads the envelope back.
 SHORTEN_AFTER = 5.0
@@ -95,7 +97,7 @@ class DeliveryState:
             self.attempts = line.attempts
         self.due = 0.0 if line.due is None else line.due
         if line.reply is not None:
-            self.last = line.reply
+            self.last = sys.intern(line.reply)  # the same few replies, once each
         self.warned |= line.warned
 
     def line(self) -> StateLine:
@@ -148,6 +150,8 @@ class Message:
         self.envelope = None
         for d in self.deliveries:
             d.plan = None
+            if d.final:
+                d.last = None  # a final delivery's reply is in the log and the spool
         self.locks = _NONE
         recent = {p: ts for p, ts in self.recent.items() if ts and now - ts[-1] < LOOP_WINDOW}
         self.recent = recent or _NONE
@@ -202,9 +206,11 @@ class Scheduler:
         self.on_notice = on_notice
         self.archiver: Archiver = archiver or _no_archive
         self.messages: dict[str, Message] = {}
-        self._heaps: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PROVIDERS}
+        # per provider: retries, and first attempts (`_take` alternates between them)
+        self._retries: dict[str, list[tuple[float, str]]] = {p: [] for p in PROVIDERS}
+        self._fresh: dict[str, list[tuple[float, str]]] = {p: [] for p in PROVIDERS}
+        self._turn = dict.fromkeys(PROVIDERS, 1)  # 1: the retries' turn first
         self._wake = {p: asyncio.Event() for p in PROVIDERS}
-        self._seq = 0
         self._workers: list[asyncio.Task[None]] = []
         self._slots: dict[tuple[str, tuple[str, ...], int], asyncio.Semaphore] = {}
         self._holds: dict[tuple[tuple[str, tuple[str, ...], int], str | None], AuthHold] = {}
@@ -262,8 +268,9 @@ class Scheduler:
         if not open_:
             return
         due = min(d.due for d in open_)
-        self._seq += 1
-        heapq.heappush(self._heaps[provider], (due, self._seq, msg.queue_id))
+        fresh = all(d.attempts == 0 for d in open_)
+        heap = self._fresh[provider] if fresh else self._retries[provider]
+        heapq.heappush(heap, (due, msg.queue_id))  # ids sort by arrival: FIFO at a tie
         self._wake[provider].set()
 
     def wake(self) -> None:
@@ -359,38 +366,52 @@ class Scheduler:
                         exc_info=exc)  # fmt: skip
 
     async def _take(self, provider: Provider) -> Message | None:
-        """The next due message for `provider`, claimed; None when stopping."""
-        heap, wake = self._heaps[provider], self._wake[provider]
+        """The next due message for `provider`, claimed; None when stopping.
+
+        First attempts and retries have a heap each, taken in turn while both have
+        due work (as Postfix's qmgr alternates its incoming and deferred queues):
+        a backlog made due at once (`relay queue retry` after an outage) never
+        makes fresh mail wait behind it, nor fresh mail the backlog."""
+        heaps, wake = (self._fresh[provider], self._retries[provider]), self._wake[provider]
         while not self._stopping:
             now = self.clock.now()
             hold = self.auth_hold(provider)
             pause = hold.pause(now)
-            while heap and pause is None:
-                due, _, qid = heap[0]
-                msg = self.messages.get(qid)
-                open_ = msg.open(provider) if msg else []
-                if msg is None or not open_ or (qid, provider) in self._claimed:
-                    heapq.heappop(heap)  # stale: finished, deleted, or being attempted
-                    continue
-                true_due = min(d.due for d in open_)
-                if true_due > due:  # rescheduled later since this entry was pushed
-                    heapq.heapreplace(heap, (true_due, self._next_seq(), qid))
-                    continue
-                if due > now:
-                    break
-                heapq.heappop(heap)
-                self._claimed.add((qid, provider))
-                hold.taken()
-                return msg
+            if pause is None:
+                first = self._turn[provider]
+                for k in (first, 1 - first):
+                    msg = self._due(heaps[k], provider, now)
+                    if msg is not None:
+                        self._turn[provider] = 1 - k
+                        self._claimed.add((msg.queue_id, provider))
+                        hold.taken()
+                        return msg
             wake.clear()
-            delay = pause if pause is not None else (heap[0][0] - now) if heap else MAX_WAIT
+            tops = [h[0][0] for h in heaps if h]
+            delay = pause if pause is not None else (min(tops) - now) if tops else MAX_WAIT
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=max(0.0, min(delay, MAX_WAIT)))
         return None
 
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
+    def _due(self, heap: list[tuple[float, str]], provider: Provider, now: float) -> Message | None:
+        """The message at the top of `heap` if it is due (popped), else None; stale
+        entries on the way are dropped, rescheduled ones pushed again."""
+        while heap:
+            due, qid = heap[0]
+            msg = self.messages.get(qid)
+            open_ = msg.open(provider) if msg else []
+            if msg is None or not open_ or (qid, provider) in self._claimed:
+                heapq.heappop(heap)  # stale: finished, deleted, or being attempted
+                continue
+            if min(d.due for d in open_) > due:  # rescheduled later since it was pushed
+                heapq.heappop(heap)
+                self._push(msg, provider)
+                continue
+            if due > now:
+                return None
+            heapq.heappop(heap)
+            return msg
+        return None
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -550,7 +571,7 @@ class Scheduler:
             d.status = decision.status
             if decision.due is not None:
                 d.due = decision.due
-            d.last = _reply_text(reply)
+            d.last = sys.intern(_reply_text(reply))
             action = dsn.notice(d.entry, d.status, result.dsn, warn and not d.warned)
             if action is not None and not msg.env.dsn:
                 d.warned |= action == "delayed"
@@ -584,20 +605,34 @@ class Scheduler:
     # -- administration ------------------------------------------------------------------
 
     async def retry(self, queue_id: str | None = None) -> int:
-        """Make open deliveries (of one message, or all) due now, durably; returns how many."""
+        """Make open deliveries (of one message, or all) due now; returns how many.
+
+        Recorded before they are pushed (so no attempt's state line comes first).
+        One message: durably. The whole queue (after an outage: hundreds of
+        thousands) in batches of RETRY_BATCH appends, written but not synced, as
+        Postfix's `postqueue -f` syncs nothing: a power loss may undo a retry,
+        never a delivery's outcome."""
         now, count = self.clock.now(), 0
         if queue_id is None:
             messages = list(self.messages.values())
         else:
             messages = [self.messages[queue_id]] if queue_id in self.messages else []
-        for msg in messages:
-            due = [d for d in msg.deliveries if not d.final]
-            for d in due:
-                d.due = now
-            await self.spool.record(msg.queue_id, [d.line() for d in due])
-            for provider in {d.provider for d in due}:
-                self._push(msg, provider)
-            count += len(due)
+        for start in range(0, len(messages), RETRY_BATCH):
+            chunk = [
+                (m, [d for d in m.deliveries if not d.final])
+                for m in messages[start : start + RETRY_BATCH]
+            ]
+            for _, due in chunk:
+                for d in due:
+                    d.due = now
+            await asyncio.gather(*(
+                self.spool.record(m.queue_id, [d.line() for d in due], sync=queue_id is not None)
+                for m, due in chunk if due
+            ))  # fmt: skip
+            for m, due in chunk:
+                for provider in {d.provider for d in due}:
+                    self._push(m, provider)
+                count += len(due)
         return count
 
     async def delete(self, queue_id: str, provider: Provider | None = None) -> int:

@@ -500,9 +500,11 @@ async def test_too_many_recipients_go_at_once_in_a_new_transaction(make_env: Fac
     assert [m.rcpts for m in got] == [["r1@example.com", "r2@example.com"], ["r3@example.com"]]
 
 
-async def test_new_messages_do_not_overtake_due_retries() -> None:
-    """The heap is in time order: a retry due at 990 goes before mail that arrived at
-    995, and both before a retry due later; arrival order among new messages."""
+async def test_first_attempts_and_due_retries_take_turns() -> None:
+    """Retries and first attempts each in time order, taken in turn while both have
+    due work (a due retry first): a retry due at 990 goes before mail that arrived
+    at 995, but a backlog of due retries never holds new mail behind all of it;
+    arrival order among new messages; nothing before it is due."""
     clock = FakeClock(1000.0)
     s = Scheduler(config.RelaySettings(), cast(Any, None), cast(Any, None), clock=clock)
     plan = (
@@ -523,8 +525,33 @@ async def test_new_messages_do_not_overtake_due_retries() -> None:
         msg = await s._take("legacy")
         assert msg is not None
         order.append(msg.queue_id)
-    assert order == ["retry", "new-1", "new-2", "late-retry"]
-    assert s._heaps["legacy"][0][2] == "future"  # not due yet
+    assert order == ["retry", "new-1", "late-retry", "new-2"]
+    assert s._retries["legacy"][0][1] == "future"  # not due yet
+    assert not s._fresh["legacy"]
+
+
+async def test_a_backlog_of_due_retries_never_holds_new_mail_behind_it() -> None:
+    """1,000 retries due at once (`relay queue retry` after an outage), then mail
+    arrives: each new message is taken within two picks of its arrival."""
+    clock = FakeClock(1000.0)
+    s = Scheduler(config.RelaySettings(), cast(Any, None), cast(Any, None), clock=clock)
+    plan = (PlanEntry("zed@example.com", "new", "zed@example.com", "shadow", None, None, False),)
+
+    def env(qid: str, received: float) -> Envelope:
+        return Envelope(qid, "", received, SENDER, ("zed@example.com",), (), "127.0.0.1", None,
+                        100, False, plan, False)  # fmt: skip
+
+    for i in range(1000):
+        s.add(f"old-{i:04}", env(f"old-{i:04}", 100.0 + i), [StateLine(0, "deferred", 3, 999.0)])
+    taken = []
+    for i in range(10):
+        s.add(f"new-{i}", env(f"new-{i}", 1000.0))
+        for _ in range(2):
+            msg = await s._take("new")
+            assert msg is not None
+            taken.append(msg.queue_id)
+        assert f"new-{i}" in taken[-2:]
+    assert [q for q in taken if q.startswith("old")] == [f"old-{i:04}" for i in range(10)]
 
 
 async def test_every_recipient_refused_and_5xx_at_mail(make_env: Factory) -> None:

@@ -100,6 +100,7 @@ class _Job:
     envelope: bytes = b""
     queue_id: str = ""
     lines: bytes = b""
+    sync: bool = True  # a state append is fdatasync'd
 
 
 class _Committer(threading.Thread):
@@ -269,10 +270,13 @@ class Spool:
         (read from the loop only); else None, and `open_content` reads the file."""
         return self._recent.get(queue_id)
 
-    async def record(self, queue_id: str, states: list[StateLine]) -> None:
-        """Append delivery state changes durably (batched like commits)."""
+    async def record(self, queue_id: str, states: list[StateLine], sync: bool = True) -> None:
+        """Append delivery state changes durably (batched like commits). `sync=False`
+        for changes a power loss may undo (`relay queue retry` of a whole queue):
+        written before this returns, but not fdatasync'd."""
         lines = b"".join(s.to_line() for s in states)
-        await self._submit(_Job("state", self._future(), queue_id=queue_id, lines=lines))
+        job = _Job("state", self._future(), queue_id=queue_id, lines=lines, sync=sync)
+        await self._submit(job)
 
     async def remove(self, queue_id: str) -> None:
         """Every delivery is final: the message leaves the queue (after the state
@@ -331,7 +335,8 @@ class Spool:
                 if unit[0].kind == "msg":
                     self._commit_message(unit[0])
                 else:
-                    self._append_state(unit[0].queue_id, b"".join(j.lines for j in unit))
+                    lines = b"".join(j.lines for j in unit)
+                    self._append_state(unit[0].queue_id, lines, any(j.sync for j in unit))
             except OSError as exc:
                 for job in unit:
                     failed[id(job)] = exc
@@ -373,7 +378,7 @@ class Spool:
         msg.fh.close()
         os.rename(msg.path, self._file(msg.queue_id, ".msg"))
 
-    def _append_state(self, queue_id: str, lines: bytes) -> None:
+    def _append_state(self, queue_id: str, lines: bytes, sync: bool = True) -> None:
         path = self._file(queue_id, ".state")
         # os.open, not open(): no buffer object, isatty probe or seek per append
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -381,7 +386,8 @@ class Spool:
             view = memoryview(lines)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
+            if sync:
+                os.fdatasync(fd)
         finally:
             os.close(fd)
         self._synced(path)

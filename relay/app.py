@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -33,7 +35,7 @@ from relay.queue_admin import serve_control
 from relay.resolver import Resolver
 from relay.routing import PilotTable
 from relay.scheduler import Clock, DeliveryState, Message, Scheduler, drain_budget
-from relay.spool import Spool
+from relay.spool import Spool, Stored
 from relay.spool.locks import SpoolLocked, lock_within, supervisor_lock
 from relay.spool.workers import gather, worker_roots
 from relay.startup import PidFile, StartupError, starting
@@ -162,16 +164,27 @@ class Relay:
             except SpoolLocked as exc:
                 raise StartupError(f"spool {root}", str(exc)) from None
 
-    async def _recover(self) -> int:
-        """The spool's messages into the scheduler, RECOVERY_BATCH at a time read in a
-        thread: a deep queue is never in memory whole (docs/performance.md "Outage")."""
-        records = self.spool.recovery()
-        queued = 0
-        while batch := await asyncio.to_thread(_take, records, RECOVERY_BATCH):
+    async def _recover(self, records: Iterator[Stored | str], limit: float) -> tuple[int, bool]:
+        """Spool records into the scheduler, RECOVERY_BATCH at a time read in a thread
+        (a deep queue is never in memory whole), until `limit` are read; returns
+        (how many were queued, whether records remain)."""
+        queued = read = 0
+        while read < limit:
+            batch = await asyncio.to_thread(_take, records, RECOVERY_BATCH)
+            if not batch:
+                return queued, False
+            read += len(batch)
             for qid in (item for item in batch if isinstance(item, str)):
                 oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
             queued += self.scheduler.recover(item for item in batch if not isinstance(item, str))
-        return queued
+        return queued, True
+
+    async def _recover_rest(self, records: Iterator[Stored | str], queued: int) -> None:
+        """A deep queue's remainder, while mail is accepted (docs/performance.md)."""
+        started = time.monotonic()
+        more, _ = await self._recover(records, math.inf)
+        oplog.info("queue recovered", recovered=queued + more,
+                   background_s=round(time.monotonic() - started, 1))  # fmt: skip
 
     async def _bounce(
         self, msg: Message, items: list[tuple[DeliveryState, Reply]], action: Action
@@ -194,7 +207,8 @@ class Relay:
                 raise StartupError(f"spool {root}", "in use by another relay")
             if self.cfg.relay.workers == 1 and worker_roots(root):
                 await asyncio.to_thread(self._gather_workers)
-            recovered = await self._recover()
+            records = self.spool.recovery()
+            recovered, more = await self._recover(records, RECOVER_BEFORE_LISTENING)
         if self.archive:
             with starting(f"archive {self.archive.store.root}"):
                 await asyncio.to_thread(self.archive.start)
@@ -226,7 +240,11 @@ class Relay:
             canary = CanarySender(self.cfg.relay.canary, self.port, self.log.node)
             self._tasks.append(asyncio.create_task(canary.run(), name="canary"))
         self.started = True
-        oplog.info("relay started", port=self.port, node=self.log.node, recovered=recovered)
+        if more:
+            rest = self._recover_rest(records, recovered)
+            self._tasks.append(asyncio.create_task(rest, name="recovery"))
+        oplog.info("relay started", port=self.port, node=self.log.node, recovered=recovered,
+                   recovering=more)  # fmt: skip
 
     async def stop(self) -> None:
         if self.stopped.is_set():
@@ -285,6 +303,9 @@ async def serve(cfg: config.Config, worker: int | None = None) -> int:
 
 
 RECOVERY_BATCH = 1000  # spool records read per thread call at start
+# Records recovered before the listener opens (about 1 s here); a deeper queue is
+# recovered on while mail is accepted (docs/performance.md "Outage")
+RECOVER_BEFORE_LISTENING = 10_000
 
 
 def _take(items: Iterator[_T], n: int) -> list[_T]:

@@ -20,6 +20,7 @@ import asyncio
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -146,14 +147,11 @@ def manage(
 ) -> ControlAnswer:
     """retry/delete from the command line, whether or not the relay (or a worker) runs."""
     spools = all_spools(settings.spool)
-    if queue_id is None:
-        count = 0
-        for spool in spools:
-            answer = _manage_one(settings, spool, op, None, provider)
-            if "error" in answer:
-                return answer
-            count += answer.get("count", 0)
-        return {"count": count}
+    if queue_id is None:  # every worker at once: each answers for its own spool
+        with ThreadPoolExecutor(len(spools)) as pool:
+            answers = list(pool.map(lambda s: _manage_one(settings, s, op, None, provider), spools))
+        errors = [a for a in answers if "error" in a]
+        return errors[0] if errors else {"count": sum(a.get("count", 0) for a in answers)}
     holder = next((s for s in spools if s.msg_path(queue_id).exists()), spools[0])
     return _manage_one(settings, holder, op, queue_id, provider)
 

@@ -617,22 +617,20 @@ class Scheduler:
             messages = list(self.messages.values())
         else:
             messages = [self.messages[queue_id]] if queue_id in self.messages else []
-        for start in range(0, len(messages), RETRY_BATCH):
-            chunk = [
-                (m, [d for d in m.deliveries if not d.final])
-                for m in messages[start : start + RETRY_BATCH]
-            ]
-            for _, due in chunk:
-                for d in due:
+        due = [(m, [d for d in m.deliveries if not d.final]) for m in messages]
+        for start in range(0, len(due), RETRY_BATCH):
+            chunk = due[start : start + RETRY_BATCH]
+            for _, open_ in chunk:
+                for d in open_:
                     d.due = now
             await asyncio.gather(*(
-                self.spool.record(m.queue_id, [d.line() for d in due], sync=queue_id is not None)
-                for m, due in chunk if due
+                self.spool.record(m.queue_id, [d.line() for d in open_], sync=queue_id is not None)
+                for m, open_ in chunk if open_
             ))  # fmt: skip
-            for m, due in chunk:
-                for provider in {d.provider for d in due}:
-                    self._push(m, provider)
-                count += len(due)
+        for m, open_ in due:  # pushed once all is recorded: no attempt in between
+            for provider in {d.provider for d in open_}:
+                self._push(m, provider)
+            count += len(open_)
         return count
 
     async def delete(self, queue_id: str, provider: Provider | None = None) -> int:

@@ -408,43 +408,61 @@ class Spool:
         fh.seek(0)
         return fh, length
 
-    def load(self, queue_id: str) -> Stored:
+    def load(self, queue_id: str, trim: bool = False) -> Stored:
         """Read one committed message; raise ValueError (RecordError: a malformed
-        envelope) when it is torn or corrupt."""
-        path = self.msg_path(queue_id)
-        with open(path, "rb") as fh:
-            total = os.fstat(fh.fileno()).st_size
+        envelope) when it is torn or corrupt. `trim`: at start, a torn last state
+        line is also cut off the file, so that appends start clean."""
+        env, clen = self._record(queue_id, check_content=True)
+        envelope = parse_envelope(env)
+        states = self._read_states(queue_id, len(envelope.plan), trim)
+        return Stored(queue_id, envelope, clen, states)
+
+    def _record(self, queue_id: str, check_content: bool) -> tuple[bytes, int]:
+        """(the envelope record, the content length) of a `.msg` file, its footer and
+        checksums checked (the content's only with `check_content`)."""
+        fd = os.open(self._file(queue_id, ".msg"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            total = os.fstat(fd).st_size
             if total < FOOTER.size:
                 raise ValueError("shorter than its footer")
-            fh.seek(-FOOTER.size, os.SEEK_END)
-            magic, clen, elen, ccrc, ecrc = FOOTER.unpack(fh.read(FOOTER.size))
+            footer = os.pread(fd, FOOTER.size, total - FOOTER.size)
+            magic, clen, elen, ccrc, ecrc = FOOTER.unpack(footer)
             if magic != MAGIC or clen + elen + FOOTER.size != total:
                 raise ValueError("footer does not match the file")
-            crc = 0
-            fh.seek(0)
-            left = clen
-            while left:
-                chunk = fh.read(min(left, 1 << 20))
+            crc = offset = 0
+            while check_content and offset < clen:
+                chunk = os.pread(fd, min(clen - offset, 1 << 20), offset)
                 if not chunk:
                     raise ValueError("content truncated")
                 crc = zlib.crc32(chunk, crc)
-                left -= len(chunk)
-            env = fh.read(elen)
-            if crc != ccrc or zlib.crc32(env) != ecrc:
-                raise ValueError("checksum mismatch")
-        envelope = parse_envelope(env)
-        return Stored(queue_id, envelope, clen, self._read_states(queue_id, len(envelope.plan)))
+                offset += len(chunk)
+            env = os.pread(fd, elen, clen)
+        finally:
+            os.close(fd)
+        if (check_content and crc != ccrc) or len(env) != elen or zlib.crc32(env) != ecrc:
+            raise ValueError("checksum mismatch")
+        return env, clen
 
-    def _read_states(self, queue_id: str, plan_size: int) -> list[StateLine]:
+    def load_envelope(self, queue_id: str) -> Envelope:
+        """A queued message's envelope alone (its footer and record, checksum checked):
+        what the scheduler reads back for a message it holds in short form."""
+        return parse_envelope(self._record(queue_id, check_content=False)[0])
+
+    def _read_states(self, queue_id: str, plan_size: int, trim: bool = False) -> list[StateLine]:
         """The recorded state changes. The part after the last LF is a torn append
         (a crash mid-write) and is not recorded; a whole line that does not parse,
         fails its checksum or names a delivery not in the plan raises RecordError:
         the message's state is unknown, so it is set aside (SPEC Part 2 "Faults")."""
-        path = self.queue / f"{queue_id}.state"
+        path = self._file(queue_id, ".state")
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as fh:
+                raw = fh.read()
         except FileNotFoundError:
             return []
+        if trim and raw and not raw.endswith(b"\n"):
+            with open(path, "rb+") as fh:
+                fh.truncate(raw.rfind(b"\n") + 1)
+                os.fdatasync(fh.fileno())
         return [parse_state_line(line, plan_size) for line in raw.split(b"\n")[:-1]]
 
     def queue_ids(self) -> Iterator[str]:
@@ -476,45 +494,12 @@ class Spool:
                 state.unlink(missing_ok=True)
         for qid in ids:
             try:
-                self._trim_torn_state(qid)
-                stored = self.load(qid)
+                stored = self.load(qid, trim=True)
             except (ValueError, OSError):
                 self.quarantine(qid)
                 yield qid
             else:
                 yield stored
-
-    def load_envelope(self, queue_id: str) -> Envelope:
-        """A queued message's envelope alone (its footer and record, checksum checked):
-        what the scheduler reads back for a message it holds in short form."""
-        fd = os.open(self._file(queue_id, ".msg"), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            total = os.fstat(fd).st_size
-            if total < FOOTER.size:
-                raise ValueError("shorter than its footer")
-            magic, clen, elen, _, ecrc = FOOTER.unpack(
-                os.pread(fd, FOOTER.size, total - FOOTER.size)
-            )
-            if magic != MAGIC or clen + elen + FOOTER.size != total:
-                raise ValueError("footer does not match the file")
-            env = os.pread(fd, elen, clen)
-        finally:
-            os.close(fd)
-        if len(env) != elen or zlib.crc32(env) != ecrc:
-            raise ValueError("checksum mismatch")
-        return parse_envelope(env)
-
-    def _trim_torn_state(self, queue_id: str) -> None:
-        """Cut a state file back to its last whole line, so that appends start clean."""
-        path = self.queue / f"{queue_id}.state"
-        try:
-            with open(path, "rb+") as fh:
-                raw = fh.read()
-                if raw and not raw.endswith(b"\n"):
-                    fh.truncate(raw.rfind(b"\n") + 1)
-                    os.fdatasync(fh.fileno())
-        except FileNotFoundError:
-            pass
 
     def quarantine(self, queue_id: str) -> None:
         self._forget(queue_id)

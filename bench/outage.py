@@ -213,9 +213,9 @@ def latencies_ms(log: Path, qids: set[str], provider: str) -> list[int]:
     out = []
     for line in log.read_text().splitlines():
         e = json.loads(line)
-        if e.get("event") == "delivery" and e.get("queue_id") in qids:
-            if e.get("provider") == provider and e.get("outcome") == "delivered":
-                out.append(int(e["latency_ms"]))
+        mine = e.get("event") == "delivery" and e.get("queue_id") in qids
+        if mine and e.get("provider") == provider and e.get("outcome") == "delivered":
+            out.append(int(e["latency_ms"]))
     return sorted(out)
 
 
@@ -313,7 +313,8 @@ def main() -> None:
               f"{drained / secs:.0f} msg/s; relay CPU {1000 * cpu / max(1, drained):.2f} ms "
               f"per delivery")  # fmt: skip
         print(f"fresh mail to new during the drain ({FRESH_RATE:.0f} msg/s): {during}")
-        print(f"fresh mail to new with the queue empty:      {measure_fresh(work / 'deliveries.jsonl')}")
+        empty = measure_fresh(work / "deliveries.jsonl")
+        print(f"fresh mail to new with the queue empty:      {empty}")
         rss, pss = memory_mb(relay.pid)
         print(f"after the drain: RSS {rss:.0f} MB, PSS {pss:.0f} MB")
     finally:

@@ -35,7 +35,7 @@ from relay.queue_admin import serve_control
 from relay.resolver import Resolver
 from relay.routing import PilotTable
 from relay.scheduler import Clock, DeliveryState, Message, Scheduler, drain_budget
-from relay.spool import Spool, Stored
+from relay.spool import Queued, Spool
 from relay.spool.locks import SpoolLocked, lock_within, supervisor_lock
 from relay.spool.workers import gather, worker_roots
 from relay.startup import PidFile, StartupError, starting
@@ -164,7 +164,7 @@ class Relay:
             except SpoolLocked as exc:
                 raise StartupError(f"spool {root}", str(exc)) from None
 
-    async def _recover(self, records: Iterator[Stored | str], limit: float) -> tuple[int, bool]:
+    async def _recover(self, records: Iterator[Queued | str], limit: float) -> tuple[int, bool]:
         """Spool records into the scheduler, RECOVERY_BATCH at a time read in a thread
         (a deep queue is never in memory whole), until `limit` are read; returns
         (how many were queued, whether records remain)."""
@@ -179,7 +179,7 @@ class Relay:
             queued += self.scheduler.recover(item for item in batch if not isinstance(item, str))
         return queued, True
 
-    async def _recover_rest(self, records: Iterator[Stored | str], queued: int) -> None:
+    async def _recover_rest(self, records: Iterator[Queued | str], queued: int) -> None:
         """A deep queue's remainder, while mail is accepted (docs/performance.md)."""
         started = time.monotonic()
         more, _ = await self._recover(records, math.inf)
@@ -207,7 +207,7 @@ class Relay:
                 raise StartupError(f"spool {root}", "in use by another relay")
             if self.cfg.relay.workers == 1 and worker_roots(root):
                 await asyncio.to_thread(self._gather_workers)
-            records = self.spool.recovery()
+            records = self.spool.recovery_short()
             recovered, more = await self._recover(records, RECOVER_BEFORE_LISTENING)
         if self.archive:
             with starting(f"archive {self.archive.store.root}"):

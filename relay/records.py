@@ -448,6 +448,31 @@ def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
     )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class Outline:
+    """What queueing a recovered message in short form needs of its envelope (the
+    rest is read, and checked, when its next attempt loads it)."""
+
+    received_epoch: float
+    providers: tuple[Provider, ...]  # each plan entry's, in plan order
+
+
+def parse_outline(raw: bytes) -> Outline:
+    """An envelope record's outline: version, arrival and each plan entry's provider
+    checked; half the cost of parse_envelope on a deep queue's restart."""
+    obj = _object(raw, "envelope")
+    version = obj.get("v")
+    if version != ENVELOPE_VERSION or isinstance(version, bool):
+        raise RecordError(f"unknown envelope version {version!r}")
+    f = _Fields(obj, "envelope")
+    plan = f.value("plan", (list,))
+    providers = tuple(
+        _Fields(_object(p, "plan entry"), f"envelope plan[{i}]").choice("provider", PROVIDERS)
+        for i, p in enumerate(plan)
+    )
+    return Outline(_required(f.number("received_epoch")), providers)
+
+
 def _prepend(obj: Mapping[str, Any]) -> tuple[tuple[Provider, str], ...]:
     raw = _object(obj.get("prepend", {}), "envelope prepend")
     f = _Fields(raw, "envelope prepend")

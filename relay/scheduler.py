@@ -27,7 +27,7 @@ from relay.dsn import Action
 from relay.log import DeliveryLog, oplog
 from relay.records import FINAL, PROVIDERS, Envelope, PlanEntry, Provider, StateLine, Status
 from relay.resolver import Resolver
-from relay.spool import Spool, SpoolError, Stored
+from relay.spool import Queued, Spool, SpoolError
 
 SMALL_MESSAGE = 64 * 1024  # bytes: read on the event loop rather than in a thread
 # Due times are wall-clock (they are stored, and survive restarts); the waits between
@@ -238,30 +238,35 @@ class Scheduler:
         Returns False for a message whose deliveries are all final already.
         """
         deliveries = [DeliveryState(i, p.provider, p) for i, p in enumerate(envelope.plan)]
+        return self._queue(Message(queue_id, envelope, deliveries, envelope.received_epoch), states)
+
+    def _queue(self, msg: Message, states: Iterable[StateLine]) -> bool:
         for line in states:  # parse_state_line checked each index against the plan
-            deliveries[line.index].apply(line)
-        msg = Message(queue_id, envelope, deliveries, envelope.received_epoch)
-        for d in deliveries:
+            msg.deliveries[line.index].apply(line)
+        for d in msg.deliveries:
             if d.status == "pending":  # never tried: due since it arrived (FIFO with retries)
                 d.due = min(msg.received, self.clock.now())
         if msg.done:
             return False
-        self.messages[queue_id] = msg
-        for provider in {d.provider for d in deliveries if not d.final}:
+        self.messages[msg.queue_id] = msg
+        for provider in {d.provider for d in msg.deliveries if not d.final}:
             self._push(msg, provider)
         return True
 
-    def recover(self, stored: Iterable[Stored]) -> int:
-        """At start: queue what is unfinished (in short form: nothing is attempted
-        yet), tidy away what a crash left finished; returns how many were queued."""
-        queued = 0
-        for s in stored:
-            if self.add(s.queue_id, s.envelope, s.states):
-                self.messages[s.queue_id].shorten(time.monotonic())
-                queued += 1
+    def recover(self, queued: Iterable[Queued]) -> int:
+        """At start: queue what is unfinished, in short form (its first attempt reads
+        the envelope), tidy away what a crash left finished; returns how many queued."""
+        count = 0
+        for q in queued:
+            providers = q.outline.providers
+            deliveries = [DeliveryState(i, p, None) for i, p in enumerate(providers)]
+            if self._queue(
+                Message(q.queue_id, None, deliveries, q.outline.received_epoch), q.states
+            ):
+                count += 1
             else:
-                self.spool.remove_now(s.queue_id)
-        return queued
+                self.spool.remove_now(q.queue_id)
+        return count
 
     def _push(self, msg: Message, provider: Provider) -> None:
         open_ = msg.open(provider)
@@ -465,8 +470,14 @@ class Scheduler:
             return True
         try:
             envelope = await asyncio.to_thread(self.spool.load_envelope, msg.queue_id)
-        except (ValueError, OSError) as exc:
+        except OSError as exc:
             self._hold(msg, batch, f"envelope unreadable: {exc}")
+            return False
+        except ValueError as exc:  # checked whole only now (a restart read its outline)
+            if self.messages.pop(msg.queue_id, None) is not None:
+                await asyncio.to_thread(self.spool.quarantine, msg.queue_id)
+                oplog.error("torn or corrupt spool record moved to corrupt/",
+                            queue_id=msg.queue_id, error=str(exc))  # fmt: skip
             return False
         if msg.envelope is None:  # another attempt may have loaded it meanwhile
             msg.load(envelope)

@@ -32,9 +32,16 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from relay.records import Envelope, StateLine, parse_envelope, parse_state_line
+from relay.records import (
+    Envelope,
+    Outline,
+    StateLine,
+    parse_envelope,
+    parse_outline,
+    parse_state_line,
+)
 
 FOOTER = struct.Struct(">4sQIII")  # magic, content length, envelope length, crcs
 MAGIC = b"RLY1"
@@ -44,6 +51,9 @@ WRITE_THRESHOLD = 1 << 20  # bytes buffered in memory before a threaded write
 # reads and preads per message); bounded, oldest dropped first.
 RECENT_MAX_MESSAGE = 256 * 1024
 RECENT_BYTES = 16 << 20
+
+
+_R = TypeVar("_R")
 
 
 class SpoolError(Exception):
@@ -88,6 +98,16 @@ class Stored:
     queue_id: str
     envelope: Envelope
     content_length: int
+    states: list[StateLine]
+
+
+@dataclass
+class Queued:
+    """A committed message as a restart queues it in short form (its envelope's
+    outline and its states; the envelope itself stays in the file)."""
+
+    queue_id: str
+    outline: Outline
     states: list[StateLine]
 
 
@@ -466,8 +486,8 @@ class Spool:
         return [parse_state_line(line, plan_size) for line in raw.split(b"\n")[:-1]]
 
     def queue_ids(self) -> Iterator[str]:
-        for p in sorted(self.queue.glob("*.msg")):
-            yield p.stem
+        """Committed messages' ids in arrival order (names, not Paths: a deep queue)."""
+        yield from sorted(n[:-4] for n in os.listdir(self._dir) if n.endswith(".msg"))
 
     def recover(self) -> tuple[list[Stored], list[str]]:
         """Scan the spool at start: committed messages, and ids moved to corrupt/."""
@@ -481,9 +501,18 @@ class Spool:
         return good, bad
 
     def recovery(self) -> Iterator[Stored | str]:
-        """`recover` one message at a time, for a deep queue: each committed message,
-        or the id of one moved to corrupt/. Leftovers (`.tmp` files, state files
-        without a message) are tidied before the first."""
+        """`recover` one message at a time: each committed message, or the id of one
+        moved to corrupt/. Leftovers (`.tmp` files, state files without a message)
+        are tidied before the first."""
+        return self._recovery(self.load)
+
+    def recovery_short(self) -> Iterator[Queued | str]:
+        """`recovery` for a restart: each message's outline and states (footer, both
+        checksums and the state lines checked; the envelope is parsed in full when
+        its next attempt loads it)."""
+        return self._recovery(self.load_queued)
+
+    def _recovery(self, load: Callable[[str, bool], _R]) -> Iterator[_R | str]:
         self.create()
         for tmp in self.queue.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -494,12 +523,18 @@ class Spool:
                 state.unlink(missing_ok=True)
         for qid in ids:
             try:
-                stored = self.load(qid, trim=True)
+                item = load(qid, True)
             except (ValueError, OSError):
                 self.quarantine(qid)
                 yield qid
             else:
-                yield stored
+                yield item
+
+    def load_queued(self, queue_id: str, trim: bool = False) -> Queued:
+        """A committed message as `recovery_short` gives it (see `load`)."""
+        env, _ = self._record(queue_id, check_content=True)
+        outline = parse_outline(env)
+        return Queued(queue_id, outline, self._read_states(queue_id, len(outline.providers), trim))
 
     def quarantine(self, queue_id: str) -> None:
         self._forget(queue_id)

@@ -487,7 +487,11 @@ class Spool:
 
     def queue_ids(self) -> Iterator[str]:
         """Committed messages' ids in arrival order (names, not Paths: a deep queue)."""
-        yield from sorted(n[:-4] for n in os.listdir(self._dir) if n.endswith(".msg"))
+        try:
+            names = os.listdir(self._dir)
+        except FileNotFoundError:  # a spool never started
+            return
+        yield from sorted(n[:-4] for n in names if n.endswith(".msg"))
 
     def recover(self) -> tuple[list[Stored], list[str]]:
         """Scan the spool at start: committed messages, and ids moved to corrupt/."""

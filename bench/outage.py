@@ -194,6 +194,17 @@ def sink_count(log: Path) -> int:
     return int(tail[-1].split()[0]) if len(tail) > 1 else 0
 
 
+def recovered(err: Path) -> int:
+    """How many worker processes have recovered their whole queue (operational log)."""
+    done = 0
+    for line in err.read_text(errors="replace").splitlines():
+        if '"queue recovered"' in line or (
+            '"relay started"' in line and '"recovering": false' in line
+        ):
+            done += 1
+    return done
+
+
 def fresh_mail(count: int, rate: float, out: list[str]) -> None:
     """`count` messages to FRESH at `rate` msg/s; their queue ids into `out`."""
     body = message(10240, 0).replace(PILOT.encode(), FRESH.encode())
@@ -266,6 +277,11 @@ def main() -> None:
         rss, pss = memory_mb(relay.pid)
         print(f"restart: listening after {up:.1f} s with {queued} queued; "
               f"RSS {rss:.0f} MB, PSS {pss:.0f} MB ({len(tree(relay.pid))} processes)")  # fmt: skip
+        while recovered(work / "relay.err") < workers and time.monotonic() - t < 1800:
+            time.sleep(0.2)
+        rss, pss = memory_mb(relay.pid)
+        print(f"restart: the whole queue recovered after {time.monotonic() - t:.1f} s "
+              f"(in the background once listening); RSS {rss:.0f} MB, PSS {pss:.0f} MB")  # fmt: skip
 
         # 3. full-rate mail while new is still down
         t = time.monotonic()

@@ -281,7 +281,7 @@ def main() -> None:
             time.sleep(0.2)
         rss, pss = memory_mb(relay.pid)
         print(f"restart: the whole queue recovered after {time.monotonic() - t:.1f} s "
-              f"(in the background once listening); RSS {rss:.0f} MB, PSS {pss:.0f} MB")  # fmt: skip
+              f"(the rest in the background); RSS {rss:.0f} MB, PSS {pss:.0f} MB")  # fmt: skip
 
         # 3. full-rate mail while new is still down
         t = time.monotonic()

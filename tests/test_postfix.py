@@ -9,148 +9,47 @@ a free loopback port, virtual mailboxes for the users it has. Stopped with
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 import re
 import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relay.testing import Provider
 from tests import test_delivery
-from tests.harness import RawClient, free_port
-from tests.test_delivery import SENDER, Factory, until
+from tests.harness import RawClient
+from tests.postfix_server import SASL_PASSWORD, SASL_USER, Build, Postfix, running
+from tests.test_delivery import SENDER, Env, Factory, until
+from tests.test_dsn import dsns, report_parts
 
 make_env = test_delivery.make_env  # the relay-in-process fixture, shared
 
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.realservers,
     pytest.mark.timeout(120),
     pytest.mark.skipif(
         POSTFIX is None or os.geteuid() != 0,
         reason="needs postfix installed (apt-get install postfix) and root to run an instance",
     ),
 ]
-USERS = ("alice@example.com", "yann@example.com", "alice@example-new.com")
-
-
-@dataclass
-class Postfix:
-    base: Path
-    port: int
-
-    @property
-    def log(self) -> str:
-        path = self.base / "maillog"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def commands(self) -> list[str]:
-        """The SMTP commands its smtpd received (debug_peer_list logs them: `< peer: CMD`)."""
-        return re.findall(r"smtpd\[\d+\]: < [^:]+: (.*)", self.log)
-
-    def delivered(self) -> list[str]:
-        """The mailboxes virtual(8) delivered to."""
-        return re.findall(r"to=<([^>]+)>.*relay=virtual.*status=sent", self.log)
-
-
-def _run(*args: str) -> None:
-    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"{args}: {r.stdout}{r.stderr}"
+USERS = (
+    "alice@example.com", "yann@example.com", "alice@example-new.com",
+    "held@example.com", "refused@example.com", "zed@example.com",
+    "ann@dev.example.com", "ann@dev.example-new.com",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[Postfix]:
-    # not under pytest's 0700 tmp folder: Postfix's daemons run as `postfix` and must get in
-    base = Path(tempfile.mkdtemp(prefix="relay-postfix-"))
-    base.chmod(0o755)
-    etc, spool, data, mail = base / "etc", base / "spool", base / "data", base / "mail"
-    for d in (etc, spool, data, mail):
-        d.mkdir()
-    shutil.chown(data, "postfix", "postfix")
-    shutil.chown(mail, 65534, 65534)
-    (etc / "mailboxes").write_text("".join(f"{u} {u}/\n" for u in USERS))
-    port = free_port()
-    (etc / "main.cf").write_text(
-        f"""compatibility_level = 3.6
-queue_directory = {spool}
-data_directory = {data}
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.postfix.test
-mydomain = postfix.test
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-mynetworks = 127.0.0.0/8
-virtual_mailbox_domains = example.com, example-new.com
-virtual_mailbox_maps = texthash:{etc}/mailboxes
-virtual_mailbox_base = {mail}
-virtual_uid_maps = static:65534
-virtual_gid_maps = static:65534
-virtual_mailbox_limit = 0
-recipient_delimiter = +
-smtputf8_enable = yes
-local_header_rewrite_clients =
-smtp_dns_support_level = disabled
-smtpd_tls_security_level = none
-debug_peer_list = 127.0.0.1
-debug_peer_level = 1
-biff = no
-maillog_file_prefixes = /tmp, /var
-maillog_file = {base}/maillog
-"""
-    )
-    (etc / "master.cf").write_text(
-        f"""127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-    )
-    assert POSTFIX is not None
-    _run(POSTFIX, "-c", str(etc), "start")
-    try:
-        deadline = time.monotonic() + 20
-        while "daemon started" not in Postfix(base, port).log:
-            assert time.monotonic() < deadline, "postfix did not start"
-            time.sleep(0.1)
-        yield Postfix(base, port)
-    finally:
-        with contextlib.suppress(Exception):
-            _run(POSTFIX, "-c", str(etc), "stop")
-        shutil.rmtree(base, ignore_errors=True)
+    """The legacy provider: mailboxes for USERS, STARTTLS and implicit TLS (a test
+    CA), SASL AUTH through Dovecot, access rules a test sets."""
+    with running(Build("postfix", USERS, tls=True, sasl=True)) as pf:
+        yield pf
 
 
 def at(postfix: Postfix) -> dict[str, object]:
@@ -195,3 +94,187 @@ async def test_verify_recipients_answers_from_postfix(make_env: Factory, postfix
     assert len(probes) == 1  # the repeat came from the cache
     assert "MAIL FROM:<>" in postfix.commands()
     assert re.search(r"reject: RCPT from [^:]+: 550 5\.1\.1 <nobody@example\.com>", postfix.log)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def at_postfix(
+    make_env: Factory, postfix: Postfix, legacy: dict[str, Any] | None = None, **kwargs: Any
+) -> Env:
+    """A relay whose two providers are this Postfix (legacy with `legacy` keys on top)."""
+    return await make_env(
+        legacy=Provider("unused"), new=Provider("unused-new"),
+        legacy_cfg={**at(postfix), **(legacy or {})}, new_cfg=at(postfix), **kwargs,
+    )  # fmt: skip
+
+
+def stored(postfix: Postfix, user: str, marker: str) -> int:
+    """How many messages carrying `marker` are in `user`'s mailbox."""
+    needle = f"X-Test-Marker: {marker}\n".encode()  # virtual(8) stores LF line ends
+    return sum(needle in m for m in postfix.mailbox(user))
+
+
+async def rules(postfix: Postfix, access: dict[str, str]) -> None:
+    """New access rules, in force once the old smtpd processes are gone (in a
+    thread: one of them may be serving a session of the relay in this loop)."""
+    await asyncio.to_thread(postfix.access, access)
+
+
+# ------------------------------------------------------------------ AUTH (Dovecot SASL)
+
+
+async def test_auth_right_is_delivered_and_postfix_logs_the_login(
+    make_env: Factory, postfix: Postfix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_PF_PW", SASL_PASSWORD)
+    env = await at_postfix(
+        make_env, postfix, {"username": SASL_USER, "password_env": "RELAY_PF_PW"}
+    )
+    sent = await env.send(["yann@example.com"])
+    [e] = await env.wait_events(1, timeout=30, provider="legacy", outcome="delivered")
+    assert (e["smtp_code"], e["enhanced_code"]) == (250, "2.0.0"), e
+    # Postfix's own record of the message: who logged in, with which mechanism
+    qid = e["remote_id"]
+    assert re.search(
+        rf"{qid}: client=[^,]+, sasl_method=PLAIN, sasl_username={SASL_USER}$", postfix.log, re.M
+    ), postfix.log[-3000:]
+    await until(lambda: stored(postfix, "yann@example.com", sent.marker), 30, "stored")
+
+
+async def test_auth_wrong_is_one_535_per_hold_and_the_password_is_never_logged(
+    make_env: Factory,
+    postfix: Postfix,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Three messages queued behind a wrong password: Postfix answers 535 to one
+    login per `auth_failure_hold`, not one per message; once the password is
+    right, all three go."""
+    monkeypatch.setenv("RELAY_PF_PW", "not-the-password")
+    failures = re.compile(r"SASL PLAIN authentication failed")
+    before = len(failures.findall(postfix.log))
+    env = await at_postfix(
+        make_env, postfix,
+        {"username": SASL_USER, "password_env": "RELAY_PF_PW", "auth_failure_hold": 300},
+    )  # fmt: skip
+    sent = [await env.send(["yann@example.com"]) for _ in range(3)]
+    [e] = await env.wait_events(1, timeout=30, provider="legacy")
+    assert (e["outcome"], e["smtp_code"], e["enhanced_code"]) == ("deferred", 535, "5.7.8"), e
+    await until(
+        lambda: len(failures.findall(postfix.log)) == before + 1, 30, "Postfix's 535 logged"
+    )
+    await env.idle()
+    assert len(env.events(provider="legacy")) == 1  # the others wait out the hold untried
+    env.clock.advance(299)
+    await env.idle()
+    assert len(env.events(provider="legacy")) == 1
+    env.clock.advance(2)  # the hold is over: one more login, one more 535
+    await env.wait_events(2, timeout=30, provider="legacy", outcome="deferred")
+    await env.idle()
+    assert len(env.events(provider="legacy")) == 2
+    await until(lambda: len(failures.findall(postfix.log)) == before + 2, 30, "a second 535")
+    monkeypatch.setenv("RELAY_PF_PW", SASL_PASSWORD)
+    env.clock.advance(400)
+    await env.wait_events(3, timeout=30, provider="legacy", outcome="delivered")
+    assert len(failures.findall(postfix.log)) == before + 2
+    for s in sent:
+        await until(lambda s=s: stored(postfix, "yann@example.com", s.marker) == 1, 30, "stored")
+    assert "not-the-password" not in env.log_path.read_text()
+    assert SASL_PASSWORD not in env.log_path.read_text()
+    out, err = capfd.readouterr()
+    assert "not-the-password" not in out + err and SASL_PASSWORD not in out + err
+
+
+# ------------------------------------------------------------------ TLS
+
+
+@pytest.mark.parametrize("mode", ["starttls", "required", "implicit"])
+async def test_tls_modes_against_postfix(make_env: Factory, postfix: Postfix, mode: str) -> None:
+    cfg: dict[str, Any] = {"tls": mode, "ca_file": str(postfix.ca_file)}
+    if mode == "implicit":
+        cfg["port"] = postfix.tls_port
+    established = re.compile(r"smtpd\[\d+\]: Anonymous TLS connection established from")
+    before = len(established.findall(postfix.log))
+    env = await at_postfix(make_env, postfix, cfg)
+    sent = await env.send(["yann@example.com"])
+    [e] = await env.wait_events(1, timeout=30, provider="legacy", outcome="delivered")
+    assert e["tls"] in ("TLSv1.2", "TLSv1.3"), e
+    await until(lambda: len(established.findall(postfix.log)) > before, 30, "Postfix's TLS line")
+    await until(lambda: stored(postfix, "yann@example.com", sent.marker), 30, "stored")
+
+
+async def test_tls_required_without_the_ca_is_the_relays_deferral(
+    make_env: Factory, postfix: Postfix
+) -> None:
+    """Postfix's certificate comes from a CA the relay does not know: never sent in clear."""
+    env = await at_postfix(make_env, postfix, {"tls": "required"})
+    sent = await env.send(["yann@example.com"])
+    [e] = await env.wait_events(1, timeout=30, provider="legacy")
+    assert (e["outcome"], e["smtp_code"], e["by"]) == ("deferred", None, "relay"), e
+    assert "certificate verify failed" in e["smtp_response"], e
+    await env.idle()
+    assert stored(postfix, "yann@example.com", sent.marker) == 0
+
+
+# ------------------------------------------------------------------ 450 / 550 rules
+
+
+async def test_450_rule_defers_then_delivers_once_removed(
+    make_env: Factory, postfix: Postfix
+) -> None:
+    await rules(postfix, {"held@example.com": "450 4.2.1 Mailbox busy, try later"})
+    try:
+        env = await at_postfix(make_env, postfix)
+        sent = await env.send(["held@example.com"])
+        [e] = await env.wait_events(1, timeout=30, provider="legacy")
+        assert (e["outcome"], e["smtp_code"], e["enhanced_code"]) == ("deferred", 450, "4.2.1"), e[
+            "smtp_response"
+        ]
+        assert re.search(r"reject: RCPT from [^:]+: 450 4\.2\.1 <held@example\.com>", postfix.log)
+    finally:
+        await rules(postfix, {})
+    env.clock.advance(100)  # past the first retry, jitter included
+    [_, e] = await env.wait_events(2, timeout=30, provider="legacy")
+    assert (e["outcome"], e["attempt"]) == ("delivered", 2), (e["smtp_response"], e["smtp_code"])
+    await until(lambda: stored(postfix, "held@example.com", sent.marker) == 1, 30, "stored")
+    assert env.bounce.messages == []
+
+
+async def test_550_rule_bounces_to_the_sender_for_legacy_not_for_the_shadow(
+    make_env: Factory, postfix: Postfix
+) -> None:
+    await rules(postfix, {
+        "refused@example.com": "550 5.7.1 Not accepted here",
+        "ann@dev.example-new.com": "550 5.7.1 Not accepted here",
+    })  # fmt: skip
+    try:
+        env = await at_postfix(make_env, postfix)
+        sent = await env.send(["refused@example.com", "ann@dev.example.com"])
+        events = await env.wait_events(3, timeout=30)
+    finally:
+        await rules(postfix, {})
+    outcome = {
+        (e["provider"], e["delivered_to"]): (e["outcome"], e["smtp_code"])
+        for e in events
+        if e["provider"] != "bounce"
+    }
+    assert outcome == {
+        ("legacy", "refused@example.com"): ("bounced", 550),
+        ("legacy", "ann@dev.example.com"): ("delivered", 250),
+        ("new", "ann@dev.example-new.com"): ("bounced", 550),
+    }
+    [dsn] = await env.wait_events(1, timeout=30, event="bounce_sent")
+    assert dsn["rcpt"] == "refused@example.com"  # the shadow copy's refusal: no DSN
+    await env.bounce.wait_for_messages(1, timeout=30)
+    [m] = env.bounce.messages
+    assert m.rcpts == [SENDER] and m.mail_from == ""
+    [dsn] = dsns(env.bounce)
+    _, [_, status], _ = report_parts(dsn)
+    assert status["Final-Recipient"] == "rfc822; refused@example.com"
+    assert " ".join(status["Diagnostic-Code"].split()) == (
+        "smtp; 550 5.7.1 <refused@example.com>: Recipient address rejected: Not accepted here"
+    )  # Postfix's reply, as it said it
+    await env.idle()
+    assert len(env.bounce.messages) == 1
+    await until(lambda: stored(postfix, "ann@dev.example.com", sent.marker) == 1, 30, "stored")

@@ -79,10 +79,11 @@ def run(*args: str) -> str:
     return text
 
 
-def _accepts(port: int) -> bool:
+def _greets(port: int) -> bool:
+    """Whether an smtpd on `port` answers a connection with its 220 greeting."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            return s.recv(512).startswith(b"220 ")
     except OSError:
         return False
 
@@ -149,7 +150,7 @@ class Postfix:
         self.postfix("start")
         if self.sasl:
             self.sasl.start()
-        _wait(lambda: _accepts(self.port), f"postfix on port {self.port}")
+        _wait(lambda: _greets(self.port), f"postfix on port {self.port}")
 
     def stop(self) -> None:
         """`postfix stop`, then wait until its master is gone and its port refuses."""
@@ -165,7 +166,7 @@ class Postfix:
                     return False
                 except ProcessLookupError:
                     pass
-            return not _accepts(self.port)
+            return not _greets(self.port)
 
         _wait(gone, "postfix to stop")
 
@@ -178,8 +179,7 @@ class Postfix:
         _wait(lambda: not old & self.children("smtpd"), "the old smtpd processes to exit")
         # the first smtpd after a reload of an instance with SASL takes 1.5 s to greet:
         # have one ready, so a client's connect timeout does not measure that
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
-            assert s.recv(512).startswith(b"220 "), "no greeting after reload"
+        assert _greets(self.port), "no greeting after reload"
 
     def children(self, name: str) -> set[int]:
         """PIDs of the master's child processes running daemon `name`."""
@@ -390,10 +390,3 @@ def running(b: Build) -> Iterator[Postfix]:
         with contextlib.suppress(Exception):
             pf.stop()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def available() -> str | None:
-    """Why a real Postfix cannot run here, or None when it can."""
-    if POSTFIX is None or os.geteuid() != 0:
-        return "needs postfix installed (apt-get install postfix) and root to run an instance"
-    return None

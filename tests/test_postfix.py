@@ -1,10 +1,21 @@
-"""A real Postfix as both providers (slow): what it saw of the relay's DSN parameters
-(its smtpd logs every command of a debug peer) and its answers to verification probes.
+"""The relay between real Postfix instances (slow, `-m realservers`): issue 14's
+integration suite, with the reply codes and what Postfix logged or stored asserted.
 
-A private instance (as /work/shared anchors' pf_instance.sh, RECIPES.md "Postfix
-as a provider"): its own config, queue and log under a temporary folder, smtpd on
-a free loopback port, virtual mailboxes for the users it has. Stopped with
-`postfix -c DIR stop`, which acts on that instance only.
+* `postfix`: the providers (tests/postfix_server.py, RECIPES.md "Postfix as a
+  provider"): virtual mailboxes, STARTTLS and implicit TLS with a certificate
+  from a test CA, SASL AUTH through a private Dovecot, `check_recipient_access`
+  450/550 rules, SMTPUTF8; every command its smtpd received is in its log.
+  Tests: NOTIFY=NEVER on shadow copies, AUTH right and wrong (one login per
+  hold), the TLS modes, 450 then delivered, 550 and who gets a DSN, an outage
+  while mail flows, `verify_recipients` (550 / 450 while down / the cache), MX
+  failover with it as the third MX of a loopback DNS zone.
+* `internet`: a second Postfix relaying into the relay as the internet would:
+  the relay's 4xx (a full spool, too many recipients) deferred and delivered on
+  its next queue run, the relay's 5xx bounced to its user.
+
+Each instance is private (its own config, queue and log in a temporary folder,
+smtpd on a free loopback port) and acted on with `postfix -c DIR`, never the
+system's Postfix.
 """
 
 from __future__ import annotations
@@ -13,16 +24,20 @@ import asyncio
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from relay.testing import Provider
 from tests import test_delivery
-from tests.harness import RawClient
+from tests.harness import RawClient, free_port, tmpfs
+from tests.helpers_dns import LoopbackDNS
 from tests.postfix_server import SASL_PASSWORD, SASL_USER, Build, Postfix, running
-from tests.test_delivery import SENDER, Env, Factory, until
+from tests.test_delivery import SENDER, Env, Factory, message, until
 from tests.test_dsn import dsns, report_parts
 
 make_env = test_delivery.make_env  # the relay-in-process fixture, shared
@@ -40,7 +55,7 @@ pytestmark = [
 USERS = (
     "alice@example.com", "yann@example.com", "alice@example-new.com",
     "held@example.com", "refused@example.com", "zed@example.com",
-    "ann@dev.example.com", "ann@dev.example-new.com",
+    "ann@dev.example.com", "ann@dev.example-new.com", "vera@example.com",
 )  # fmt: skip
 
 
@@ -278,3 +293,334 @@ async def test_550_rule_bounces_to_the_sender_for_legacy_not_for_the_shadow(
     await env.idle()
     assert len(env.bounce.messages) == 1
     await until(lambda: stored(postfix, "ann@dev.example.com", sent.marker) == 1, 30, "stored")
+
+
+# ------------------------------------------------------------------ outage
+
+
+async def test_legacy_outage_while_mail_flows(make_env: Factory, postfix: Postfix) -> None:
+    """30 messages over one session while Postfix is stopped after the 10th and
+    started again after the 20th: every one accepted with 250 ends up in the
+    mailbox exactly once; the ones sent while it was down were deferred first."""
+    env = await at_postfix(make_env, postfix)
+    rcpt = "zed@example.com"
+    sent: list[tuple[str, str]] = []  # (queue id, marker)
+
+    def ids(outcome: str) -> set[str]:
+        return {e["queue_id"] for e in env.events(outcome=outcome)}
+
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.relay.port, timeout=30)
+    async with smtp:
+        for i in range(30):
+            if i == 10:
+                await asyncio.to_thread(postfix.stop)
+            if i == 20:  # the ones sent during the outage were tried, and deferred
+                down = {q for q, _ in sent[10:]}
+                await until(lambda d=down: d <= ids("deferred"), 30, "deferrals while it is down")
+                await asyncio.to_thread(postfix.start)
+            marker = env.marker()
+            errors, reply = await smtp.sendmail(SENDER, [rcpt], message(marker))
+            assert errors == {} and reply.startswith("2.0.0 Ok: queued as "), reply
+            sent.append((reply.rsplit(" ", 1)[1], marker))
+    env.clock.advance(100)  # past the first retry, jitter included
+    every = {q for q, _ in sent}
+    await until(lambda: every <= ids("delivered"), 60, "every message delivered")
+    for q, marker in sent:
+        await until(lambda m=marker: stored(postfix, rcpt, m), 30, f"{q} stored")
+    assert all(stored(postfix, rcpt, m) == 1 for _, m in sent)
+    deferred = env.events(outcome="deferred")
+    assert all(e["smtp_code"] is None for e in deferred), deferred  # no reply: nobody there
+    assert len(env.events(outcome="delivered")) == 30
+
+
+# ------------------------------------------------------------------ verification
+
+
+async def test_verify_refuses_unknown_users_at_rcpt_450_while_down_cache_survives(
+    make_env: Factory, postfix: Postfix, tmp_path: Path
+) -> None:
+    """`reject_unverified_recipient` against a real Postfix: 550 for a user it does
+    not have (at RCPT: never accepted, so never bounced), 250 for one it has, 450
+    while it is down for an address not in the cache; the cache (kept across a
+    restart of the relay) answers a repeat without a second probe."""
+    verify = {"verify_recipients": True, "verify_timeout": 10}
+    root = tmp_path / "verifying"
+    env = await at_postfix(make_env, postfix, root=root, extra=verify)
+
+    def probes(address: str) -> int:
+        return postfix.commands().count(f"RCPT TO:<{address}>")
+
+    async def answers(*addresses: str) -> list[tuple[int, str | None]]:
+        c = await RawClient.open(env.relay.port)
+        await c.ehlo()
+        assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
+        out = []
+        for a in addresses:
+            r = await c.cmd(f"RCPT TO:<{a}>", timeout=15)
+            out.append((r.code, r.enhanced))
+        await c.close()
+        return out
+
+    assert await answers("vera@example.com", "ghost@example.com") == [
+        (250, "2.1.5"), (550, "5.1.1"),
+    ]  # fmt: skip
+    assert (probes("vera@example.com"), probes("ghost@example.com")) == (1, 1)
+    await asyncio.to_thread(postfix.stop)
+    try:
+        assert await answers("vera@example.com", "ghost@example.com", "wraith@example.com") == [
+            (250, "2.1.5"), (550, "5.1.1"), (450, "4.1.1"),
+        ]  # fmt: skip
+    finally:
+        await asyncio.to_thread(postfix.start)
+    await env.relay.stop()
+    env = await at_postfix(make_env, postfix, root=root, extra=verify)  # same spool and cache
+    assert await answers("vera@example.com", "ghost@example.com") == [
+        (250, "2.1.5"), (550, "5.1.1"),
+    ]  # fmt: skip
+    assert (probes("vera@example.com"), probes("ghost@example.com")) == (1, 1)
+    # a message for both: the unknown one refused at RCPT, the known one delivered
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.relay.port, timeout=30)
+    marker = env.marker()
+    async with smtp:
+        errors, _ = await smtp.sendmail(
+            SENDER, ["vera@example.com", "ghost@example.com"], message(marker)
+        )
+    assert {r: e.code for r, e in errors.items()} == {"ghost@example.com": 550}
+    await env.wait_events(1, timeout=30, outcome="delivered")
+    await until(lambda: stored(postfix, "vera@example.com", marker), 30, "stored")
+    await env.idle()
+    assert env.events("bounce_sent") == [] and env.bounce.messages == []
+    assert [e["rcpt"] for e in env.events()] == ["vera@example.com"]
+
+
+# ------------------------------------------------------------------ the internet's MTA
+
+
+@dataclass
+class Internet:
+    """A second Postfix, relaying everything not its own into the relay's port."""
+
+    mta: Postfix
+    relay_port: int  # where the relay under test must listen
+
+    def listen(self) -> dict[str, Any]:
+        return {"listen": {"host": "127.0.0.1", "port": self.relay_port, "hostname": "relay.test"}}
+
+    def said(self, rcpt: str, status: str, reply: str, command: str) -> bool:
+        """Whether its log says the relay answered `reply` (a regex) to `command`
+        for `rcpt`, and that it made `status` of it (deferred, bounced)."""
+        line = (
+            rf"to=<{re.escape(rcpt)}>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{self.relay_port}, .*"
+            rf"status={status} \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: {reply} .*"
+            rf"\(in reply to {command} command\)\)"
+        )
+        return re.search(line, self.mta.log) is not None
+
+    async def submit(self, rcpts: list[str], marker: str) -> None:
+        """A message from its user sender@internet.test, submitted over SMTP."""
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.mta.port, timeout=30)
+        async with smtp:
+            errors, _ = await smtp.sendmail(ORIGIN, rcpts, message(marker))
+        assert errors == {}, errors
+
+
+ORIGIN = "sender@internet.test"
+
+
+@pytest.fixture(scope="module")
+def internet() -> Iterator[Internet]:
+    port = free_port()
+    build = Build("internet", [ORIGIN], relayhost=f"[127.0.0.1]:{port}",
+                  main={"debug_peer_list": ""})  # fmt: skip
+    with running(build) as mta:
+        yield Internet(mta, port)
+
+
+async def test_internet_postfix_delivers_through_the_relay_to_both_providers(
+    make_env: Factory, postfix: Postfix, internet: Internet
+) -> None:
+    env = await at_postfix(make_env, postfix, extra=internet.listen())
+    marker = env.marker()
+    await internet.submit(["alice@example.com"], marker)
+    await until(lambda: internet.mta.statuses("alice@example.com") == ["sent"], 30, "sent")
+    [e] = await env.wait_events(1, timeout=30, event="received")
+    assert re.search(
+        rf"to=<alice@example\.com>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{internet.relay_port},"
+        rf".* status=sent \(250 2\.0\.0 Ok: queued as {e['queue_id']}\)",
+        internet.mta.log,
+    ), internet.mta.log[-2000:]
+    assert e["mail_from"] == ORIGIN and e["client_ip"] == "127.0.0.1"
+    await env.wait_events(2, timeout=30, outcome="delivered")
+    for user in ("alice@example.com", "alice@example-new.com"):
+        await until(lambda u=user: stored(postfix, u, marker) == 1, 30, f"stored for {user}")
+    [copy] = [m for m in postfix.mailbox("alice@example.com") if marker.encode() in m]
+    assert b"by mx.internet.test (Postfix)" in copy  # the hop before the relay
+
+
+async def test_relay_4xx_full_spool_is_deferred_by_postfix_and_delivered_later(
+    make_env: Factory, postfix: Postfix, internet: Internet, tmp_path: Path
+) -> None:
+    """The relay's spool disk is below `min_free_space`: `452 4.3.1` at MAIL, and
+    the sending Postfix keeps the message; once there is room, a queue run
+    (`postqueue -f`) delivers it."""
+    root = tmp_path / "full"
+    need = 8 << 20
+    with tmpfs(root / "var", "16m"):
+        filler = root / "var" / "filler"
+        filler.write_bytes(b"\0" * (12 << 20))
+        extra = {**internet.listen(), "limits": {"min_free_space": need}}
+        env = await at_postfix(make_env, postfix, root=root, extra=extra)
+        marker = env.marker()
+        await internet.submit(["yann@example.com"], marker)
+        await until(lambda: internet.mta.statuses("yann@example.com")[-1:] == ["deferred"],
+                    30, "deferred by Postfix")  # fmt: skip
+        assert internet.said("yann@example.com", "deferred", r"452 4\.3\.1", "MAIL FROM")
+        assert env.events("received") == []
+        filler.unlink()
+
+        # the relay looks at the disk again after a second (has_room caches it)
+        async def room() -> None:
+            while not await env.relay.spool.has_room(need):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(room(), 10)
+        await asyncio.to_thread(internet.mta.flush)
+        await until(lambda: internet.mta.statuses("yann@example.com")[-1:] == ["sent"],
+                    30, "sent on the queue run")  # fmt: skip
+        await env.wait_events(1, timeout=30, outcome="delivered")
+        await until(lambda: stored(postfix, "yann@example.com", marker) == 1, 30, "stored")
+        await env.relay.stop()
+
+
+async def test_relay_5xx_is_bounced_by_postfix_to_its_sender(
+    make_env: Factory, postfix: Postfix, internet: Internet, tmp_path: Path
+) -> None:
+    """A foreign domain (`550 5.7.1`) and an unknown user (`550 5.1.1`, the
+    recipients file): the sending Postfix bounces both to its user, in one
+    bounce; the good recipient of the same message is delivered."""
+    root = tmp_path / "relay-r"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "recipients.txt").write_text("yann@example.com\n")
+    env = await at_postfix(make_env, postfix, root=root,
+                           extra={**internet.listen(), "recipients": "recipients.txt"})  # fmt: skip
+    marker = env.marker()
+    before = len(internet.mta.statuses("yann@example.com"))  # other tests' deliveries
+    await internet.submit(
+        ["stranger@elsewhere.test", "nobody@example.com", "yann@example.com"], marker
+    )
+    for rcpt, code in (
+        ("stranger@elsewhere.test", r"550 5\.7\.1"),
+        ("nobody@example.com", r"550 5\.1\.1"),
+    ):
+        await until(lambda r=rcpt: internet.mta.statuses(r) == ["bounced"], 30, f"{rcpt} bounced")
+        assert internet.said(rcpt, "bounced", code, "RCPT TO")
+    await until(lambda: internet.mta.statuses("yann@example.com")[before:] == ["sent"], 30, "sent")
+    await until(lambda: stored(postfix, "yann@example.com", marker) == 1, 30, "stored")
+    await until(
+        lambda: [m for m in internet.mta.mailbox(ORIGIN) if marker.encode() in m], 30, "bounce"
+    )
+    [bounce] = [m for m in internet.mta.mailbox(ORIGIN) if marker.encode() in m]
+    assert b"From: Mail Delivery System <MAILER-DAEMON@mx.internet.test>" in bounce
+    assert b"Diagnostic-Code: smtp; 550 5.7.1 Relaying denied" in bounce
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 User unknown" in bounce
+    assert b"Final-Recipient: rfc822; stranger@elsewhere.test" in bounce
+    assert b"Final-Recipient: rfc822; nobody@example.com" in bounce
+    rejected = {e["rcpt"]: e["enhanced_code"] for e in env.events("rejected")}
+    assert rejected == {"stranger@elsewhere.test": "5.7.1", "nobody@example.com": "5.1.1"}
+
+
+# ------------------------------------------------------------------ MX failover
+
+MX_ZONE = """
+legacy-mx.test.     300 IN MX 10 mx1.legacy-mx.test.
+legacy-mx.test.     300 IN MX 20 mx2.legacy-mx.test.
+legacy-mx.test.     300 IN MX 30 mx3.legacy-mx.test.
+mx1.legacy-mx.test. 300 IN A 127.0.0.2
+mx2.legacy-mx.test. 300 IN A 127.0.0.3
+mx3.legacy-mx.test. 300 IN A 127.0.0.1
+"""
+
+
+class Broken:
+    """A host that takes each connection and closes it before any greeting
+    (a crashed smtpd behind a live port), counting the connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def serve(self, address: str, port: int) -> asyncio.Server:
+        async def drop(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        return await asyncio.start_server(drop, address, port)
+
+
+@pytest.fixture
+async def broken_mx(postfix: Postfix) -> AsyncIterator[tuple[Broken, Broken]]:
+    """mx1 and mx2 of legacy-mx.test, on Postfix's port at 127.0.0.2 and 127.0.0.3."""
+    hosts = (Broken(), Broken())
+    addresses = ("127.0.0.2", "127.0.0.3")
+    servers = [await h.serve(a, postfix.port) for h, a in zip(hosts, addresses, strict=True)]
+    yield hosts
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_mx_failover_first_two_down_delivers_through_postfix_then_skips_them(
+    make_env: Factory, postfix: Postfix, broken_mx: tuple[Broken, Broken]
+) -> None:
+    """SPEC acceptance with a real third MX: `mx:` with three MX hosts, the first
+    two failing at connect; the message goes through the third (Postfix), and the
+    next message, on a new connection, skips the dead ones."""
+    mx1, mx2 = broken_mx
+    with LoopbackDNS(MX_ZONE) as dns:
+        legacy = {"host": None, "mx": "legacy-mx.test", "dead_host_time": 3600}
+        env = await at_postfix(make_env, postfix, legacy, extra={
+            "dns": {"nameservers": ["127.0.0.1"], "port": dns.port, "timeout": 2},
+        })  # fmt: skip
+        markers = []
+        for n in (1, 2):
+            sent = await env.send(["yann@example.com"])
+            markers.append(sent.marker)
+            [*_, e] = await env.wait_events(n, timeout=30, provider="legacy")
+            assert (e["outcome"], e["attempt"]) == ("delivered", 1), e
+            assert re.search(rf"{e['remote_id']}: client=localhost\[127\.0\.0\.1\]", postfix.log)
+            await env.idle()
+            await env.relay.scheduler.agent.close()  # the next message: a new connection
+            assert (mx1.connections, mx2.connections) == (1, 1)  # tried once, then skipped
+        assert dns.queries[("legacy-mx.test", "MX")] >= 1
+    for m in markers:
+        await until(lambda m=m: stored(postfix, "yann@example.com", m) == 1, 30, "stored")
+
+
+async def test_relay_452_too_many_recipients_postfix_sends_the_rest_on_its_next_run(
+    make_env: Factory, postfix: Postfix, internet: Internet
+) -> None:
+    """Over `limits.max_recipients` (2): `452 4.5.3` for the third recipient, which
+    the sending Postfix defers and delivers on its next queue run; each
+    recipient's copy stored once."""
+    limits = {"min_free_space": 0, "max_recipients": 2}
+    env = await at_postfix(make_env, postfix, extra={**internet.listen(), "limits": limits})
+    marker = env.marker()
+    rcpts = ["vera@example.com", "yann@example.com", "zed@example.com"]  # Postfix sorts them
+    before = {r: len(internet.mta.statuses(r)) for r in rcpts}
+
+    def since(r: str) -> list[str]:
+        return internet.mta.statuses(r)[before[r] :]
+
+    await internet.submit(rcpts, marker)
+    await until(lambda: [since(r) for r in rcpts] == [["sent"], ["sent"], ["deferred"]], 30,
+                "two sent, one deferred")  # fmt: skip
+    assert internet.said(
+        "zed@example.com", "deferred", r"452 4\.5\.3 Too many recipients", "RCPT TO"
+    )
+    await asyncio.to_thread(internet.mta.flush)
+    await until(lambda: since("zed@example.com") == ["deferred", "sent"], 30, "sent on the run")
+    for r in rcpts:
+        await until(lambda r=r: stored(postfix, r, marker) == 1, 30, f"{r} stored")
+    received = env.events("received")
+    assert sorted(e["rcpts"] for e in received) == [
+        ["vera@example.com", "yann@example.com"], ["zed@example.com"],
+    ]  # fmt: skip

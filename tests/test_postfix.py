@@ -56,6 +56,7 @@ USERS = (
     "alice@example.com", "yann@example.com", "alice@example-new.com",
     "held@example.com", "refused@example.com", "zed@example.com",
     "ann@dev.example.com", "ann@dev.example-new.com", "vera@example.com",
+    "jörg@example.com",
 )  # fmt: skip
 
 
@@ -134,6 +135,56 @@ async def rules(postfix: Postfix, access: dict[str, str]) -> None:
     """New access rules, in force once the old smtpd processes are gone (in a
     thread: one of them may be serving a session of the relay in this loop)."""
     await asyncio.to_thread(postfix.access, access)
+
+
+# ------------------------------------------------------------------ DSN and SMTPUTF8
+
+
+async def test_dsn_parameters_reach_postfix_as_the_client_gave_them(
+    make_env: Factory, postfix: Postfix
+) -> None:
+    """RET, ENVID (xtext), NOTIFY and ORCPT (xtext) on the primary copy as the
+    client sent them; the shadow copy with NOTIFY=NEVER; Postfix takes both."""
+    env = await at_postfix(make_env, postfix)
+    c = await RawClient.open(env.relay.port)
+    await c.ehlo()
+    marker = env.marker()
+    mail = f"MAIL FROM:<{SENDER}> RET=HDRS ENVID=q+3D1+2B2"
+    assert (await c.cmd(mail)).code == 250
+    rcpt = "RCPT TO:<alice@example.com> NOTIFY=FAILURE,DELAY ORCPT=rfc822;alice+2Btag@example.com"
+    assert (await c.cmd(rcpt)).code == 250
+    assert (await c.cmd("DATA")).code == 354
+    await c.send(message(marker) + b".\r\n")
+    assert (await c.reply()).code == 250
+    await c.close()
+    await env.wait_events(2, timeout=30, outcome="delivered")
+    commands = postfix.commands()
+    mails = [
+        c
+        for c in commands
+        if c.startswith("MAIL FROM:<sender@example.org>") and "ENVID=q+3D1+2B2" in c
+    ]
+    assert len(mails) == 2 and all(" RET=HDRS " in f"{m} " for m in mails), mails
+    assert (
+        "RCPT TO:<alice@example.com> NOTIFY=FAILURE,DELAY ORCPT=rfc822;alice+2Btag@example.com"
+        in commands
+    )
+    assert (
+        "RCPT TO:<alice@example-new.com> NOTIFY=NEVER ORCPT=rfc822;alice+2Btag@example.com"
+        in commands
+    )
+    for user in ("alice@example.com", "alice@example-new.com"):
+        await until(lambda u=user: stored(postfix, u, marker) == 1, 30, f"stored for {user}")
+
+
+async def test_smtputf8_message_reaches_a_utf8_mailbox(make_env: Factory, postfix: Postfix) -> None:
+    env = await at_postfix(make_env, postfix)
+    sent = await env.send(["jörg@example.com"], sender="jörg@example.org", options=["SMTPUTF8"])
+    [e] = await env.wait_events(1, timeout=30, outcome="delivered")
+    assert e["delivered_to"] == "jörg@example.com"
+    [mail] = [c for c in postfix.commands() if c.startswith("MAIL FROM:<jörg@example.org>")]
+    assert "SMTPUTF8" in mail.split()[2:], mail
+    await until(lambda: stored(postfix, "jörg@example.com", sent.marker) == 1, 30, "stored")
 
 
 # ------------------------------------------------------------------ AUTH (Dovecot SASL)

@@ -190,20 +190,22 @@ async def test_smtputf8_message_reaches_a_utf8_mailbox(make_env: Factory, postfi
 # ------------------------------------------------------------------ AUTH (Dovecot SASL)
 
 
+@pytest.mark.parametrize("mechanism", ["plain", "login"])
 async def test_auth_right_is_delivered_and_postfix_logs_the_login(
-    make_env: Factory, postfix: Postfix, monkeypatch: pytest.MonkeyPatch
+    make_env: Factory, postfix: Postfix, monkeypatch: pytest.MonkeyPatch, mechanism: str
 ) -> None:
     monkeypatch.setenv("RELAY_PF_PW", SASL_PASSWORD)
-    env = await at_postfix(
-        make_env, postfix, {"username": SASL_USER, "password_env": "RELAY_PF_PW"}
-    )
+    login = {"username": SASL_USER, "password_env": "RELAY_PF_PW", "auth_mechanism": mechanism}
+    env = await at_postfix(make_env, postfix, login)
     sent = await env.send(["yann@example.com"])
     [e] = await env.wait_events(1, timeout=30, provider="legacy", outcome="delivered")
     assert (e["smtp_code"], e["enhanced_code"]) == (250, "2.0.0"), e
     # Postfix's own record of the message: who logged in, with which mechanism
     qid = e["remote_id"]
     assert re.search(
-        rf"{qid}: client=[^,]+, sasl_method=PLAIN, sasl_username={SASL_USER}$", postfix.log, re.M
+        rf"{qid}: client=[^,]+, sasl_method={mechanism.upper()}, sasl_username={SASL_USER}$",
+        postfix.log,
+        re.M,
     ), postfix.log[-3000:]
     await until(lambda: stored(postfix, "yann@example.com", sent.marker), 30, "stored")
 

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +88,9 @@ def _greets(port: int) -> bool:
         return False
 
 
-def _wait(predicate: object, what: str, timeout: float = START_TIMEOUT) -> None:
-    assert callable(predicate)
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll `predicate` (called from a thread when a relay in the test's loop must
+    go on meanwhile) until it holds, or fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -196,10 +197,6 @@ class Postfix:
         """`postqueue -f`: try every deferred message now."""
         run("/usr/sbin/postqueue", "-c", str(self.etc), "-f")
 
-    def queue(self) -> str:
-        """`postqueue -p`: what it still holds."""
-        return run("/usr/sbin/postqueue", "-c", str(self.etc), "-p")
-
     def access(self, rules: Mapping[str, str]) -> None:
         """Replace the `check_recipient_access` rules (address → reply) and reload."""
         (self.etc / "access").write_text("".join(f"{a} {r}\n" for a, r in rules.items()))
@@ -273,11 +270,6 @@ service anvil {{
 
         _wait(gone, "dovecot to stop")
 
-    @property
-    def log(self) -> str:
-        path = self.dir / "dovecot.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
 
 @dataclass
 class Build:
@@ -288,6 +280,7 @@ class Build:
     relayhost: str | None = None  # e.g. "[127.0.0.1]:2525": everything else goes there
     tls: bool = False  # STARTTLS (may) and implicit TLS, a certificate from a test CA
     sasl: bool = False  # AUTH PLAIN/LOGIN through a private Dovecot
+    header_checks: str = ""  # regexp table: its content filter, after DATA
     main: dict[str, str] = field(default_factory=dict)  # more main.cf settings
 
 
@@ -333,6 +326,8 @@ def _main_cf(b: Build, base: Path, domains: list[str]) -> str:
     }
     if b.relayhost:
         settings["relayhost"] = b.relayhost
+    if b.header_checks:
+        settings["header_checks"] = f"regexp:{etc}/header_checks"
     if b.tls:
         settings |= {
             "smtpd_tls_security_level": "may",
@@ -364,6 +359,7 @@ def running(b: Build) -> Iterator[Postfix]:
     domains = sorted({u.rsplit("@", 1)[1] for u in users})
     (etc / "mailboxes").write_text("".join(f"{u} {u}/\n" for u in users))
     (etc / "access").write_text("")
+    (etc / "header_checks").write_text(b.header_checks)
     port = free_port()
     master = f"127.0.0.1:{port} inet n - n - - smtpd\n"
     pf = Postfix(base, port)

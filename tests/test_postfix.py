@@ -69,8 +69,11 @@ CONTENT_RULES = """\
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[Postfix]:
     """The legacy provider: mailboxes for USERS, STARTTLS and implicit TLS (a test
-    CA), SASL AUTH through Dovecot, access rules a test sets."""
-    with running(Build("postfix", USERS, tls=True, sasl=True, header_checks=CONTENT_RULES)) as pf:
+    CA), SASL AUTH through Dovecot (offered only over TLS, as a careful admin
+    sets it), access rules a test sets, a content filter."""
+    build = Build("postfix", USERS, tls=True, sasl=True, header_checks=CONTENT_RULES,
+                  main={"smtpd_tls_auth_only": "yes"})  # fmt: skip
+    with running(build) as pf:
         yield pf
 
 
@@ -246,7 +249,8 @@ async def test_auth_right_is_delivered_and_postfix_logs_the_login(
     make_env: Factory, postfix: Postfix, monkeypatch: pytest.MonkeyPatch, mechanism: str
 ) -> None:
     monkeypatch.setenv("RELAY_PF_PW", SASL_PASSWORD)
-    login = {"username": SASL_USER, "password_env": "RELAY_PF_PW", "auth_mechanism": mechanism}
+    login = {"username": SASL_USER, "password_env": "RELAY_PF_PW", "auth_mechanism": mechanism,
+             "tls": "required", "ca_file": str(postfix.ca_file)}  # fmt: skip
     env = await at_postfix(make_env, postfix, login)
     sent = await env.send(["yann@example.com"])
     [e] = await env.wait_events(1, timeout=30, provider="legacy", outcome="delivered")
@@ -273,9 +277,12 @@ async def test_auth_wrong_is_one_535_per_hold_and_the_password_is_never_logged(
     monkeypatch.setenv("RELAY_PF_PW", "not-the-password")
     failures = re.compile(r"SASL PLAIN authentication failed")
     before = len(failures.findall(postfix.log))
+    ended = re.compile(r" auth=0/1 quit=1 ")  # a session summary: login failed, then QUIT
+    quits = len(ended.findall(postfix.log))
     env = await at_postfix(
         make_env, postfix,
-        {"username": SASL_USER, "password_env": "RELAY_PF_PW", "auth_failure_hold": 300},
+        {"username": SASL_USER, "password_env": "RELAY_PF_PW", "auth_failure_hold": 300,
+         "tls": "starttls"},
     )  # fmt: skip
     sent = [await env.send(["yann@example.com"]) for _ in range(3)]
     [e] = await env.wait_events(1, timeout=30, provider="legacy")
@@ -297,12 +304,34 @@ async def test_auth_wrong_is_one_535_per_hold_and_the_password_is_never_logged(
     env.clock.advance(400)
     await env.wait_events(3, timeout=30, provider="legacy", outcome="delivered")
     assert len(failures.findall(postfix.log)) == before + 2
+    assert len(ended.findall(postfix.log)) == quits + 2
     for s in sent:
         await until(lambda s=s: stored(postfix, "yann@example.com", s.marker) == 1, 30, "stored")
     assert "not-the-password" not in env.log_path.read_text()
     assert SASL_PASSWORD not in env.log_path.read_text()
     out, err = capfd.readouterr()
     assert "not-the-password" not in out + err and SASL_PASSWORD not in out + err
+
+
+async def test_auth_not_offered_without_tls_is_held_not_sent_in_clear(
+    make_env: Factory, postfix: Postfix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postfix offers AUTH only after STARTTLS; a relay set to `tls: none` with a
+    username never sends the password in clear: the relay's own deferral, then
+    the hold."""
+    monkeypatch.setenv("RELAY_PF_PW", SASL_PASSWORD)
+    login = {"username": SASL_USER, "password_env": "RELAY_PF_PW", "auth_failure_hold": 300}
+    before = len(postfix.commands())
+    env = await at_postfix(make_env, postfix, login)
+    for _ in range(2):
+        await env.send(["yann@example.com"])
+    [e] = await env.wait_events(1, timeout=30, provider="legacy")
+    assert (e["outcome"], e["smtp_code"], e["by"]) == ("deferred", None, "relay"), e
+    assert e["smtp_response"] == "AUTH not offered by the provider"
+    await env.idle()
+    assert len(env.events(provider="legacy")) == 1  # held: the second is not tried
+    session = postfix.commands()[before:]
+    assert [c.split()[0].upper() for c in session] == ["EHLO", "QUIT"], session  # no AUTH
 
 
 # ------------------------------------------------------------------ TLS

@@ -482,7 +482,8 @@ async def test_verify_refuses_unknown_users_at_rcpt_450_while_down_cache_survive
     """`reject_unverified_recipient` against a real Postfix: 550 for a user it does
     not have (at RCPT: never accepted, so never bounced), 250 for one it has, 450
     while it is down for an address not in the cache; the cache (kept across a
-    restart of the relay) answers a repeat without a second probe."""
+    restart of the relay) answers a repeat without a second probe; a 4xx is
+    450 and never cached."""
     verify = {"verify_recipients": True, "verify_timeout": 10}
     root = tmp_path / "verifying"
     env = await at_postfix(make_env, postfix, root=root, extra=verify)
@@ -531,6 +532,14 @@ async def test_verify_refuses_unknown_users_at_rcpt_450_while_down_cache_survive
     await env.idle()
     assert env.events("bounce_sent") == [] and env.bounce.messages == []
     assert [e["rcpt"] for e in env.events()] == ["vera@example.com"]
+    # a 4xx from Postfix is `450 4.1.1` and not kept: asked again, the answer is new
+    await rules(postfix, {"held@example.com": "450 4.2.1 Mailbox busy, try later"})
+    try:
+        assert await answers("held@example.com") == [(450, "4.1.1")]
+    finally:
+        await rules(postfix, {})
+    assert await answers("held@example.com") == [(250, "2.1.5")]
+    assert probes("held@example.com") == 2
 
 
 # ------------------------------------------------------------------ the internet's MTA

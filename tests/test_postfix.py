@@ -533,13 +533,14 @@ async def test_verify_refuses_unknown_users_at_rcpt_450_while_down_cache_survive
     assert env.events("bounce_sent") == [] and env.bounce.messages == []
     assert [e["rcpt"] for e in env.events()] == ["vera@example.com"]
     # a 4xx from Postfix is `450 4.1.1` and not kept: asked again, the answer is new
+    asked = probes("held@example.com")  # the 450 delivery test sent it too
     await rules(postfix, {"held@example.com": "450 4.2.1 Mailbox busy, try later"})
     try:
         assert await answers("held@example.com") == [(450, "4.1.1")]
     finally:
         await rules(postfix, {})
     assert await answers("held@example.com") == [(250, "2.1.5")]
-    assert probes("held@example.com") == 2
+    assert probes("held@example.com") == asked + 2
 
 
 # ------------------------------------------------------------------ the internet's MTA

@@ -330,8 +330,9 @@ async def test_auth_not_offered_without_tls_is_held_not_sent_in_clear(
     assert e["smtp_response"] == "AUTH not offered by the provider"
     await env.idle()
     assert len(env.events(provider="legacy")) == 1  # held: the second is not tried
-    session = postfix.commands()[before:]
-    assert [c.split()[0].upper() for c in session] == ["EHLO", "QUIT"], session  # no AUTH
+    # (a QUIT of the previous test's relay may be logged late: only the end is ours)
+    verbs = [c.split()[0].upper() for c in postfix.commands()[before:]]
+    assert verbs[-2:] == ["EHLO", "QUIT"] and "AUTH" not in verbs, verbs
 
 
 # ------------------------------------------------------------------ TLS
@@ -502,10 +503,12 @@ async def test_verify_refuses_unknown_users_at_rcpt_450_while_down_cache_survive
         await c.close()
         return out
 
+    asked = (probes("vera@example.com"), probes("ghost@example.com"))
     assert await answers("vera@example.com", "ghost@example.com") == [
         (250, "2.1.5"), (550, "5.1.1"),
     ]  # fmt: skip
-    assert (probes("vera@example.com"), probes("ghost@example.com")) == (1, 1)
+    once = (asked[0] + 1, asked[1] + 1)
+    assert (probes("vera@example.com"), probes("ghost@example.com")) == once
     await asyncio.to_thread(postfix.stop)
     try:
         assert await answers("vera@example.com", "ghost@example.com", "wraith@example.com") == [
@@ -518,7 +521,7 @@ async def test_verify_refuses_unknown_users_at_rcpt_450_while_down_cache_survive
     assert await answers("vera@example.com", "ghost@example.com") == [
         (250, "2.1.5"), (550, "5.1.1"),
     ]  # fmt: skip
-    assert (probes("vera@example.com"), probes("ghost@example.com")) == (1, 1)
+    assert (probes("vera@example.com"), probes("ghost@example.com")) == once
     # a message for both: the unknown one refused at RCPT, the known one delivered
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.relay.port, timeout=30)
     marker = env.marker()
@@ -533,14 +536,14 @@ async def test_verify_refuses_unknown_users_at_rcpt_450_while_down_cache_survive
     assert env.events("bounce_sent") == [] and env.bounce.messages == []
     assert [e["rcpt"] for e in env.events()] == ["vera@example.com"]
     # a 4xx from Postfix is `450 4.1.1` and not kept: asked again, the answer is new
-    asked = probes("held@example.com")  # the 450 delivery test sent it too
+    held = probes("held@example.com")  # the 450 delivery test sent it too
     await rules(postfix, {"held@example.com": "450 4.2.1 Mailbox busy, try later"})
     try:
         assert await answers("held@example.com") == [(450, "4.1.1")]
     finally:
         await rules(postfix, {})
     assert await answers("held@example.com") == [(250, "2.1.5")]
-    assert probes("held@example.com") == asked + 2
+    assert probes("held@example.com") == held + 2
 
 
 # ------------------------------------------------------------------ the internet's MTA

@@ -68,11 +68,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def run(*args: str) -> str:
+def run(*args: str, stdin: bytes = b"") -> str:
     """Run a command to its end; its output (through a file: a daemon it starts
     inherits stdout and stderr, and a pipe would stay open as long as that daemon)."""
     with tempfile.TemporaryFile() as out:
-        r = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=60)
+        r = subprocess.run(args, input=stdin, stdout=out, stderr=out, timeout=60)
         out.seek(0)
         text = out.read().decode(errors="replace")
     assert r.returncode == 0, f"{args}: {text}"
@@ -192,6 +192,10 @@ class Postfix:
                 if comm.endswith(f"({name}") and rest.split()[1] == master:
                     out.add(int(stat.parent.name))
         return out
+
+    def sendmail(self, sender: str, rcpts: list[str], data: bytes) -> None:
+        """Submit locally, as a program on its host would (sendmail(1), postdrop, pickup)."""
+        run("/usr/sbin/sendmail", "-C", str(self.etc), "-f", sender, "--", *rcpts, stdin=data)
 
     def flush(self) -> None:
         """`postqueue -f`: try every deferred message now."""

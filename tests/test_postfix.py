@@ -569,8 +569,12 @@ class Internet:
         )
         return re.search(line, self.mta.log) is not None
 
-    async def submit(self, rcpts: list[str], marker: str) -> None:
-        """A message from its user sender@internet.test, submitted over SMTP."""
+    async def submit(self, rcpts: list[str], marker: str, how: str = "smtp") -> None:
+        """A message from its user sender@internet.test, submitted over SMTP (or
+        with its sendmail command)."""
+        if how == "sendmail":
+            await asyncio.to_thread(self.mta.sendmail, ORIGIN, rcpts, message(marker))
+            return
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.mta.port, timeout=30)
         async with smtp:
             errors, _ = await smtp.sendmail(ORIGIN, rcpts, message(marker))
@@ -589,13 +593,16 @@ def internet() -> Iterator[Internet]:
         yield Internet(mta, port)
 
 
+@pytest.mark.parametrize("how", ["smtp", "sendmail"])
 async def test_internet_postfix_delivers_through_the_relay_to_both_providers(
-    make_env: Factory, postfix: Postfix, internet: Internet
+    make_env: Factory, postfix: Postfix, internet: Internet, how: str
 ) -> None:
     env = await at_postfix(make_env, postfix, extra=internet.listen())
     marker = env.marker()
-    await internet.submit(["alice@example.com"], marker)
-    await until(lambda: internet.mta.statuses("alice@example.com") == ["sent"], 30, "sent")
+    before = len(internet.mta.statuses("alice@example.com"))
+    await internet.submit(["alice@example.com"], marker, how)
+    await until(lambda: internet.mta.statuses("alice@example.com")[before:] == ["sent"], 30,
+                "sent")  # fmt: skip
     [e] = await env.wait_events(1, timeout=30, event="received")
     assert re.search(
         rf"to=<alice@example\.com>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{internet.relay_port},"
@@ -607,7 +614,7 @@ async def test_internet_postfix_delivers_through_the_relay_to_both_providers(
     for user in ("alice@example.com", "alice@example-new.com"):
         await until(lambda u=user: stored(postfix, u, marker) == 1, 30, f"stored for {user}")
     [copy] = [m for m in postfix.mailbox("alice@example.com") if marker.encode() in m]
-    assert b"by mx.internet.test (Postfix)" in copy  # the hop before the relay
+    assert b"by mx.internet.test (Postfix" in copy  # the hop before the relay
 
 
 async def test_relay_4xx_full_spool_is_deferred_by_postfix_and_delivered_later(

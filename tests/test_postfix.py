@@ -338,9 +338,17 @@ async def test_auth_not_offered_without_tls_is_held_not_sent_in_clear(
 # ------------------------------------------------------------------ TLS
 
 
-@pytest.mark.parametrize("mode", ["starttls", "required", "implicit"])
-async def test_tls_modes_against_postfix(make_env: Factory, postfix: Postfix, mode: str) -> None:
-    cfg: dict[str, Any] = {"tls": mode, "ca_file": str(postfix.ca_file)}
+@pytest.mark.parametrize(
+    ("mode", "host"),
+    [("starttls", "127.0.0.1"), ("required", "127.0.0.1"), ("required", "localhost"),
+     ("implicit", "127.0.0.1")],
+)  # fmt: skip
+async def test_tls_modes_against_postfix(
+    make_env: Factory, postfix: Postfix, mode: str, host: str
+) -> None:
+    """Each TLS mode against Postfix's certificate from a test CA (`ca_file`);
+    verified against the name in `host:`, an address (its IP SAN) or a name."""
+    cfg: dict[str, Any] = {"tls": mode, "ca_file": str(postfix.ca_file), "host": host}
     if mode == "implicit":
         cfg["port"] = postfix.tls_port
     established = re.compile(r"smtpd\[\d+\]: Anonymous TLS connection established from")

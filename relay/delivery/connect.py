@@ -15,6 +15,7 @@ never with a login configured (the password would go in clear).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ async def _open(cfg: ProviderSettings, host: Host, helo: str, tls: TlsMode) -> S
         stage = "auth"
         await _authenticate(smtp, cfg)
     except Failed:
-        smtp.close()
+        hang_up(smtp)  # refused in step (AUTH, STARTTLS, a policy): still a session to end
         raise
     except Exception as exc:  # every failure becomes a reply
         smtp.close()
@@ -106,6 +107,16 @@ async def _open(cfg: ProviderSettings, host: Host, helo: str, tls: TlsMode) -> S
         smtp.close()
         raise
     return Session(smtp, cfg, host, _tls_version(smtp), asyncio.get_running_loop().time())
+
+
+def hang_up(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT written (not waited for), then closed: a client does not close the
+    channel without QUIT (RFC 5321 §4.1.1.10), and the server logs a clean end
+    rather than a lost connection."""
+    if smtp.protocol is not None:
+        with contextlib.suppress(Exception):
+            smtp.protocol.write(b"QUIT\r\n")
+    smtp.close()
 
 
 async def _hello(smtp: aiosmtplib.SMTP) -> None:

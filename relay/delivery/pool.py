@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import aiosmtplib
 
 from relay.config import DnsSettings, ProviderSettings
-from relay.delivery.connect import Session, open_session
+from relay.delivery.connect import Session, hang_up, open_session
 from relay.delivery.content import Content
 from relay.delivery.hosts import Hosts
 from relay.delivery.reply import Attempt, Failed, Reply, fill
@@ -177,10 +177,7 @@ class Agent:
             for session in sessions:
                 if session.idle is not None:
                     session.idle.cancel()
-                if session.smtp.protocol is not None:
-                    with contextlib.suppress(Exception):
-                        session.smtp.protocol.write(b"QUIT\r\n")
-                session.smtp.close()
+                hang_up(session.smtp)
 
 
 def _next_host(cfg: ProviderSettings, reply: Reply) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import math
 import os
@@ -172,11 +173,16 @@ class Relay:
         while read < limit:
             batch = await asyncio.to_thread(_take, records, RECOVERY_BATCH)
             if not batch:
+                gc.freeze()
                 return queued, False
             read += len(batch)
             for qid in (item for item in batch if isinstance(item, str)):
                 oplog.error("torn or corrupt spool record moved to corrupt/", queue_id=qid)
             queued += self.scheduler.recover(item for item in batch if not isinstance(item, str))
+            # The queue's objects live long: out of the cyclic GC's full passes, which
+            # would otherwise walk every queued message (a pause that grows with the
+            # queue; docs/performance.md "Outage"). Freed by reference counting as ever.
+            gc.freeze()
         return queued, True
 
     async def _recover_rest(self, records: Iterator[Queued | str], queued: int) -> None:

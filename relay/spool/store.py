@@ -30,6 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -49,6 +50,9 @@ WRITE_THRESHOLD = 1 << 20  # bytes buffered in memory before a threaded write
 # Contents of recently committed small messages kept in memory for their first
 # deliveries, so that neither provider's copy opens the file (two opens, footer
 # reads and preads per message); bounded, oldest dropped first.
+# A batch of this many files or more is synced from a pool of POOL_THREADS
+POOL_FROM = 16
+POOL_THREADS = 8
 RECENT_MAX_MESSAGE = 256 * 1024
 RECENT_BYTES = 16 << 20
 
@@ -157,16 +161,24 @@ class _Committer(threading.Thread):
                     item = self.jobs.get_nowait()
                 except queue.Empty:
                     break
-            if not batch:
-                continue
-            try:
-                errors = self.spool._commit_batch(batch)
-            except Exception as exc:  # a bug: fail the batch rather than hang its waiters
-                errors = [exc] * len(batch)
-            try:
-                self.loop.call_soon_threadsafe(self.spool._settle, batch, errors)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                return
+            # messages first, answered as soon as they are durable: a burst of state
+            # appends (a backlog draining) never holds a 250 back
+            for part in (
+                [j for j in batch if j.kind == "msg"], [j for j in batch if j.kind != "msg"]
+            ):  # fmt: skip
+                if part and not self._commit(part):
+                    return
+
+    def _commit(self, jobs: list[_Job]) -> bool:
+        try:
+            errors = self.spool._commit_batch(jobs)
+        except Exception as exc:  # a bug: fail the batch rather than hang its waiters
+            errors = [exc] * len(jobs)
+        try:
+            self.loop.call_soon_threadsafe(self.spool._settle, jobs, errors)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            return False
+        return True
 
 
 class Spool:
@@ -177,6 +189,7 @@ class Spool:
         self.control = root / "control"
         self.verify_cache = root / "verify.cache"
         self._committer: _Committer | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._free: tuple[float, int] = (0.0, 0)
         self._stopping = False
         # other directories whose disk must keep `min_free_space` too (the archive)
@@ -207,6 +220,9 @@ class Spool:
         committer, self._committer = self._committer, None
         if committer is not None:
             await asyncio.to_thread(committer.finish)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def free_space(self) -> int:
         """Bytes free on the fullest of the disks the relay writes messages to."""
@@ -331,14 +347,21 @@ class Spool:
         if self.on_sync:
             self.on_sync(path)
 
+    def _sync_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="spool-sync")
+        return self._pool
+
     def _commit_batch(self, jobs: list[_Job]) -> list[Exception | None]:
         """Write and sync every file of the batch, then the directory once.
 
-        One after the other, in this thread: syncing concurrently from a pool
-        shares ext4 journal commits (20 files: 2.3 ms against 5.3 ms), but its
-        thread hops cost more CPU than the waits (docs/performance.md). A
-        message's state changes in one batch are one append, in the order they
-        were recorded; removals come last, after every append.
+        One after the other, in this thread, up to POOL_FROM files: syncing
+        concurrently from a pool shares ext4 journal commits (20 files: 2.3 ms
+        against 5.3 ms), but its thread hops cost more CPU than the waits of a
+        small batch (docs/performance.md); a large one (a backlog draining: one
+        state append per delivery) goes through the pool. A message's state
+        changes in one batch are one append, in the order they were recorded;
+        removals come last, after every append.
         """
         units: dict[str, list[_Job]] = {}
         removals: list[_Job] = []
@@ -361,8 +384,11 @@ class Spool:
                 for job in unit:
                     failed[id(job)] = exc
 
-        for unit in units.values():
-            run(unit)
+        if len(units) >= POOL_FROM:  # many files: their syncs share journal commits
+            list(self._sync_pool().map(run, units.values()))
+        else:
+            for unit in units.values():
+                run(unit)
         if units and len(failed) < len(units):
             try:
                 fsync_dir(self.queue)

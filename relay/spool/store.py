@@ -161,12 +161,15 @@ class _Committer(threading.Thread):
                     item = self.jobs.get_nowait()
                 except queue.Empty:
                     break
-            # messages first, answered as soon as they are durable: a burst of state
-            # appends (a backlog draining) never holds a 250 back
-            for part in (
-                [j for j in batch if j.kind == "msg"], [j for j in batch if j.kind != "msg"]
-            ):  # fmt: skip
-                if part and not self._commit(part):
+            # with many state appends (a backlog draining), messages first, answered
+            # as soon as they are durable: the appends never hold a 250 back (a
+            # small batch stays one pass: one directory sync)
+            messages = [j for j in batch if j.kind == "msg"]
+            parts = [batch]
+            if messages and len(batch) - len(messages) >= POOL_FROM:
+                parts = [messages, [j for j in batch if j.kind != "msg"]]
+            for part in parts:
+                if not self._commit(part):
                     return
 
     def _commit(self, jobs: list[_Job]) -> bool:

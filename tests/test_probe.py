@@ -403,7 +403,7 @@ def test_verdict_headers() -> None:
 def test_relay_probe_runs_serves_metrics_and_drains_on_sigterm(tmp_path: Path) -> None:
     """`relay probe -c` as an operator runs it: metrics on its own port; SIGTERM → exit 0."""
     folder = tmp_path / "cfg"
-    _write_cfg(folder, delays="[0.2]", give_up_after=0.6)
+    _write_cfg(folder, delays="[0.2]", give_up_after=10)  # a slow start must not skip the copy
     log = folder / "deliveries.jsonl"
     clock = FakeClock(time.time())
     DeliveryLog(log, clock).pair("Q1")  # delivered now; the IMAP port refuses: unknown

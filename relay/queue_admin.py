@@ -34,6 +34,9 @@ from relay.spool.workers import all_spools
 
 POLL = 0.25  # seconds between looks at control/ by the running relay
 WAIT = 10.0  # seconds the command waits for the relay's answer
+# ... about a whole queue: a retry after an outage records hundreds of thousands of
+# state lines first (190,000 a worker: about 12 s on this machine, bench/outage.py)
+WAIT_ALL = 300.0
 
 
 class QueueError(Exception):
@@ -88,9 +91,10 @@ def describe(msg: Message, now: float, full: bool = False) -> dict[str, Any]:
 
 def request(spool: Spool, op: str, queue_id: str | None, provider: str | None) -> ControlAnswer:
     """Ask the relay running on `spool` to carry out a retry or delete."""
-    answer = control.ask(spool, ControlRequest(op, queue_id, provider), WAIT)
+    wait = WAIT if queue_id is not None else WAIT_ALL
+    answer = control.ask(spool, ControlRequest(op, queue_id, provider), wait)
     if answer is None:
-        raise QueueError(f"the running relay did not answer within {WAIT:.0f} s")
+        raise QueueError(f"the running relay did not answer within {wait:.0f} s")
     return answer
 
 

@@ -127,7 +127,8 @@ def test_image_serves_as_shipped(image: str) -> None:
         "id -un; relay serve & p=$!; "
         f"for i in $(seq 100); do {HEALTH} 2>/dev/null && break; sleep 0.1; done; "
         f"{HEALTH} && echo healthy; {SEND} && echo sent; "
-        "ls /var/lib/relay/spool/queue | grep -c msg; "
+        # workers: auto, as shipped: one spool per worker (spool/w<I>/) on a multi-CPU host
+        "ls /var/lib/relay/spool/queue /var/lib/relay/spool/w*/queue 2>/dev/null | grep -c msg; "
         "kill -TERM $p; wait $p; echo exit=$?",
     )
     out = res.stdout.splitlines()

@@ -512,9 +512,18 @@ class Scheduler:
                     retry_in=round(due - self.clock.now(), 1), exc_info=exc)  # fmt: skip
 
     async def _finish(self, msg: Message) -> None:
-        """Remove a message whose deliveries are all final, once nothing records for it."""
-        if msg.done and msg.busy == 0 and self.messages.pop(msg.queue_id, None) is not None:
-            await self.spool.remove(msg.queue_id)
+        """Remove a message whose deliveries are all final, once nothing records for it.
+
+        It stays in `messages` until its files are gone (the removal waits for the
+        spool's writing thread), so an empty queue means an empty spool; `busy`
+        keeps a second removal out meanwhile."""
+        if msg.done and msg.busy == 0 and msg.queue_id in self.messages:
+            msg.busy += 1
+            try:
+                await self.spool.remove(msg.queue_id)
+            finally:
+                msg.busy -= 1
+                self.messages.pop(msg.queue_id, None)
 
     async def _send(self, msg: Message, provider: Provider, batch: list[DeliveryState]) -> Attempt:
         rcpts = [d.entry.delivered_to for d in batch]

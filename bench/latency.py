@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from outage import memory_mb, sink, sink_count, wait_listening
+from outage import write_config as outage_config
 
 SOURCE = "/usr/sbin/smtp-source"
 PORTS = {"relay": 2546, "legacy": 2621, "new": 2622}
@@ -38,23 +39,8 @@ PILOT = "pilot@example.com"
 
 
 def write_config(work: Path) -> Path:
-    cfg = work / "config"
-    cfg.mkdir(parents=True)
-    (cfg / "pilot-users.yaml").write_text(
-        f"new_domains: {{example.com: new.example.net}}\npilots:\n"
-        f"  - {{address: {PILOT}, group: bench}}\n"
-    )
     workers = os.environ.get("WORKERS")
-    (cfg / "relay.yaml").write_text(
-        f"listen: {{host: 127.0.0.1, port: {PORTS['relay']}, hostname: relay.bench.invalid}}\n"
-        "node: bench\ndomains: [example.com]\n"
-        f"providers:\n  legacy: {{host: 127.0.0.1, port: {PORTS['legacy']}}}\n"
-        f"  new: {{host: 127.0.0.1, port: {PORTS['new']}}}\n"
-        "spool: ../spool\nlog: ../deliveries.jsonl\nmetrics: {port: 0}\n"
-        # every client is 127.0.0.1 here: a real MX's sessions come from many addresses
-        "limits: {max_connections_per_ip: 300}\n" + (f"workers: {workers}\n" if workers else "")
-    )
-    return cfg / "relay.yaml"
+    return outage_config(work, PORTS, (PILOT,), f"workers: {workers}\n" if workers else "")
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:

@@ -109,21 +109,25 @@ async def _one(spool: Spool, content: bytes, now: float, n: int) -> None:
 # -- the relay and what it costs ---------------------------------------------------
 
 
-def write_config(work: Path) -> Path:
+def write_config(
+    work: Path, ports: dict[str, int] = PORTS, pilots: tuple[str, ...] = (PILOT, FRESH),
+    extra: str = "",
+) -> Path:  # fmt: skip
+    """A bench relay.yaml with the shipped defaults (plus `extra` lines), pilots dual."""
     cfg = work / "config"
     cfg.mkdir(parents=True)
     (cfg / "pilot-users.yaml").write_text(
         "new_domains: {example.com: new.example.net}\npilots:\n"
-        f"  - {{address: {PILOT}, group: bench}}\n  - {{address: {FRESH}, group: fresh}}\n"
+        + "".join(f"  - {{address: {a}, group: {a.split('@')[0]}}}\n" for a in pilots)
     )
     (cfg / "relay.yaml").write_text(
-        f"listen: {{host: 127.0.0.1, port: {PORTS['relay']}, hostname: relay.bench.invalid}}\n"
+        f"listen: {{host: 127.0.0.1, port: {ports['relay']}, hostname: relay.bench.invalid}}\n"
         "node: bench\ndomains: [example.com]\n"
-        f"providers:\n  legacy: {{host: 127.0.0.1, port: {PORTS['legacy']}}}\n"
-        f"  new: {{host: 127.0.0.1, port: {PORTS['new']}}}\n"
+        f"providers:\n  legacy: {{host: 127.0.0.1, port: {ports['legacy']}}}\n"
+        f"  new: {{host: 127.0.0.1, port: {ports['new']}}}\n"
         "spool: ../spool\nlog: ../deliveries.jsonl\nmetrics: {port: 0}\n"
         # every client is 127.0.0.1 here: a real MX's sessions come from many addresses
-        "limits: {max_connections_per_ip: 200}\n"
+        "limits: {max_connections_per_ip: 300}\n" + extra
     )
     return cfg / "relay.yaml"
 

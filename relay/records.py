@@ -427,14 +427,21 @@ def parse_plan_entry(raw: Mapping[str, Any], what: str = "plan entry") -> PlanEn
     )  # fmt: skip
 
 
-def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
-    """The envelope record of a `.msg` file: of a known version, complete, well typed."""
+def _envelope_fields(
+    raw: bytes | str | Mapping[str, Any],
+) -> tuple[Mapping[str, Any], _Fields, list[Any]]:
+    """An envelope record of the known version: (the object, its fields, its plan)."""
     obj = _object(raw, "envelope")
     version = obj.get("v")
     if version != ENVELOPE_VERSION or isinstance(version, bool):
         raise RecordError(f"unknown envelope version {version!r}")
     f = _Fields(obj, "envelope")
-    plan = f.value("plan", (list,))
+    return obj, f, f.value("plan", (list,))
+
+
+def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
+    """The envelope record of a `.msg` file: of a known version, complete, well typed."""
+    obj, f, plan = _envelope_fields(raw)
     return Envelope(
         queue_id=f.text("queue_id"), received=f.text("received"),
         received_epoch=_required(f.number("received_epoch")), mail_from=f.text("mail_from"),
@@ -460,12 +467,7 @@ class Outline:
 def parse_outline(raw: bytes) -> Outline:
     """An envelope record's outline: version, arrival and each plan entry's provider
     checked; half the cost of parse_envelope on a deep queue's restart."""
-    obj = _object(raw, "envelope")
-    version = obj.get("v")
-    if version != ENVELOPE_VERSION or isinstance(version, bool):
-        raise RecordError(f"unknown envelope version {version!r}")
-    f = _Fields(obj, "envelope")
-    plan = f.value("plan", (list,))
+    _, f, plan = _envelope_fields(raw)
     providers = tuple(
         _Fields(_object(p, "plan entry"), f"envelope plan[{i}]").choice("provider", PROVIDERS)
         for i, p in enumerate(plan)

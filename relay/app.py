@@ -213,7 +213,7 @@ class Relay:
                 raise StartupError(f"spool {root}", "in use by another relay")
             if self.cfg.relay.workers == 1 and worker_roots(root):
                 await asyncio.to_thread(self._gather_workers)
-            records = self.spool.recovery_short()
+            records = self.spool.recovery()
             recovered, more = await self._recover(records, RECOVER_BEFORE_LISTENING)
         if self.archive:
             with starting(f"archive {self.archive.store.root}"):

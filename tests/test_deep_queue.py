@@ -4,9 +4,13 @@ and the backlog drains beside fresh mail. The figures at scale are bench/outage.
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import pytest
 
 from relay import app as app_module
+from relay.spool import FOOTER, MAGIC
 from relay.testing import Provider, Rule
 from tests import test_delivery
 from tests.test_delivery import Factory, until
@@ -60,3 +64,36 @@ async def test_a_deep_queue_is_recovered_while_mail_is_accepted(
     for s in [*queued, fresh]:
         assert len(test_delivery.copies(env.legacy, s.marker)) == 1, s.queue_id
     assert len(env.events(outcome="delivered")) == 31
+
+
+async def test_an_envelope_unusable_past_its_outline_goes_to_corrupt_at_its_attempt(
+    make_env: Factory,
+) -> None:
+    """A restart reads only the outline; an envelope whose checksum holds but whose
+    fields do not (a sender that is not text) is found at its next attempt: moved to
+    corrupt/, never sent, and the other message still delivered."""
+    legacy = Provider("legacy")
+    legacy.add(Rule("defer", stage="mail", code=451, text="4.3.2 down"))
+    env = await make_env(legacy=legacy)
+    bad = await env.send(["zed@example.com"])
+    good = await env.send(["zed@example.com"])
+    await env.wait_events(2, provider="legacy", outcome="deferred")
+    await env.idle()
+    await env.relay.stop()
+    spool = env.relay.spool
+    path = spool.msg_path(bad.queue_id)
+    raw = path.read_bytes()
+    _, clen, elen, ccrc, _ = FOOTER.unpack(raw[-FOOTER.size :])
+    record = json.loads(raw[clen : clen + elen])
+    record["mail_from"] = 42  # outline intact: version, arrival, plan
+    env_bytes = json.dumps(record).encode()
+    footer = FOOTER.pack(MAGIC, clen, len(env_bytes), ccrc, zlib.crc32(env_bytes))
+    path.write_bytes(raw[:clen] + env_bytes + footer)
+    legacy.rules.clear()
+    env = await make_env(legacy=legacy, root=env.root, clock=env.clock)
+    assert set(env.relay.scheduler.messages) == {bad.queue_id, good.queue_id}
+    env.clock.advance(100)
+    await until(lambda: not env.relay.scheduler.messages, 20, "queue emptied")
+    assert (env.relay.spool.corrupt / f"{bad.queue_id}.msg").exists()
+    assert test_delivery.copies(env.legacy, bad.marker) == []
+    assert len(test_delivery.copies(env.legacy, good.marker)) == 1

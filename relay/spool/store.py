@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 from relay.records import (
     Envelope,
@@ -47,17 +47,14 @@ from relay.records import (
 FOOTER = struct.Struct(">4sQIII")  # magic, content length, envelope length, crcs
 MAGIC = b"RLY1"
 WRITE_THRESHOLD = 1 << 20  # bytes buffered in memory before a threaded write
-# Contents of recently committed small messages kept in memory for their first
-# deliveries, so that neither provider's copy opens the file (two opens, footer
-# reads and preads per message); bounded, oldest dropped first.
 # A batch of this many files or more is synced from a pool of POOL_THREADS
 POOL_FROM = 16
 POOL_THREADS = 8
+# Contents of recently committed small messages kept in memory for their first
+# deliveries, so that neither provider's copy opens the file (two opens, footer
+# reads and preads per message); bounded, oldest dropped first.
 RECENT_MAX_MESSAGE = 256 * 1024
 RECENT_BYTES = 16 << 20
-
-
-_R = TypeVar("_R")
 
 
 class SpoolError(Exception):
@@ -457,14 +454,12 @@ class Spool:
         fh.seek(0)
         return fh, length
 
-    def load(self, queue_id: str, trim: bool = False) -> Stored:
+    def load(self, queue_id: str) -> Stored:
         """Read one committed message; raise ValueError (RecordError: a malformed
-        envelope) when it is torn or corrupt. `trim`: at start, a torn last state
-        line is also cut off the file, so that appends start clean."""
+        envelope) when it is torn or corrupt."""
         env, clen = self._record(queue_id, check_content=True)
         envelope = parse_envelope(env)
-        states = self._read_states(queue_id, len(envelope.plan), trim)
-        return Stored(queue_id, envelope, clen, states)
+        return Stored(queue_id, envelope, clen, self._read_states(queue_id, len(envelope.plan)))
 
     def _record(self, queue_id: str, check_content: bool) -> tuple[bytes, int]:
         """(the envelope record, the content length) of a `.msg` file, its footer and
@@ -501,7 +496,8 @@ class Spool:
         """The recorded state changes. The part after the last LF is a torn append
         (a crash mid-write) and is not recorded; a whole line that does not parse,
         fails its checksum or names a delivery not in the plan raises RecordError:
-        the message's state is unknown, so it is set aside (SPEC Part 2 "Faults")."""
+        the message's state is unknown, so it is set aside (SPEC Part 2 "Faults").
+        `trim` (at start): the torn tail is also cut off the file, so appends start clean."""
         path = self._file(queue_id, ".state")
         try:
             with open(path, "rb") as fh:
@@ -522,9 +518,9 @@ class Spool:
             return
         yield from sorted(n[:-4] for n in names if n.endswith(".msg"))
 
-    def recover(self) -> tuple[list[Stored], list[str]]:
+    def recover(self) -> tuple[list[Queued], list[str]]:
         """Scan the spool at start: committed messages, and ids moved to corrupt/."""
-        good: list[Stored] = []
+        good: list[Queued] = []
         bad: list[str] = []
         for item in self.recovery():
             if isinstance(item, str):
@@ -533,19 +529,12 @@ class Spool:
                 good.append(item)
         return good, bad
 
-    def recovery(self) -> Iterator[Stored | str]:
-        """`recover` one message at a time: each committed message, or the id of one
-        moved to corrupt/. Leftovers (`.tmp` files, state files without a message)
-        are tidied before the first."""
-        return self._recovery(self.load)
-
-    def recovery_short(self) -> Iterator[Queued | str]:
-        """`recovery` for a restart: each message's outline and states (footer, both
-        checksums and the state lines checked; the envelope is parsed in full when
-        its next attempt loads it)."""
-        return self._recovery(self.load_queued)
-
-    def _recovery(self, load: Callable[[str, bool], _R]) -> Iterator[_R | str]:
+    def recovery(self) -> Iterator[Queued | str]:
+        """`recover` one message at a time, for a deep queue: each message's outline
+        and states (footer, both checksums and the state lines checked; the envelope
+        is parsed in full when its next attempt loads it), or the id of one moved to
+        corrupt/. Leftovers (`.tmp` files, state files without a message) are tidied
+        before the first."""
         self.create()
         for tmp in self.queue.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -556,18 +545,14 @@ class Spool:
                 state.unlink(missing_ok=True)
         for qid in ids:
             try:
-                item = load(qid, True)
+                env, _ = self._record(qid, check_content=True)
+                outline = parse_outline(env)
+                states = self._read_states(qid, len(outline.providers), trim=True)
             except (ValueError, OSError):
                 self.quarantine(qid)
                 yield qid
             else:
-                yield item
-
-    def load_queued(self, queue_id: str, trim: bool = False) -> Queued:
-        """A committed message as `recovery_short` gives it (see `load`)."""
-        env, _ = self._record(queue_id, check_content=True)
-        outline = parse_outline(env)
-        return Queued(queue_id, outline, self._read_states(queue_id, len(outline.providers), trim))
+                yield Queued(qid, outline, states)
 
     def quarantine(self, queue_id: str) -> None:
         self._forget(queue_id)

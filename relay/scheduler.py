@@ -627,11 +627,9 @@ class Scheduler:
     async def retry(self, queue_id: str | None = None) -> int:
         """Make open deliveries (of one message, or all) due now; returns how many.
 
-        Recorded before they are pushed (so no attempt's state line comes first).
-        One message: durably. The whole queue (after an outage: hundreds of
-        thousands) in batches of RETRY_BATCH appends, written but not synced, as
-        Postfix's `postqueue -f` syncs nothing: a power loss may undo a retry,
-        never a delivery's outcome."""
+        Recorded before they are pushed (so no attempt's state line comes first);
+        the whole queue (after an outage: hundreds of thousands) in batches of
+        RETRY_BATCH appends, so no spool batch holds them all."""
         now, count = self.clock.now(), 0
         if queue_id is None:
             messages = list(self.messages.values())
@@ -644,7 +642,7 @@ class Scheduler:
                 for d in open_:
                     d.due = now
             await asyncio.gather(*(
-                self.spool.record(m.queue_id, [d.line() for d in open_], sync=queue_id is not None)
+                self.spool.record(m.queue_id, [d.line() for d in open_])
                 for m, open_ in chunk if open_
             ))  # fmt: skip
         for m, open_ in due:  # pushed once all is recorded: no attempt in between

@@ -13,7 +13,9 @@ Layout (see docs/spool.md for why):
 Durability is by group commit: every message that finished DATA while the
 previous batch was being synced is written, fdatasync'd and renamed by the
 spool's writing thread in one batch that ends with a single fsync of the
-queue directory. The 250 is sent only after that batch is done.
+queue directory. The 250 is sent only after that batch is done. State lines
+and removals are written by the same thread, not synced (as Postfix marks
+recipients done): a power loss may repeat a delivery, never lose one.
 """
 
 from __future__ import annotations
@@ -121,7 +123,6 @@ class _Job:
     envelope: bytes = b""
     queue_id: str = ""
     lines: bytes = b""
-    sync: bool = True  # a state append is fdatasync'd
 
 
 class _Committer(threading.Thread):
@@ -159,8 +160,7 @@ class _Committer(threading.Thread):
                 except queue.Empty:
                     break
             # with many state appends (a backlog draining), messages first, answered
-            # as soon as they are durable: the appends never hold a 250 back (a
-            # small batch stays one pass: one directory sync)
+            # as soon as they are durable: the appends never hold a 250 back
             messages = [j for j in batch if j.kind == "msg"]
             parts = [batch]
             if messages and len(batch) - len(messages) >= POOL_FROM:
@@ -306,13 +306,13 @@ class Spool:
         (read from the loop only); else None, and `open_content` reads the file."""
         return self._recent.get(queue_id)
 
-    async def record(self, queue_id: str, states: list[StateLine], sync: bool = True) -> None:
-        """Append delivery state changes durably (batched like commits). `sync=False`
-        for changes a power loss may undo (`relay queue retry` of a whole queue):
-        written before this returns, but not fdatasync'd."""
+    async def record(self, queue_id: str, states: list[StateLine]) -> None:
+        """Append delivery state changes (batched like commits): written to the file
+        before this returns, so a crash of the relay keeps them, but not fdatasync'd,
+        as Postfix marks a recipient done: a power loss may undo the latest changes,
+        so a delivery is repeated (at-least-once), never lost (docs/spool.md)."""
         lines = b"".join(s.to_line() for s in states)
-        job = _Job("state", self._future(), queue_id=queue_id, lines=lines, sync=sync)
-        await self._submit(job)
+        await self._submit(_Job("state", self._future(), queue_id=queue_id, lines=lines))
 
     async def remove(self, queue_id: str) -> None:
         """Every delivery is final: the message leaves the queue (after the state
@@ -353,53 +353,54 @@ class Spool:
         return self._pool
 
     def _commit_batch(self, jobs: list[_Job]) -> list[Exception | None]:
-        """Write and sync every file of the batch, then the directory once.
+        """Write and sync every message file of the batch, then the directory once;
+        append the state lines; remove the finished messages.
 
-        One after the other, in this thread, up to POOL_FROM files: syncing
-        concurrently from a pool shares ext4 journal commits (20 files: 2.3 ms
-        against 5.3 ms), but its thread hops cost more CPU than the waits of a
-        small batch (docs/performance.md); a large one (a backlog draining: one
-        state append per delivery) goes through the pool. A message's state
-        changes in one batch are one append, in the order they were recorded;
-        removals come last, after every append.
+        Message files are synced one after the other, in this thread, up to
+        POOL_FROM of them: syncing concurrently from a pool shares ext4 journal
+        commits (20 files: 2.3 ms against 5.3 ms), but its thread hops cost more
+        CPU than the waits of a small batch (docs/performance.md). A message's
+        state changes in one batch are one append, in the order they were
+        recorded; those of a message removed in the same batch are not written
+        at all (its files go: nothing is left to read them). Removals come last.
         """
-        units: dict[str, list[_Job]] = {}
-        removals: list[_Job] = []
+        removed = {job.queue_id for job in jobs if job.kind == "remove"}
+        messages = [job for job in jobs if job.kind == "msg"]
+        appends: dict[str, list[_Job]] = {}
         for job in jobs:
-            if job.kind == "remove":
-                removals.append(job)
-                continue
-            key = f"msg:{id(job)}" if job.kind == "msg" else f"state:{job.queue_id}"
-            units.setdefault(key, []).append(job)
+            if job.kind == "state" and job.queue_id not in removed:
+                appends.setdefault(job.queue_id, []).append(job)
         failed: dict[int, Exception] = {}
 
-        def run(unit: list[_Job]) -> None:
+        def commit(job: _Job) -> None:
             try:
-                if unit[0].kind == "msg":
-                    self._commit_message(unit[0])
-                else:
-                    lines = b"".join(j.lines for j in unit)
-                    self._append_state(unit[0].queue_id, lines, any(j.sync for j in unit))
+                self._commit_message(job)
             except OSError as exc:
-                for job in unit:
-                    failed[id(job)] = exc
+                failed[id(job)] = exc
 
-        if len(units) >= POOL_FROM:  # many files: their syncs share journal commits
-            list(self._sync_pool().map(run, units.values()))
+        if len(messages) >= POOL_FROM:  # many files: their syncs share journal commits
+            list(self._sync_pool().map(commit, messages))
         else:
-            for unit in units.values():
-                run(unit)
-        if units and len(failed) < len(units):
+            for job in messages:
+                commit(job)
+        if len(failed) < len(messages):
             try:
                 fsync_dir(self.queue)
                 self._synced(self.queue)
-            except OSError as exc:  # a failed directory sync fails the whole batch
-                failed.update((id(job), exc) for job in jobs if job.kind != "remove")
-        for job in removals:
+            except OSError as exc:  # a failed directory sync fails every message in it
+                failed.update((id(job), exc) for job in messages)
+        for queue_id, unit in appends.items():
             try:
-                self.remove_now(job.queue_id)
+                self._append_state(queue_id, b"".join(j.lines for j in unit))
             except OSError as exc:
-                failed[id(job)] = exc
+                failed.update((id(job), exc) for job in unit)
+        for queue_id in removed:
+            try:
+                self.remove_now(queue_id)
+            except OSError as exc:
+                failed.update(
+                    (id(j), exc) for j in jobs if j.kind == "remove" and j.queue_id == queue_id
+                )
         return [failed.get(id(job)) for job in jobs]
 
     def _commit_message(self, job: _Job) -> None:
@@ -424,7 +425,7 @@ class Spool:
         msg.fh.close()
         os.rename(msg.path, self._file(msg.queue_id, ".msg"))
 
-    def _append_state(self, queue_id: str, lines: bytes, sync: bool = True) -> None:
+    def _append_state(self, queue_id: str, lines: bytes) -> None:
         path = self._file(queue_id, ".state")
         # os.open, not open(): no buffer object, isatty probe or seek per append
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -432,11 +433,8 @@ class Spool:
             view = memoryview(lines)
             while view:
                 view = view[os.write(fd, view) :]
-            if sync:
-                os.fdatasync(fd)
         finally:
             os.close(fd)
-        self._synced(path)
 
     # -- reading back ----------------------------------------------------------
 

@@ -98,6 +98,27 @@ async def test_ehlo_lists_the_extensions(relay_factory: RelayFactory) -> None:
     assert not any(x.startswith(("STARTTLS", "AUTH")) for x in r.lines)
 
 
+async def test_the_ehlo_reply_is_one_write(
+    relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every line of the EHLO reply goes out in one write (aiosmtpd wrote one per
+    line: seven more writes, and as many wake-ups of the client, per session)."""
+    env = await relay_factory()
+    writes: list[bytes] = []
+    original = asyncio.StreamWriter.write
+
+    def write(self: asyncio.StreamWriter, data: bytes) -> None:
+        writes.append(bytes(data))
+        original(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
+    c = await env.client()
+    writes.clear()
+    r = await c.ehlo()
+    replies = [w for w in writes if w.startswith(b"250")]
+    assert len(replies) == 1 and replies[0].count(b"\r\n") == len(r.lines) > 5, writes
+
+
 async def test_every_reply_after_ehlo_carries_an_enhanced_code(relay_factory: RelayFactory) -> None:
     env = await relay_factory()
     c = await env.client()

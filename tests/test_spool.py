@@ -260,7 +260,8 @@ async def test_state_lines_are_written_not_synced_and_skipped_for_a_finished_mes
         spool.record(done, [StateLine(0, "delivered", 1)]), spool.remove(done)
     )
     assert spool._committer is not None
-    while spool._committer.jobs.qsize() < 2:  # both submitted behind the busy thread
+    committer = spool._committer
+    while committer.gathered or committer.jobs.empty():  # both behind the busy thread
         await asyncio.sleep(0)
     release.set()
     await asyncio.gather(blocked, finishing)

@@ -218,6 +218,12 @@ class AiosmtpdSMTP(SMTP):
         # StreamReader has no public way to push data back.
         self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
+    async def write_raw(self, data: bytes) -> None:
+        """Write reply lines as they are (CRLFs included) and wait for the buffer to drain."""
+        # `_writer`: the StreamWriter aiosmtpd's `push` writes each line to.
+        self._writer.write(data)
+        await self._writer.drain()
+
     def restart_idle_timer(self) -> None:
         """The client is active: the idle timeout starts again."""
         # `_reset_timeout`: what aiosmtpd calls per command line; a long DATA is

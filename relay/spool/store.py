@@ -129,19 +129,29 @@ class _Committer(threading.Thread):
     """The spool's one writing thread: it takes every job queued while it was busy
     as one batch and answers the loop once per batch (one wake-up each way, not a
     thread hop per message: under load the hops' futex traffic cost more CPU
-    than the writes; docs/performance.md)."""
+    than the writes; docs/performance.md). The loop hands jobs over once per
+    pass of its own (`put` gathers them): each hand-over wakes the thread."""
 
     def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop):
         super().__init__(name="spool-commit", daemon=True)
         self.spool = spool
         self.loop = loop
-        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self.gathered: list[_Job] = []  # on the loop, until `hand_over`
 
     def put(self, job: _Job) -> None:
-        self.jobs.put(job)
+        """On the loop: the job goes to the thread at the end of this pass of the loop."""
+        if not self.gathered:
+            self.loop.call_soon(self.hand_over)
+        self.gathered.append(job)
+
+    def hand_over(self) -> None:
+        if self.gathered:
+            self.jobs.put(self.gathered)
+            self.gathered = []
 
     def finish(self) -> None:
-        """Commit what was queued, then end (called in a thread: it waits)."""
+        """Commit what was queued, then end (called in a thread, after `hand_over`)."""
         self.jobs.put(None)
         self.join()
 
@@ -154,7 +164,7 @@ class _Committer(threading.Thread):
                 if item is None:
                     last = True
                 else:
-                    batch.append(item)
+                    batch.extend(item)
                 try:
                     item = self.jobs.get_nowait()
                 except queue.Empty:
@@ -219,6 +229,7 @@ class Spool:
         self._stopping = True
         committer, self._committer = self._committer, None
         if committer is not None:
+            committer.hand_over()
             await asyncio.to_thread(committer.finish)
         if self._pool is not None:
             self._pool.shutdown(wait=False)

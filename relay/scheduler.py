@@ -545,7 +545,7 @@ class Scheduler:
             # on the loop, cheaper than a thread hop.
             held = self.spool.recent_content(msg.queue_id)
             if held is not None:
-                content = Content.from_bytes(held, prefix=env.prepended(provider))
+                content = Content.from_bytes(held[0], prefix=env.prepended(provider), plain=held[1])
             else:
                 content = await Content.open(
                     functools.partial(self.spool.open_content, msg.queue_id),

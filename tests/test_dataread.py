@@ -278,3 +278,32 @@ def reference(content: bytes) -> bytes:
             parts[0] = parts[0][1:]
         out.extend(parts)
     return b"".join(p + b"\r\n" for p in out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=60), min_size=1, max_size=30),
+    st.integers(min_value=1, max_value=40),
+)
+def test_has_long_line_agrees_with_splitting_into_lines(lengths: list[int], limit: int) -> None:
+    from relay.ingress.dataread import has_long_line
+
+    block = b"".join(b"x" * n + b"\n" for n in lengths)
+    assert has_long_line(block, limit) == (max(lengths) + 1 > limit)
+
+
+@pytest.mark.parametrize(
+    ("wire", "dots"),
+    [
+        (b"a\r\nb\r\n.\r\n", False),
+        (b"a\r\n..b\r\n.\r\n", True),
+        (b"..a\r\n.\r\n", True),
+        (b"a\r\n.b\r\n.\r\n", False),  # stored as "b": nothing to stuff
+        (b"a\r.\r\nb\r\n.\r\n", True),  # the bare CR makes a stored "." line
+        (b"a\n..\r\nb\r\n.\r\n", True),
+    ],
+)
+def test_dot_lines_says_whether_the_egress_must_restuff(wire: bytes, dots: bool) -> None:
+    p, out = run([wire])
+    stored_dot_line = out.startswith(b".") or b"\n." in out
+    assert p.done and p.dot_lines is dots is stored_dot_line, out

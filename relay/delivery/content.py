@@ -25,9 +25,12 @@ class Content:
 
     def __init__(
         self, length: int, head: bytes, fh: BinaryIO | None = None, start: int = 0,
-        prefix: bytes = b"",
+        prefix: bytes = b"", plain: bool = False,
     ):  # fmt: skip
         self.length = len(prefix) + length
+        # known to have no line beginning with "." (the ingress saw none): sent
+        # without a dot-stuffing pass (80 µs per 100 KiB, per copy)
+        self.plain = plain
         self._head = prefix + head  # the first chunk (without a file: the whole content)
         self._fh = fh
         # file position of content offset len(self._head): header fields put above the
@@ -36,8 +39,8 @@ class Content:
         self._eight_bit: tuple[bool, bool] | None = None
 
     @classmethod
-    def from_bytes(cls, data: bytes, prefix: bytes = b"") -> Content:
-        return cls(len(data), data, prefix=prefix)
+    def from_bytes(cls, data: bytes, prefix: bytes = b"", plain: bool = False) -> Content:
+        return cls(len(data), data, prefix=prefix, plain=plain)
 
     @classmethod
     async def open(

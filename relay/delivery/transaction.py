@@ -291,8 +291,8 @@ async def write_content(proto: Protocol, content: Content, timeout: float) -> No
         if not chunk:
             raise ContentError(f"content ended at {offset} of {length} bytes")
         offset += len(chunk)
-        data = chunk.replace(b"\n.", b"\n..")
-        if line_start and data[:1] == b".":
+        data = chunk if content.plain else chunk.replace(b"\n.", b"\n..")
+        if line_start and data[:1] == b"." and not content.plain:
             data = b"." + data
         line_start = chunk[-1:] == b"\n"
         last2 = (last2 + chunk[-2:])[-2:]

@@ -27,6 +27,19 @@ class DataError(enum.Enum):
     BARE_NEWLINE = "bare"
 
 
+def has_long_line(block: bytes, limit: int) -> bool:
+    """Whether a line of `block` (LF-ended lines) is longer than `limit` octets
+    with its LF: jumps from line to line a window at a time (memrchr), instead of
+    splitting the block into lines (80 µs per 100 KiB)."""
+    pos, end = 0, len(block)
+    while end - pos > limit:
+        nl = block.rfind(b"\n", pos, pos + limit)
+        if nl < 0:
+            return True
+        pos = nl + 1
+    return False
+
+
 class DataParser:
     def __init__(self, *, max_size: int, max_line_length: int, reject_bare: bool):
         self.max_size = max_size
@@ -36,6 +49,7 @@ class DataParser:
         self.done = False
         self.error: DataError | None = None
         self.rest = b""  # bytes after the terminator: pipelined commands
+        self.dot_lines = False  # a stored line begins with ".": the egress must stuff it
         self._pending = b""  # the current line so far (never holds an LF)
         self._prev_crlf = True  # the current line follows a CRLF (the 354 counts as one)
         self._truncated = False  # the current line overflowed; only its last octet is kept
@@ -79,7 +93,7 @@ class DataParser:
         n = block.count(b"\n")
         if block.count(b"\r\n") != n or block.count(b"\r") != n:
             return None
-        if len(block) > self.max_line and max(map(len, block.split(b"\n"))) + 1 > self.max_line:
+        if len(block) > self.max_line and has_long_line(block, self.max_line):
             return None
         return block
 
@@ -109,6 +123,10 @@ class DataParser:
                 parts = [body]
             if parts[0].startswith(b"."):
                 parts[0] = parts[0][1:]
+            # a stored line beginning with "." (unstuffed "..", or after a bare CR
+            # made a line break) must be stuffed again on the way out
+            if not self.dot_lines and any(part[:1] == b"." for part in parts):
+                self.dot_lines = True
             if len(line) + (1 if crlf else 2) > self.max_line + (1 if line[:1] == b"." else 0):
                 self._fail(DataError.LINE_TOO_LONG)
             out.extend(parts)

@@ -75,6 +75,7 @@ class Receiving:
         self.store_error: str | None = None
         self.started = False
         self.submitted = False  # handed to the spool's commit: no longer ours to abort
+        self.plain = False  # no line of the content begins with "." (set at the end of DATA)
 
     def received_header(self) -> bytes:
         rcpts = self.envelope.rcpt_tos
@@ -145,6 +146,8 @@ class Receiving:
         if self.held is not None:  # the message ended within its header section
             self.header_whole = True
             await self._store(self._release())
+        # our prefix never begins a line with ".", nor does removing whole header fields
+        self.plain = not parser.dot_lines
         refusal = self._content_refusal(parser)
         if refusal:
             await self.abort()
@@ -307,7 +310,7 @@ class Intake:
 
     async def _store(self, msg: Receiving, record: Record, discarded: list[str]) -> str:
         try:
-            await self.spool.commit(msg.incoming, record)
+            await self.spool.commit(msg.incoming, record, plain=msg.plain)
         except SpoolError as exc:
             oplog.error("spool commit failed", error=str(exc))
             return self.rejections.refuse(msg.server, "data", Reply.NO_SPACE, "spool write failed")

@@ -217,7 +217,7 @@ class Spool:
         self.on_sync: Callable[[str | Path], None] | None = None
         self._dir = str(self.queue)  # hot-path file names are built as strings, not Paths
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[str, tuple[bytes, bool]] = collections.OrderedDict()
         self._recent_bytes = 0
 
     # -- setup ---------------------------------------------------------------
@@ -297,29 +297,31 @@ class Spool:
     async def abort(self, msg: Incoming) -> None:
         await asyncio.to_thread(msg.discard)
 
-    async def commit(self, msg: Incoming, envelope: Envelope) -> None:
-        """Make message + envelope durable; returns only once they are on disk."""
+    async def commit(self, msg: Incoming, envelope: Envelope, plain: bool = False) -> None:
+        """Make message + envelope durable; returns only once they are on disk.
+        `plain`: no line of the content begins with "." (kept with the content
+        held in memory: its deliveries need no dot-stuffing pass)."""
         whole = bytes(msg.buffer) if msg.fd is None else None
         job = _Job("msg", self._future(), incoming=msg, content=whole, envelope=envelope.to_json())
         await self._submit(job)
         if whole is not None and len(whole) <= RECENT_MAX_MESSAGE:
-            self._remember(msg.queue_id, whole)
+            self._remember(msg.queue_id, whole, plain)
 
-    def _remember(self, queue_id: str, content: bytes) -> None:
-        self._recent[queue_id] = content
+    def _remember(self, queue_id: str, content: bytes, plain: bool) -> None:
+        self._recent[queue_id] = (content, plain)
         self._recent_bytes += len(content)
         while self._recent_bytes > RECENT_BYTES:
-            _, dropped = self._recent.popitem(last=False)
+            _, (dropped, _) = self._recent.popitem(last=False)
             self._recent_bytes -= len(dropped)
 
     def _forget(self, queue_id: str) -> None:
-        content = self._recent.pop(queue_id, None)
-        if content is not None:
-            self._recent_bytes -= len(content)
+        held = self._recent.pop(queue_id, None)
+        if held is not None:
+            self._recent_bytes -= len(held[0])
 
-    def recent_content(self, queue_id: str) -> bytes | None:
-        """The content of a message committed lately, if it is still held in memory
-        (read from the loop only); else None, and `open_content` reads the file."""
+    def recent_content(self, queue_id: str) -> tuple[bytes, bool] | None:
+        """(content, plain) of a message committed lately, if it is still held in
+        memory (read from the loop only); else None, and `open_content` reads the file."""
         return self._recent.get(queue_id)
 
     async def record(self, queue_id: str, states: list[StateLine]) -> None:

@@ -90,8 +90,10 @@ class DataParser:
         (the caller cuts the block before any other) → the block as is."""
         if self._truncated or not self._prev_crlf or block.startswith(b"."):
             return None
-        n = block.count(b"\n")
-        if block.count(b"\r\n") != n or block.count(b"\r") != n:
+        # no bare CR or LF: nothing is left of either once the CRLFs are gone (one
+        # pass and two memchr scans; three counts took twice as long)
+        rest = block.replace(b"\r\n", b"")
+        if b"\r" in rest or b"\n" in rest:
             return None
         if len(block) > self.max_line and has_long_line(block, self.max_line):
             return None

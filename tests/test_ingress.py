@@ -779,10 +779,10 @@ async def test_client_gone_during_commit_message_still_queued(
     entered, release = asyncio.Event(), asyncio.Event()
     commit = env.relay.spool.commit
 
-    async def slow_commit(*args: Any) -> None:
+    async def slow_commit(*args: Any, **kwargs: Any) -> None:
         entered.set()
         await release.wait()
-        await commit(*args)
+        await commit(*args, **kwargs)
 
     monkeypatch.setattr(env.relay.spool, "commit", slow_commit)
     scheduled: list[str] = []

@@ -64,7 +64,7 @@ async def test_large_message_streams_through_the_file(spool: Spool) -> None:
     msg = spool.begin(qid)
     for _ in range(12):  # 3 MiB: flushed to disk as it comes
         await spool.write(msg, chunk)
-        assert len(msg.buffer) < WRITE_THRESHOLD
+        assert msg.buffered < WRITE_THRESHOLD
     assert msg.path.exists() and msg.path.stat().st_size >= 2 * WRITE_THRESHOLD
     await spool.commit(msg, envelope(qid))
     fh, length = spool.open_content(qid)
@@ -267,3 +267,17 @@ async def test_state_lines_are_written_not_synced_and_skipped_for_a_finished_mes
     await asyncio.gather(blocked, finishing)
     assert not any(p.endswith(f"{done}.state") for p in opened), opened
     assert not (spool.queue / f"{done}.msg").exists()
+
+
+def test_write_all_finishes_short_writes_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """writev may write less than asked (a signal, a nearly full disk): the rest follows."""
+    from relay.spool.store import write_all
+
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, parts: real(fd, [parts[0][:3]]))
+    parts = [b"content", b"", b"envelope", b"footer!"]
+    with open(tmp_path / "f", "wb") as fh:
+        write_all(fh.fileno(), parts)
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)

@@ -104,18 +104,21 @@ class Receiving:
                     self.header_done, self.header_whole = True, end >= 0
                     del self.header[end + 2 if end >= 0 else HEADER_SCAN_LIMIT :]
             if self.held is not None:
-                self.held += data
                 if not self.header_done:
+                    self.held += data
                     return
-                data = self._release()
+                data = self._release(data)
         await self._store(data)
 
-    def _release(self) -> bytes:
+    def _release(self, last: bytes = b"") -> bytes:
         """The held content, without forged Authentication-Results when its header
         section is whole (a section cut at the scan limit is passed on as it is);
         a message without Message-ID gets one here, in our prefix (SPEC Part 2)."""
         assert self.held is not None
-        held, self.held = bytes(self.held), None
+        # the content held so far and `last`, the chunk that completed the header
+        # section (most messages: the first chunk, passed on without a copy)
+        held = bytes(self.held) + last if self.held else last
+        self.held = None
         if self.message_id() is None:  # the probe finds copies by it, on both providers
             self.added_message_id = f"<{self.queue_id}.{self.intake.node}@{self.intake.hostname}>"
         if not self.header_whole or not self.intake.strips:

@@ -145,7 +145,8 @@ class Relay:
         self.started = False
 
     def _snapshot(self) -> dict[str, Any]:
-        messages = self.scheduler.messages.values()
+        """The live gauges, read from the metrics thread: copies of the queue only."""
+        messages = list(self.scheduler.messages.values())
         return {
             "depth": self.scheduler.depth(),
             "connections": self.handler.conns.total,

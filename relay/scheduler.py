@@ -283,8 +283,10 @@ class Scheduler:
             ev.set()
 
     def depth(self) -> dict[str, dict[str, int]]:
+        """Open deliveries by provider and state; safe from another thread (the
+        metrics scrape): it walks a copy of the queue, taken in one step."""
         out: dict[str, dict[str, int]] = {p: {"pending": 0, "deferred": 0} for p in PROVIDERS}
-        for m in self.messages.values():
+        for m in list(self.messages.values()):
             for d in m.deliveries:
                 if not d.final:
                     out[d.provider]["deferred" if d.status == "deferred" else "pending"] += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import urllib.error
 import urllib.request
 
@@ -54,6 +55,20 @@ async def test_metrics_follow_the_delivery_log(relay_env) -> None:
     assert smtp_rejections in text.splitlines()
     assert "relay_open_connections 1.0" in text.splitlines()
     await smtp.quit()
+
+    # the queue walk of a scrape runs off the event loop's thread (a deep queue
+    # held every session up for it), and its figures are the queue's
+    walked: list[bool] = []
+    depth = env.relay.scheduler.depth
+
+    def watched() -> dict[str, dict[str, int]]:
+        walked.append(threading.current_thread() is threading.main_thread())
+        return depth()
+
+    env.relay.scheduler.depth = watched  # type: ignore[method-assign]
+    status, text = await get(port, "/metrics")
+    assert walked == [False]
+    assert 'relay_queue_depth{provider="legacy",state="deferred"} 1.0' in text.splitlines()
 
     assert await get(port, "/healthz") == (200, "ok\n")
     assert await get(port, "/readyz") == (200, "ready\n")

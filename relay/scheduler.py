@@ -125,6 +125,7 @@ class Message:
     busy: int = 0
     # monotonic start times of this process's recent attempts, per provider (LOOP_*)
     recent: dict[str, list[float]] = field(default_factory=lambda: _NONE)
+    gone: bool = False  # its files are removed (by the attempt that finished it)
 
     @property
     def env(self) -> Envelope:
@@ -520,6 +521,9 @@ class Scheduler:
         spool's writing thread), so an empty queue means an empty spool; `busy`
         keeps a second removal out meanwhile."""
         if msg.done and msg.busy == 0 and msg.queue_id in self.messages:
+            if msg.gone:
+                self.messages.pop(msg.queue_id, None)
+                return
             msg.busy += 1
             try:
                 await self.spool.remove(msg.queue_id)
@@ -600,8 +604,19 @@ class Scheduler:
                 notices.setdefault(action, []).append((d, reply))
             states.append(d.line())
             events.append((d, reply))
+        # The attempt that leaves every delivery final, alone on the message and
+        # with no DSN to queue first: its removal stands for its state lines. Both
+        # go to the spool in one batch, which then writes no state line at all
+        # (a crash before it: the delivery is made again, as before).
+        last = msg.done and not notices and msg.busy == 1
         try:
-            await self.spool.record(msg.queue_id, states)
+            if last:
+                await asyncio.gather(
+                    self.spool.record(msg.queue_id, states), self.spool.remove(msg.queue_id)
+                )
+                msg.gone = True
+            else:
+                await self.spool.record(msg.queue_id, states)
         except SpoolError as exc:
             # The provider's answer is a fact whether or not it is on disk: log it.
             # After a crash the delivery is simply tried again (a duplicate at worst).

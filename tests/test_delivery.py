@@ -295,6 +295,32 @@ async def test_non_pilot_only_legacy_and_new_only_only_new(make_env: Factory) ->
     assert copies(env.new, paused.marker) == []
 
 
+async def test_the_attempt_that_finishes_a_message_writes_no_state_line(
+    make_env: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its removal stands for its state lines (one spool batch): a message with one
+    delivery never gets a state file; a dual one, only its first delivery's line."""
+    from relay.spool import Spool
+
+    appended: list[str] = []
+    real = Spool._append_state
+
+    def watch(self: Spool, queue_id: str, lines: bytes) -> None:
+        appended.append(queue_id)
+        real(self, queue_id, lines)
+
+    monkeypatch.setattr(Spool, "_append_state", watch)
+    env = await make_env()
+    single = await env.send(["zed@example.com"])  # legacy only
+    dual = await env.send(["alice@example.com"])  # a pilot: both providers
+    await env.wait_events(3, outcome="delivered")
+    await env.idle()
+    await until(lambda: not env.queue_files(), what="spool empty")
+    assert single.queue_id not in appended
+    assert appended.count(dual.queue_id) <= 1, appended
+    assert not env.relay.scheduler.messages
+
+
 async def test_one_transaction_per_message_and_provider(make_env: Factory) -> None:
     env = await make_env()
     rcpts = ["alice@example.com", "zed@example.com", "Ann@Dev.Example.com", "bob@example.com"]

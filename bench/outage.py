@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import statistics
 import subprocess
 import sys
@@ -173,8 +174,6 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wait_listening(port: int, timeout: float) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:

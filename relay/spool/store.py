@@ -429,9 +429,10 @@ class Spool:
         msg = job.incoming
         assert msg is not None
         footer = FOOTER.pack(MAGIC, msg.size, len(job.envelope), msg.crc, zlib.crc32(job.envelope))
-        parts = [job.content] if job.content is not None else msg.take()
-        msg._flush([*parts, job.envelope, footer])
-        msg.take()
+        chunks = msg.take()
+        # a message held whole in memory comes as `content` (joined once, at commit)
+        content = [job.content] if job.content is not None else chunks
+        msg._flush([*content, job.envelope, footer])
         if not alone and msg.fd is not None:
             start_writeback(msg.fd)
 
@@ -449,9 +450,7 @@ class Spool:
         # os.open, not open(): no buffer object, isatty probe or seek per append
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            view = memoryview(lines)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, [lines])
         finally:
             os.close(fd)
 

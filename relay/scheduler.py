@@ -605,15 +605,13 @@ class Scheduler:
             states.append(d.line())
             events.append((d, reply))
         # The attempt that leaves every delivery final, alone on the message and
-        # with no DSN to queue first: its removal stands for its state lines. Both
-        # go to the spool in one batch, which then writes no state line at all
-        # (a crash before it: the delivery is made again, as before).
+        # with no DSN to queue first: its removal stands for its state lines, which
+        # are not written at all (a crash before it: the delivery is made again,
+        # as it would be without the lines).
         last = msg.done and not notices and msg.busy == 1
         try:
             if last:
-                await asyncio.gather(
-                    self.spool.record(msg.queue_id, states), self.spool.remove(msg.queue_id)
-                )
+                await self.spool.remove(msg.queue_id)
                 msg.gone = True
             else:
                 await self.spool.record(msg.queue_id, states)

@@ -269,6 +269,39 @@ async def test_state_lines_are_written_not_synced_and_skipped_for_a_finished_mes
     assert not (spool.queue / f"{done}.msg").exists()
 
 
+async def test_removal_unlinks_only_the_files_a_message_has(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message committed here and never given a state line has one file: its
+    removal unlinks that one; with state lines, or recovered from an earlier run
+    (unknown), both files go."""
+    unlinked: list[str] = []
+    real_unlink = os.unlink
+
+    def watch(path: Any, *args: Any, **kwargs: Any) -> None:
+        unlinked.append(Path(path).name)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", watch)
+    bare = await enqueue(spool, b"x\r\n")
+    stated = await enqueue(spool, b"y\r\n")
+    await spool.record(stated, [StateLine(0, "deferred", 1)])
+    await spool.remove(bare)
+    await spool.remove(stated)
+    assert unlinked == [f"{bare}.msg", f"{stated}.msg", f"{stated}.state"], unlinked
+    assert list(spool.queue.iterdir()) == []
+
+    older = await enqueue(spool, b"z\r\n")
+    await spool.stop()
+    again = Spool(spool.root)  # a restart: what files a message has is not known
+    [queued], _ = again.recover()
+    assert queued.queue_id == older
+    unlinked.clear()
+    again.remove_now(older)
+    assert unlinked == [f"{older}.msg", f"{older}.state"], unlinked
+    await spool.start()  # for the fixture's stop
+
+
 def test_write_all_finishes_short_writes_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

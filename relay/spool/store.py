@@ -225,6 +225,9 @@ class Spool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recent: collections.OrderedDict[str, tuple[bytes, bool]] = collections.OrderedDict()
         self._recent_bytes = 0
+        # messages committed by this process that have no state file (yet): their
+        # removal skips the unlink of a file that is not there (writing thread only)
+        self._stateless: set[str] = set()
 
     # -- setup ---------------------------------------------------------------
 
@@ -444,9 +447,11 @@ class Spool:
         os.close(msg.fd)
         msg.fd = None
         os.rename(msg.path, self._file(msg.queue_id, ".msg"))
+        self._stateless.add(msg.queue_id)
 
     def _append_state(self, queue_id: str, lines: bytes) -> None:
         path = self._file(queue_id, ".state")
+        self._stateless.discard(queue_id)
         # os.open, not open(): no buffer object, isatty probe or seek per append
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -572,6 +577,7 @@ class Spool:
 
     def quarantine(self, queue_id: str) -> None:
         self._forget(queue_id)
+        self._stateless.discard(queue_id)
         for suffix in (".msg", ".state"):
             src = self.queue / f"{queue_id}{suffix}"
             if src.exists():
@@ -580,7 +586,12 @@ class Spool:
     def remove_now(self, queue_id: str) -> None:
         """Remove a finished message's files here and now (recovery, before the
         writing thread runs; while it runs, `remove` goes through it)."""
-        for suffix in (".msg", ".state"):
+        if queue_id in self._stateless:
+            self._stateless.discard(queue_id)
+            suffixes: tuple[str, ...] = (".msg",)
+        else:
+            suffixes = (".msg", ".state")
+        for suffix in suffixes:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._file(queue_id, suffix))
 

@@ -4,8 +4,8 @@ Read at the ingress (`parse_mail`, `parse_rcpt`: any bad syntax is a
 `DsnSyntaxError`, answered `501 5.5.4`), stored decoded with the message
 (relay/records.py), written back as xtext to a provider that offers DSN
 (`mail_options`, `rcpt_options`), and read by the relay's own DSNs
-(relay/bounce.py). aiosmtpd upper-cases every parameter and refuses any on
-RCPT, so the ingress takes these out of the command line before aiosmtpd
+(relay/bounce.py). The SMTP engine upper-cases every parameter and refuses any on
+RCPT (as aiosmtpd did), so the ingress takes these out of the command line before it
 sees it (`split_parameters`): ENVID and ORCPT keep their case.
 """
 
@@ -100,7 +100,7 @@ def _address_end(arg: str, start: int) -> int:
             quoted = not quoted
         elif c == ">" and not quoted:
             return i + 1
-    return len(arg)  # unterminated: aiosmtpd refuses the address
+    return len(arg)  # unterminated: the engine refuses the address
 
 
 def _by_keyword(tokens: list[str]) -> dict[str, str]:

@@ -389,10 +389,10 @@ async def test_client_bytes_reach_the_received_header_and_stderr_only_escaped(
         relay.start()
         try:
             await relay.wait_ready()
-            for command in HOSTILE_COMMANDS:  # each in a fresh session: aiosmtpd ends
+            for command in HOSTILE_COMMANDS:  # each in a fresh session: the relay ends
                 c = await RawClient.open(port)  # a session after a few unknown commands
                 await c.cmd(b"EHLO " + HOSTILE_EHLO)
-                await c.cmd(command)
+                assert (await c.cmd(command)).code == 500, command
                 await c.close()
             c = await RawClient.open(port)
             expect(await c.cmd(b"EHLO " + HOSTILE_EHLO), 250, None)
@@ -413,7 +413,6 @@ async def test_client_bytes_reach_the_received_header_and_stderr_only_escaped(
     assert only_printable_ascii(stderr, b"\n"), stderr
     lines = stderr.decode().splitlines()
     assert all(json.loads(line) for line in lines)  # every line is an operational-log event
-    assert any(json.loads(line)["event"] == "aiosmtpd" for line in lines)  # routed, not lost
     assert code == 0
 
 

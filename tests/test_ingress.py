@@ -102,16 +102,19 @@ async def test_the_ehlo_reply_is_one_write(
     relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every line of the EHLO reply goes out in one write (aiosmtpd wrote one per
-    line: seven more writes, and as many wake-ups of the client, per session)."""
+    line: seven more writes, and as many wake-ups of the client, per session).
+    `write_raw` is the engine's one call of the transport's write."""
+    from relay.ingress.engine import SMTPEngine
+
     env = await relay_factory()
     writes: list[bytes] = []
-    original = asyncio.StreamWriter.write
+    original = SMTPEngine.write_raw
 
-    def write(self: asyncio.StreamWriter, data: bytes) -> None:
+    async def write(self: SMTPEngine, data: bytes) -> None:
         writes.append(bytes(data))
-        original(self, data)
+        await original(self, data)
 
-    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
+    monkeypatch.setattr(SMTPEngine, "write_raw", write)
     c = await env.client()
     writes.clear()
     r = await c.ehlo()
@@ -1036,28 +1039,3 @@ async def test_50mb_message_peak_rss_growth_under_100mb(tmp_path: Path) -> None:
             proc.kill()
         sock_l.close()
         sock_n.close()
-
-
-async def test_cached_introspection_builds_the_same_command_tables(tmp_path) -> None:
-    """RelaySMTP answers aiosmtpd's per-connection introspection from a per-class cache."""
-    from aiosmtpd.smtp import SMTP
-
-    from relay.ingress.protocol import RelaySMTP, SessionLimits
-    from relay.ingress.server import IngressHandler
-
-    handler = IngressHandler.__new__(IngressHandler)
-    loop = asyncio.get_running_loop()
-    limits = SessionLimits(
-        max_message_size=1, max_line_length=1000, data_timeout=1, reject_bare=False,
-        hard_error_limit=20, junk_command_limit=100,
-    )  # fmt: skip
-    fast = RelaySMTP(handler, limits, hostname="x", loop=loop)
-    stock = RelaySMTP.__new__(RelaySMTP)
-    SMTP.__init__(stock, handler, hostname="x", loop=loop)
-    assert sorted(fast._smtp_methods) == sorted(stock._smtp_methods)
-    assert sorted(fast._handle_hooks) == sorted(stock._handle_hooks)
-    assert sorted(fast._auth_methods) == sorted(stock._auth_methods)
-    assert fast._ehlo_hook_ver == stock._ehlo_hook_ver == "new"
-    import aiosmtpd.smtp as module
-
-    assert module.inspect.__name__ == "inspect" and "dir" not in vars(module)

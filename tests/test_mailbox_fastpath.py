@@ -1,5 +1,5 @@
 """The fast paths for plain mailboxes give what the libraries' own parsers give: the
-ingress's MAIL/RCPT paths (aiosmtpd's `_getaddr`) and egress quoting (aiosmtplib's)."""
+ingress engine's MAIL/RCPT paths (as aiosmtpd's `_getaddr`) and egress quoting (aiosmtplib's)."""
 
 from __future__ import annotations
 
@@ -12,29 +12,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.delivery._aiosmtplib import quote_address
-from relay.ingress._aiosmtpd import AiosmtpdSMTP
+from relay.ingress.engine import parse_path
 
 
-def _server(limit: int) -> AiosmtpdSMTP:
-    """Just enough of a server for `_getaddr`, which reads only `local_part_limit`."""
-    server = AiosmtpdSMTP.__new__(AiosmtpdSMTP)
+def _stock(limit: int) -> SMTP:
+    """Just enough of aiosmtpd's server for `_getaddr`, which reads only `local_part_limit`."""
+    server = SMTP.__new__(SMTP)
     server.local_part_limit = limit
     return server
 
 
-def _outcome(parse: Any, arg: str, limit: int) -> Any:
+def _outcome(parse: Any, arg: str) -> Any:
     try:
-        return parse(_server(limit), arg)
+        return parse(arg)
     except Exception as exc:  # aiosmtpd's parser raises on a few inputs ("<"): so must ours
         return type(exc)
 
 
 def ours(arg: str, limit: int = 0) -> Any:
-    return _outcome(AiosmtpdSMTP._getaddr, arg, limit)
+    return _outcome(lambda a: parse_path(a, limit), arg)
 
 
 def theirs(arg: str, limit: int = 0) -> Any:
-    return _outcome(SMTP._getaddr, arg, limit)
+    return _outcome(lambda a: SMTP._getaddr(_stock(limit), a), arg)
 
 
 CASES = [
@@ -82,6 +82,4 @@ def test_egress_quoting_still_refuses_what_could_inject() -> None:
 @settings(max_examples=2000, deadline=None)
 @given(st.text(alphabet='ab.@<>()[] \t"+-=_1\r\n', max_size=30))
 def test_egress_quoting_same_for_any_address(address: str) -> None:
-    assert _outcome(lambda _, a: quote_address(a), address, 0) == _outcome(
-        lambda _, a: aiosmtplib_quote(a), address, 0
-    )
+    assert _outcome(quote_address, address) == _outcome(aiosmtplib_quote, address)

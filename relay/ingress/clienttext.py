@@ -1,7 +1,7 @@
 """Text a client wrote (EHLO name, addresses), checked before use and escaped before display.
 
 An envelope address with a control character or invalid UTF-8 would be
-accepted by aiosmtpd and then be impossible to send on: it is refused at
+accepted by the SMTP engine's parser and then be impossible to send on: it is refused at
 MAIL/RCPT (`address_refusal`). What does get in reaches a header or a log
 only through `printable`, so no client can write raw bytes (terminal escapes,
 NUL, 8-bit) into the relay's `Received:` header, its logs or stderr.
@@ -16,7 +16,7 @@ from relay.ingress.replies import Reply
 FIELD_LIMIT = 256  # octets of client text in a header or log field (SPEC "Hostile input")
 # C0 controls (tab included: RFC 5321 allows none, quoted or not), DEL and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# What aiosmtpd's surrogateescape decoding makes of octets that are not UTF-8.
+# What the engine's surrogateescape decoding makes of octets that are not UTF-8.
 _NOT_UTF8 = re.compile(r"[\udc80-\udcff]")
 _UNSAFE = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")  # everything but printable ASCII minus "\"
 _TOKEN = re.compile(r"\\\\|\\x..|.", re.DOTALL)  # one character of `printable`'s output
@@ -41,7 +41,7 @@ def _escape(match: re.Match[bytes]) -> bytes:
 def printable(text: str, limit: int = FIELD_LIMIT) -> str:
     """`text` as printable ASCII: other octets as `\\xNN`, "\\" as `\\\\`; at most `limit` octets.
 
-    Octets are those the client sent (UTF-8, or raw octets aiosmtpd decoded
+    Octets are those the client sent (UTF-8, or raw octets the engine decoded
     with surrogateescape). A cut never splits an escape.
     """
     try:

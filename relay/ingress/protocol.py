@@ -1,4 +1,4 @@
-"""One inbound SMTP session: aiosmtpd's command loop with the relay's dialogue.
+"""One inbound SMTP session: the SMTP engine (engine.py) with the relay's dialogue.
 
 `RelaySMTP` puts an enhanced status code on every reply, offers the relay's
 capabilities, keeps command lines to RFC 5321's length, answers the idle and
@@ -16,14 +16,14 @@ from typing import Any, Protocol
 
 from relay import dsn
 from relay.config import RelaySettings
-from relay.ingress._aiosmtpd import AiosmtpdSMTP, DsnEnvelope, TLSSetupException, syntax
 from relay.ingress.dataread import DataParser
+from relay.ingress.engine import Handler, SMTPEngine, TLSSetupException, syntax
 from relay.ingress.replies import Reply, with_enhanced
 from relay.ingress.sockets import client_address
 from relay.log import oplog
 
 READ_CHUNK = 256 * 1024
-# RFC 5321 §4.5.3.1.4: 512 octets with the CRLF (aiosmtpd compares without it);
+# RFC 5321 §4.5.3.1.4: 512 octets with the CRLF (the engine compares without it);
 # SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) extend MAIL by 26 and 10. The DSN
 # parameters (RFC 3461 §4) have room of their own, counted only for what they take.
 COMMAND_LIMIT = 512 - 2
@@ -70,10 +70,10 @@ class MessageSink(Protocol):
     async def finish(self, parser: DataParser) -> str: ...
 
 
-class SessionPolicy(Protocol):
+class SessionPolicy(Handler, Protocol):
     """What a session asks the relay (`server.IngressHandler` answers).
 
-    It is also aiosmtpd's handler: its `handle_*` hooks answer MAIL, RCPT, EHLO.
+    It is also the engine's handler: its `handle_*` hooks answer MAIL, RCPT, EHLO.
     """
 
     shutting_down: bool
@@ -92,21 +92,20 @@ class SessionPolicy(Protocol):
 
 
 def capabilities(responses: list[str], max_size: int) -> list[str]:
-    """The EHLO reply: aiosmtpd's, with SIZE, PIPELINING, ENHANCEDSTATUSCODES, DSN, no AUTH."""
+    """The EHLO reply: the engine's, with SIZE, PIPELINING, ENHANCEDSTATUSCODES, DSN."""
     first, *middle, last = responses  # "250-<hostname>", ..., "250 HELP"
-    middle = [r for r in middle if not r.startswith("250-AUTH")]  # an MX has no users
     extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
     return [first, f"250-SIZE {max_size}", *middle, *extra, last]
 
 
-class RelaySMTP(AiosmtpdSMTP):
+class RelaySMTP(SMTPEngine):
     """One client connection, from the greeting (or a 421) to its close."""
 
-    line_length_limit = 64 * 1024  # stream-reader buffer; commands are still capped at 512
-    command_size_limit = COMMAND_LIMIT
-
     def __init__(self, policy: SessionPolicy, limits: SessionLimits, **kwargs: Any):
-        super().__init__(policy, command_limit=COMMAND_LIMIT, command_limits=_READ_LIMITS, **kwargs)
+        super().__init__(
+            policy,
+            command_limit=COMMAND_LIMIT, command_limits=_READ_LIMITS, **kwargs,
+        )  # fmt: skip
         self.policy = policy
         self.limits = limits
         self.counted = False
@@ -125,9 +124,6 @@ class RelaySMTP(AiosmtpdSMTP):
     # -- connection accounting ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.counted:  # STARTTLS re-runs connection_made
-            super().connection_made(transport)
-            return
         peer = transport.get_extra_info("peername")
         self.client_ip = client_address(peer[0]) if peer else ""
         refusal = self.policy.admit(self)
@@ -142,12 +138,11 @@ class RelaySMTP(AiosmtpdSMTP):
         if self.counted:
             self.counted = False
             self.policy.release(self)
-        if self.session is not None and self.transport is not None:
-            super().connection_lost(error)
+        super().connection_lost(error)
 
     def on_idle_timeout(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(Reply.IDLE.encode() + b"\r\n")  # type: ignore[attr-defined]
+            self.transport.write(Reply.IDLE.encode() + b"\r\n")
 
     # -- replies ----------------------------------------------------------------
 
@@ -179,10 +174,9 @@ class RelaySMTP(AiosmtpdSMTP):
                 self.keep_idle_deadline()
 
     @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
+    async def smtp_EHLO(self, hostname: str | None) -> None:
         self._plain_reply = bool(hostname)  # RFC 2034: not on the EHLO/HELO reply
-        # aiosmtpd pushes each line of the reply with a write of its own: held and
-        # written at once (a session of smtp-source made 14 writes, now 7)
+        # the engine pushes each line of the reply: held and written at once
         self._held = []
         try:
             await super().smtp_EHLO(hostname)
@@ -191,19 +185,19 @@ class RelaySMTP(AiosmtpdSMTP):
             await self._release_held()
 
     @syntax("HELO hostname")
-    async def smtp_HELO(self, hostname: str) -> None:
+    async def smtp_HELO(self, hostname: str | None) -> None:
         self._plain_reply = bool(hostname)
         try:
             await super().smtp_HELO(hostname)
         finally:
             self._plain_reply = False
 
-    async def smtp_AUTH(self, arg: str) -> None:
+    async def smtp_AUTH(self, arg: str | None) -> None:
         await self.push(Reply.NO_AUTH)  # the relay takes mail; it has no users to log in
 
     @syntax("STARTTLS", when="tls_context")
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        if self.tls_active:  # aiosmtpd would start TLS inside TLS
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self.tls_active:  # never TLS inside TLS
             await self.push(Reply.TLS_ACTIVE)
             return
         await super().smtp_STARTTLS(arg)
@@ -212,7 +206,7 @@ class RelaySMTP(AiosmtpdSMTP):
         if isinstance(error, TLSSetupException):  # the client gave up on the handshake
             oplog.info("inbound STARTTLS handshake failed", client_ip=self.client_ip,
                        error=repr(error.__cause__))  # fmt: skip
-            return Reply.INTERNAL  # not sent: aiosmtpd closes the connection
+            return Reply.INTERNAL  # not sent: the engine closes the connection
         return await super().handle_exception(error)
 
     # -- commands -------------------------------------------------------------------
@@ -232,7 +226,7 @@ class RelaySMTP(AiosmtpdSMTP):
             await self.push(f"{Reply.DSN_SYNTAX} ({exc})")
             return
         await super().smtp_MAIL(arg)
-        if isinstance(self.envelope, DsnEnvelope) and self.envelope.mail_from:
+        if self.envelope is not None and self.envelope.mail_from:
             self.envelope.mail_dsn = params
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
@@ -242,7 +236,7 @@ class RelaySMTP(AiosmtpdSMTP):
             return
         arg, tokens = taken
         envelope = self.envelope
-        if tokens and envelope is not None and envelope.mail_from:  # else aiosmtpd's 503
+        if tokens and envelope is not None and envelope.mail_from:  # else the engine's 503
             try:
                 params = dsn.parse_rcpt(tokens)
             except dsn.DsnSyntaxError as exc:
@@ -252,15 +246,15 @@ class RelaySMTP(AiosmtpdSMTP):
             params = dsn.RcptDsn()
         before = len(envelope.rcpt_tos) if envelope is not None else 0
         await super().smtp_RCPT(arg)
-        if isinstance(envelope, DsnEnvelope) and len(envelope.rcpt_tos) > before:
+        if envelope is not None and len(envelope.rcpt_tos) > before:
             envelope.rcpt_dsn.append(params)
 
     async def _dsn_parameters(
         self, verb: str, arg: str | None, keywords: frozenset[str], limit: int
     ) -> tuple[str | None, list[str]] | None:
         """(the argument without its DSN parameters, those parameters), or None once
-        refused: a line over `limit` octets without them is too long (aiosmtpd read
-        up to `limit` plus the DSN room)."""
+        refused: a line over `limit` octets without them is too long (the engine
+        read up to `limit` plus the DSN room)."""
         if arg is None or self.session is None or not self.session.extended_smtp:
             return arg, []
         rest, tokens = dsn.split_parameters(arg, keywords)
@@ -271,7 +265,7 @@ class RelaySMTP(AiosmtpdSMTP):
         return rest, tokens
 
     @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
+    async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
         assert self.envelope is not None and self.session is not None

@@ -27,9 +27,9 @@ from relay.archive.plan import archive_entry
 from relay.auth import Judgement, Message, Verifier
 from relay.auth.results import strip_own
 from relay.config import RelaySettings
-from relay.ingress._aiosmtpd import DsnEnvelope, Session
 from relay.ingress.clienttext import printable
 from relay.ingress.dataread import DataError, DataParser
+from relay.ingress.engine import Envelope, Session
 from relay.ingress.policy import Refusal, Rejections
 from relay.ingress.protocol import RelaySMTP
 from relay.ingress.replies import Reply
@@ -59,8 +59,8 @@ class Receiving:
     def __init__(self, intake: Intake, server: RelaySMTP):
         self.intake = intake
         self.server = server
-        assert isinstance(server.envelope, DsnEnvelope) and server.session is not None
-        self.envelope: DsnEnvelope = server.envelope
+        assert server.envelope is not None and server.session is not None
+        self.envelope: Envelope = server.envelope
         self.session: Session = server.session
         self.queue_id = new_queue_id()
         self.incoming = intake.spool.begin(self.queue_id)

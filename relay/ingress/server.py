@@ -1,7 +1,7 @@
 """The listening socket, and the handler that wires each session to the policy.
 
 `Ingress` listens, makes one `RelaySMTP` per connection and drains on
-shutdown. `IngressHandler` is aiosmtpd's handler (the `handle_*` hooks) and
+shutdown. `IngressHandler` is the engine's handler (the `handle_*` hooks) and
 each session's `SessionPolicy`: it asks `RelayPolicy` and `Connections`,
 logs refusals through `Rejections`, and hands messages to the `Intake`.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from relay.auth import Verifier
 from relay.config import RelaySettings
-from relay.ingress._aiosmtpd import Envelope, Session, route_library_log
+from relay.ingress.engine import Envelope, Session
 from relay.ingress.policy import Connections, Rejections, RelayPolicy
 from relay.ingress.protocol import RelaySMTP, SessionLimits, capabilities
 from relay.ingress.receiving import Intake, Receiving
@@ -87,7 +87,7 @@ class IngressHandler:
     def log_reject(self, server: RelaySMTP, stage: str, reply: str, reason: str) -> None:
         self.rejections.refuse(server, stage, reply, reason)
 
-    # -- aiosmtpd hooks ------------------------------------------------------------
+    # -- the engine's hooks ------------------------------------------------------------
 
     async def handle_EHLO(
         self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
@@ -155,15 +155,12 @@ class Ingress:
         self.tls = tls_context(self.settings)
         self.servers: list[asyncio.Server] = []
         self.sock = sock
-        route_library_log()  # aiosmtpd's own log would print client commands raw
 
     def _factory(self) -> RelaySMTP:
         s = self.settings
         return RelaySMTP(
             self.handler,
             self.limits,
-            data_size_limit=None,  # SIZE is advertised and checked by the handler
-            enable_SMTPUTF8=True,
             hostname=s.listen.hostname,
             ident="ESMTP relay",
             tls_context=self.tls,

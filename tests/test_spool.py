@@ -81,6 +81,41 @@ async def test_abort_leaves_nothing(spool: Spool) -> None:
     assert list(spool.queue.iterdir()) == []
 
 
+async def test_abort_while_a_write_is_in_its_thread_leaves_nothing(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client goes while a large write is in its thread: the session is cancelled
+    and aborts at once, but the thread goes on; the discard waits for it, and the
+    write never creates the file again after the discard."""
+    from relay.spool.store import Incoming
+
+    entered, discarding, release = threading.Event(), threading.Event(), threading.Event()
+    real_flush, real_discard = Incoming._flush, Incoming.discard
+
+    def slow_flush(self: Incoming, parts: list[bytes]) -> None:
+        entered.set()
+        release.wait(5)
+        real_flush(self, parts)
+
+    def discard(self: Incoming) -> None:
+        discarding.set()
+        real_discard(self)
+
+    monkeypatch.setattr(Incoming, "_flush", slow_flush)
+    monkeypatch.setattr(Incoming, "discard", discard)
+    msg = spool.begin(new_queue_id())
+    writing = asyncio.ensure_future(spool.write(msg, b"x" * (WRITE_THRESHOLD + 10)))
+    await asyncio.to_thread(entered.wait, 5)
+    writing.cancel()  # what the session's cancellation does to its write
+    aborting = asyncio.ensure_future(spool.abort(msg))
+    await asyncio.to_thread(discarding.wait, 5)  # the discard is in its thread
+    release.set()
+    await aborting  # after the write: it waited for it
+    assert list(spool.queue.iterdir()) == []
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+
+
 async def test_sync_order_and_group_commit(spool: Spool) -> None:
     """Each message: data fdatasync'd, then the directory fsync'd, then commit() returns."""
     events: list[tuple[str, str]] = []

@@ -84,12 +84,19 @@ class Incoming:
     size: int = 0
     crc: int = 0
     fd: int | None = None
+    # a write in its thread and a discard exclude each other: a session cancelled
+    # while its write is in the thread (the client gone) discards only once the
+    # write is over, and no write (re)creates the file of a discarded message
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    discarded: bool = False
 
     def discard(self) -> None:
         """Remove the partial file (a full disk never keeps its last free bytes in
         a `.tmp` until a restart)."""
-        self.close()
-        self.path.unlink(missing_ok=True)
+        with self.lock:
+            self.discarded = True
+            self.close()
+            self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -103,11 +110,14 @@ class Incoming:
         return chunks
 
     def _flush(self, parts: list[bytes]) -> None:
-        if self.fd is None:
-            self.fd = os.open(
-                self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
-            )
-        write_all(self.fd, parts)
+        with self.lock:
+            if self.discarded:
+                raise OSError(f"{self.path.name} was discarded")
+            if self.fd is None:
+                self.fd = os.open(
+                    self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+                )
+            write_all(self.fd, parts)
 
 
 @dataclass

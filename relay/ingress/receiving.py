@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -53,6 +54,18 @@ def scan_trace(header: bytes) -> tuple[int, set[str]]:
     return hops, nodes
 
 
+_date: tuple[int, str] = (-1, "")  # (a second, its RFC 5322 date): the last one formatted
+
+
+def _received_date() -> str:
+    """Now as the `Received:` header's RFC 5322 date, formatted once a second."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date[1]
+
+
 class Receiving:
     """One message between 354 and the final reply."""
 
@@ -83,7 +96,7 @@ class Receiving:
         proto = (
             "ESMTPS" if self.session.ssl else ("ESMTP" if self.session.extended_smtp else "SMTP")
         )
-        when = format_datetime(datetime.now(UTC))
+        when = _received_date()
         for_clause = f"\r\n\tfor <{printable(rcpts[0])}>" if len(rcpts) == 1 else ""
         return (
             f"Received: from {helo} ({address_literal(self.server.client_ip)})\r\n"

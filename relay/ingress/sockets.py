@@ -49,6 +49,8 @@ def listening_sockets(hosts: Sequence[str], port: int, reuse_port: bool) -> list
 def client_address(peer: str) -> str:
     """The client's IP as the relay names it: an IPv4-mapped IPv6 address (an IPv4
     client on a dual-stack socket) is the IPv4 address, as Postfix reports it."""
+    if ":" not in peer:  # an IPv4 address as the kernel gives it: nothing to map
+        return peer
     try:
         addr = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:

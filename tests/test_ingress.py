@@ -638,6 +638,21 @@ async def test_data_slower_than_data_timeout(relay_factory: RelayFactory) -> Non
     assert rejected(env) == [("data", 421, "4.4.2")]
 
 
+async def test_data_stalled_past_data_timeout(relay_factory: RelayFactory) -> None:
+    """A client that stops sending mid-DATA gets the 421 when the deadline passes
+    (the engine's timer ends the wait), well before the idle timeout."""
+    env = await relay_factory(limits="idle_timeout: 30\ndata_timeout: 0.4\n")
+    c = await ready(env)
+    expect(await c.cmd("DATA"), 354, None)
+    t0 = time.monotonic()
+    await c.send(b"Subject: stalled\r\n\r\nfirst line\r\n")
+    expect(await c.reply(timeout=5), 421, "4.4.2")
+    assert 0.35 < time.monotonic() - t0 < 3
+    assert await c.closed()
+    assert nothing_stored(env)
+    assert rejected(env) == [("data", 421, "4.4.2")]
+
+
 # -- internal errors -------------------------------------------------------------------
 
 

@@ -161,7 +161,8 @@ class SMTPEngine(asyncio.Protocol):
         self._timeout = timeout
         self._deadline = 0.0
         self._replaced: float | None = None  # the deadline the last restart replaced
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # at or before the nearest deadline
+        self._read_deadline: float | None = None  # of the read waiting now (DATA's)
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
@@ -224,12 +225,21 @@ class SMTPEngine(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    async def _more(self) -> bool:
-        """Wait for more client bytes; False at the end of the connection."""
+    async def _more(self, deadline: float | None = None) -> bool:
+        """Wait for more client bytes; False at the end of the connection.
+        TimeoutError once the loop's clock passes `deadline`."""
         if self._eof:
             return False
+        if deadline is not None:
+            if self.loop.time() >= deadline:
+                raise TimeoutError
+            self._read_deadline = deadline
+            self._arm()
         self._waiter = self.loop.create_future()
-        await self._waiter
+        try:
+            await self._waiter
+        finally:
+            self._read_deadline = None
         return True
 
     @property
@@ -259,10 +269,11 @@ class SMTPEngine(asyncio.Protocol):
             if not await self._more():
                 return b""
 
-    async def read_some(self, n: int) -> bytes:
-        """Up to `n` octets from the client, as they come (the end of the connection: b"")."""
+    async def read_some(self, n: int, deadline: float | None = None) -> bytes:
+        """Up to `n` octets from the client, as they come (the end of the connection:
+        b""); TimeoutError if none came by `deadline` (the loop's clock)."""
         while not self._buffer:
-            if not await self._more():
+            if not await self._more(deadline):
                 return b""
         buf = self._buffer
         if len(buf) <= n:
@@ -316,23 +327,40 @@ class SMTPEngine(asyncio.Protocol):
         self._replaced = self._deadline or None
         self._deadline = self.loop.time() + self._timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._idle_check)
+            self._arm()
 
     def keep_idle_deadline(self) -> None:
         """The command just started is no sign of life: the deadline stays what it was."""
         if self._replaced is None:
             return
         self._deadline = self._replaced
-        if self._timer is not None and self._timer.when() > self._deadline:
-            self._timer.cancel()
-            self._timer = self.loop.call_at(self._deadline, self._idle_check)
+        self._arm()
 
-    def _idle_check(self) -> None:
+    def _arm(self) -> None:
+        """The timer at the nearest deadline, unless it is already set before it (it
+        then finds the deadline moved and sets itself again: a deadline moved later,
+        as each command moves the idle one, re-arms nothing)."""
+        when = self._deadline
+        if self._read_deadline is not None and self._read_deadline < when:
+            when = self._read_deadline
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
         self._timer = None
         if self.closing:
             return
-        if self.loop.time() < self._deadline:  # moved since the timer was set
-            self._timer = self.loop.call_at(self._deadline, self._idle_check)
+        now = self.loop.time()
+        if self._read_deadline is not None and now >= self._read_deadline:
+            self._read_deadline = None
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(TimeoutError())
+        if now < self._deadline:  # moved since the timer was set
+            self._arm()
             return
         self.on_idle_timeout()
         assert self.transport is not None

@@ -288,19 +288,21 @@ class RelaySMTP(SMTPEngine):
             reject_bare=limits.reject_bare,
         )
         failure: Exception | None = None
+        # the whole DATA phase: a wait for the client's bytes past it is a timeout
+        # (the engine's timer, not an asyncio.timeout per message)
+        deadline = self.loop.time() + limits.data_timeout
         try:
-            async with asyncio.timeout(limits.data_timeout):
-                while not parser.done:
-                    chunk = await self.read_some(READ_CHUNK)
-                    if not chunk:
-                        raise ConnectionResetError("client closed during DATA")
-                    self.restart_idle_timer()
-                    out = parser.feed(chunk)
-                    if out and failure is None:
-                        try:
-                            await receiving.write(out)
-                        except Exception as exc:  # a bug: read on to the end, then 451
-                            failure = exc
+            while not parser.done:
+                chunk = await self.read_some(READ_CHUNK, deadline)
+                if not chunk:
+                    raise ConnectionResetError("client closed during DATA")
+                self.restart_idle_timer()
+                out = parser.feed(chunk)
+                if out and failure is None:
+                    try:
+                        await receiving.write(out)
+                    except Exception as exc:  # a bug: read on to the end, then 451
+                        failure = exc
         except TimeoutError:
             await receiving.abort()
             self.policy.log_reject(self, "data", Reply.DATA_SLOW, "data timeout")

@@ -170,6 +170,10 @@ class DeliveryLog:
         self.dropped_total = 0
         self._complained = -COMPLAIN_EVERY
         self._dropped_since: str | None = None
+        # lines of this pass of the event loop, written together at its end: one
+        # write for the pass instead of one per event (each write lets the spool's
+        # thread take the GIL; docs/performance.md)
+        self._batch: list[bytes] = []
         self._write_header("start")
 
     @classmethod
@@ -221,10 +225,30 @@ class DeliveryLog:
             observe(event, fields)
 
     def _send(self, line: bytes) -> None:
+        if self._batch:
+            self._batch.append(line)
+            return
         if self.pending and not self.flush_pending():
             self._keep(line)
-        else:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a command, a test): written now
             self._write(line)
+            return
+        self._batch.append(line)
+        loop.call_soon(self.flush_batch)
+
+    def flush_batch(self) -> None:
+        """Write the lines of this pass of the loop (at its end; before a reopen or close)."""
+        if not self._batch:
+            return
+        lines, self._batch = self._batch, []
+        if self.pending and not self.flush_pending():
+            for line in lines:  # kept (and counted) one event at a time
+                self._keep(line)
+        else:
+            self._write(b"".join(lines))
 
     def _write(self, line: bytes) -> bool:
         try:
@@ -279,6 +303,7 @@ class DeliveryLog:
                 self.flush_pending()
 
     def reopen(self) -> None:
+        self.flush_batch()  # what was emitted before the signal goes to the old file
         try:
             self.file.reopen()
         except OSError as exc:  # keep the old descriptor; the next SIGUSR1 tries again
@@ -287,6 +312,7 @@ class DeliveryLog:
         self._write_header("reopen")
 
     def close(self) -> None:
+        self.flush_batch()
         self.flush_pending()
         self.file.close()
 

@@ -83,3 +83,38 @@ def test_egress_quoting_still_refuses_what_could_inject() -> None:
 @given(st.text(alphabet='ab.@<>()[] \t"+-=_1\r\n', max_size=30))
 def test_egress_quoting_same_for_any_address(address: str) -> None:
     assert _outcome(quote_address, address) == _outcome(aiosmtplib_quote, address)
+
+
+def _replies(parse: Any, data: bytes) -> Any:
+    """Every reply `parse` takes out of `data`, then what is left (or the error)."""
+    from relay.delivery._aiosmtplib import Protocol
+
+    proto = Protocol.__new__(Protocol)
+    proto._buffer = bytearray(data)
+    out: list[Any] = []
+    try:
+        while (reply := parse(proto)) is not None:
+            out.append(tuple(reply))
+    except Exception as exc:
+        out.append(type(exc))
+    return out, bytes(proto._buffer)
+
+
+_LINE = st.one_of(
+    st.sampled_from([b"250 Ok", b"250-first", b"354 go", b"250", b"25x bad", b"250 \xff\xfe",
+                     b"421 4.3.0 bye  \t", b"2500 long", b"250 " + b"x" * 8200, b" 250 a"]),
+    st.binary(max_size=12),
+)  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.tuples(_LINE, st.sampled_from([b"\r\n", b"\n", b""])), max_size=5))
+def test_reply_parser_same_as_aiosmtplib(lines: list[tuple[bytes, bytes]]) -> None:
+    from aiosmtplib.protocol import SMTPProtocol
+
+    from relay.delivery._aiosmtplib import Protocol
+
+    data = b"".join(a + b for a, b in lines)
+    assert _replies(Protocol._read_response_from_buffer, data) == _replies(
+        SMTPProtocol._read_response_from_buffer, data
+    )

@@ -27,8 +27,8 @@ Private names used, and why:
   every reply in a read instead of one (pipelining), with its own parser and
   errors, and to wait for a reply with a timer rather than `asyncio.wait_for`
   (`read_response` is aiosmtplib's otherwise: the same waiter, errors and reset).
-- `aiosmtplib.protocol.MAX_RESPONSE_LENGTH`: the same bound on an unparsed
-  reply that aiosmtplib applies.
+- `aiosmtplib.protocol.MAX_RESPONSE_LENGTH`, `MAX_LINE_LENGTH`: the same bounds
+  on an unparsed reply and a reply line that aiosmtplib applies.
 - `SMTPProtocol._command_lock`: held for a whole transaction, so none of
   aiosmtplib's own commands can interleave with ours.
 - `_connection_lost`, `_paused`, `_drain_helper` (aiosmtplib's copy of
@@ -53,7 +53,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 from aiosmtplib.email import quote_address as _quote_address
-from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from relay.mailbox import PLAIN_MAILBOX
 
@@ -111,6 +111,20 @@ class Protocol(SMTPProtocol):
             return
         if replies and not waiter.done():
             waiter.set_result(replies.popleft())
+
+    def _read_response_from_buffer(self) -> SMTPResponse | None:
+        """aiosmtplib's parser, a one-line reply (nearly every one) taken directly:
+        the same answer without its per-line bytearray (tests/test_provider_conn.py)."""
+        buf = self._buffer
+        end = buf.find(b"\n")
+        if end < 0:
+            return None
+        if 4 <= end < MAX_LINE_LENGTH and buf[3:4] == b" " and buf[:3].isdigit():
+            line = bytes(buf[: end + 1])
+            del buf[: end + 1]
+            text = line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape")
+            return SMTPResponse(int(line[:3]), text)
+        return super()._read_response_from_buffer()
 
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:
         """aiosmtplib's, with a timer on its waiter instead of `asyncio.wait_for` (a

@@ -113,6 +113,8 @@ class Metrics(MetricsServer):
             "relay_delivery_latency_seconds", "From the 250 to the provider's final 250",
             ["provider"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self._delivered: dict[tuple[str, str], Any] = {}  # the counters' children, by labels
+        self._latency: dict[str, Any] = {}
         self.auth_results = Counter(
             "relay_auth_results", "Authentication verdicts at ingress by method (spf, dkim "
             "per signature, dmarc, arc; class: the message's class) and result",
@@ -139,9 +141,16 @@ class Metrics(MetricsServer):
             # a session's summary event stands for `count` refusals
             self.rejections.labels(fields["stage"], fields["reason"]).inc(fields.get("count", 1))
         elif event == "delivery":
-            self.deliveries.labels(fields["provider"], fields["outcome"]).inc()
-            if fields["outcome"] == "delivered":
-                self.latency.labels(fields["provider"]).observe(fields["latency_ms"] / 1000)
+            provider, outcome = fields["provider"], fields["outcome"]
+            key = (provider, outcome)
+            counter = self._delivered.get(key)
+            if counter is None:  # labels() validates and locks on every call: once a pair
+                counter = self._delivered[key] = self.deliveries.labels(provider, outcome)
+                if outcome == "delivered":
+                    self._latency[provider] = self.latency.labels(provider)
+            counter.inc()
+            if outcome == "delivered":
+                self._latency[provider].observe(fields["latency_ms"] / 1000)
 
     def _auth(self, auth: Mapping[str, Any]) -> None:
         for method in ("spf", "dmarc", "arc", "class"):

@@ -307,3 +307,37 @@ def test_dot_lines_says_whether_the_egress_must_restuff(wire: bytes, dots: bool)
     p, out = run([wire])
     stored_dot_line = out.startswith(b".") or b"\n." in out
     assert p.done and p.dot_lines is dots is stored_dot_line, out
+
+
+LINE_ENDS = [b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    lines=st.lists(
+        st.tuples(
+            st.sampled_from([b"", b".", b".."]),
+            st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+            st.sampled_from(LINE_ENDS),
+        ),
+        max_size=40,
+    ),
+    reject_bare=st.booleans(),
+)
+def test_mostly_plain_blocks_give_the_reference(
+    lines: list[tuple[bytes, bytes, bytes]], reject_bare: bool
+) -> None:
+    """Blocks of CRLF lines with a few bare CRs or LFs and dot lines among them, in one
+    chunk: what the fast path must hand to the line-by-line path gets there."""
+    body = b"".join(dot + text + end for dot, text, end in lines)
+    if body.startswith(b".\r\n") or b"\r\n.\r\n" in body:
+        return  # ends data early: covered above
+    wire = b"x" + body + b"\r\n.\r\n"
+    p, out = run([wire], reject_bare=reject_bare)
+    assert p.done
+    rest = body.replace(b"\r\n", b"")
+    bare = b"\r" in rest or b"\n" in rest  # ("\r" then "\n" with nothing between is CRLF)
+    if reject_bare and bare:
+        assert p.error is DataError.BARE_NEWLINE
+    else:
+        assert p.error is None and out == reference(wire[: len(wire) - 3])

@@ -19,6 +19,11 @@ answers once `done`. Once an error is set nothing more is returned to store.
 from __future__ import annotations
 
 import enum
+import re
+
+_NOT_CR_LF = bytes(b for b in range(256) if b not in b"\r\n")
+# a CR not followed by LF, or a CRLF followed by "." (the next line starts with one)
+_BARE_CR_OR_DOT_LINE = re.compile(rb"\r(?:(?!\n)|\n\.)")
 
 
 class DataError(enum.Enum):
@@ -73,31 +78,40 @@ class DataParser:
             self._count(len(chunk))
             return b""
         block, self._pending = buf[: last + 1], buf[last + 1 :]
-        # the plain lines before the first line starting with "." (the terminator
+        # the plain lines before the first one starting with "." (the terminator
         # is one) pass as they are; from there on, line by line
-        cut = block.find(b"\n.") + 1
-        head = self._fast(block[:cut] if cut else block)
-        if head is None:
+        cut = self._plain_until(block)
+        if cut is None:
             out = self._lines(block)
+        elif cut == len(block):
+            out = block
         else:
-            out = head + self._lines(block[cut:]) if cut else head
+            out = block[:cut] + self._lines(block[cut:])
         received = len(chunk) - (len(self.rest) + 3 if self.done else 0)
         self._count(received)
         return b"" if self.error is not None else out
 
-    def _fast(self, block: bytes) -> bytes | None:
-        """The common case: CRLF lines, no long lines, no leading dot on the first line
-        (the caller cuts the block before any other) → the block as is."""
+    def _plain_until(self, block: bytes) -> int | None:
+        """The common case: the block's lines are CRLF lines, none too long, the
+        first not starting with "."; returns where the first line starting with "."
+        begins (the block's length if none). None: line by line from the start.
+
+        Two C passes (122 µs per 100 KiB; a replace of CRLF, two scans and a find
+        took 257 µs): the block's CRs and LFs alone (every other octet deleted) are
+        CR, LF, CR, LF…, and the first CR not followed by LF, or by LF and ".",
+        is not a bare one (so every CR before it is followed by its LF, and by the
+        alternation every LF before it follows its CR)."""
         if self._truncated or not self._prev_crlf or block.startswith(b"."):
             return None
-        # no bare CR or LF: nothing is left of either once the CRLFs are gone (one
-        # pass and two memchr scans; three counts took twice as long)
-        rest = block.replace(b"\r\n", b"")
-        if b"\r" in rest or b"\n" in rest:
+        breaks = block.translate(None, _NOT_CR_LF)
+        if breaks != b"\r\n" * (len(breaks) // 2):
             return None
         if len(block) > self.max_line and has_long_line(block, self.max_line):
             return None
-        return block
+        m = _BARE_CR_OR_DOT_LINE.search(block)
+        if m is None:
+            return len(block)
+        return None if m.end() - m.start() == 1 else m.start() + 2
 
     def _lines(self, block: bytes) -> bytes:
         out: list[bytes] = []

@@ -26,7 +26,7 @@ import contextlib
 import ctypes
 import os
 import queue
-import secrets
+import random
 import shutil
 import struct
 import threading
@@ -62,9 +62,16 @@ class SpoolError(Exception):
     """The spool cannot take the message; the client gets a 4xx, never a 250."""
 
 
+# Queue ids need uniqueness, not secrecy: a generator seeded from os.urandom (per
+# process, again after a fork) rather than os.urandom per id, whose getrandom
+# call hands the GIL to the spool's thread on every message.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def new_queue_id() -> str:
     """Sortable by time, unique across nodes (48 random bits)."""
-    return f"{int(time.time() * 1000):011X}{secrets.token_hex(6).upper()}"
+    return f"{int(time.time() * 1000):011X}{_ids.getrandbits(48):012X}"
 
 
 @dataclass

@@ -116,6 +116,33 @@ async def test_abort_while_a_write_is_in_its_thread_leaves_nothing(
         await writing
 
 
+async def test_abort_cancelled_at_once_still_discards(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session cancelled a second time while it aborts (an EOF, then the close)
+    still removes its partial file: the discard is not cancelled with its caller."""
+    from relay.spool.store import Incoming
+
+    msg = spool.begin(new_queue_id())
+    await spool.write(msg, b"x" * (WRITE_THRESHOLD + 10))
+    assert msg.path.exists()
+    done = threading.Event()
+    real_discard = Incoming.discard
+
+    def discard(self: Incoming) -> None:
+        real_discard(self)
+        done.set()
+
+    monkeypatch.setattr(Incoming, "discard", discard)
+    aborting = asyncio.ensure_future(spool.abort(msg))
+    await asyncio.sleep(0)  # the abort has started: its thread call is queued
+    aborting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await aborting
+    assert await asyncio.to_thread(done.wait, 5)
+    assert list(spool.queue.iterdir()) == []
+
+
 async def test_sync_order_and_group_commit(spool: Spool) -> None:
     """Each message: data fdatasync'd, then the directory fsync'd, then commit() returns."""
     events: list[tuple[str, str]] = []

@@ -164,6 +164,9 @@ class SMTPEngine(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # at or before the nearest deadline
         self._read_deadline: float | None = None  # of the read waiting now (DATA's)
         self._buffer = bytearray()
+        # a chunk received while nothing was buffered, kept as it came (never both
+        # this and `_buffer`): DATA's reads take it without two copies
+        self._chunk = b""
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._reading_paused = False
@@ -188,20 +191,22 @@ class SMTPEngine(asyncio.Protocol):
         self._wake()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._cancel()
 
     def eof_received(self) -> bool:
         """The client half-closed: the session ends (as aiosmtpd's did)."""
         self._eof = True
         self._wake()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._cancel()
         return False  # the transport closes itself
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > HIGH_WATER and not self._reading_paused and self.transport:
+        if not self._buffer and not self._chunk:
+            self._chunk = data
+        else:
+            self._merge()
+            self._buffer += data
+        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake()
@@ -221,7 +226,7 @@ class SMTPEngine(asyncio.Protocol):
 
     def _taken(self) -> None:
         """Bytes left the buffer: reading goes on once it is low again."""
-        if self._reading_paused and len(self._buffer) <= HIGH_WATER // 2 and self.transport:
+        if self._reading_paused and self._buffered <= HIGH_WATER // 2 and self.transport:
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -248,6 +253,20 @@ class SMTPEngine(asyncio.Protocol):
 
     # -- reading --------------------------------------------------------------------
 
+    @property
+    def _buffered(self) -> int:
+        return len(self._chunk) + len(self._buffer)
+
+    def _merge(self) -> None:
+        """The kept chunk into the buffer (for line reading)."""
+        if self._chunk:
+            self._buffer += self._chunk
+            self._chunk = b""
+
+    def _clear(self) -> None:
+        self._chunk = b""
+        self._buffer.clear()
+
     async def _read_line(self) -> bytes | None:
         """The next line with its line ending; None for one over LINE_LIMIT (read to
         its end and dropped); b"" at the end of the connection."""
@@ -255,6 +274,7 @@ class SMTPEngine(asyncio.Protocol):
         too_long = False
         start = 0
         while True:
+            self._merge()
             end = buf.find(b"\n", start)
             if end >= 0:
                 line = bytes(buf[: end + 1])
@@ -272,9 +292,13 @@ class SMTPEngine(asyncio.Protocol):
     async def read_some(self, n: int, deadline: float | None = None) -> bytes:
         """Up to `n` octets from the client, as they come (the end of the connection:
         b""); TimeoutError if none came by `deadline` (the loop's clock)."""
-        while not self._buffer:
+        while not self._buffer and not self._chunk:
             if not await self._more(deadline):
                 return b""
+        if self._chunk:  # the chunk as it came (the buffer is empty)
+            data, self._chunk = self._chunk[:n], self._chunk[n:]
+            self._taken()
+            return data
         buf = self._buffer
         if len(buf) <= n:
             data = bytes(buf)
@@ -287,6 +311,7 @@ class SMTPEngine(asyncio.Protocol):
 
     def unread(self, data: bytes) -> None:
         """Give back what was read past the end of DATA (pipelined commands)."""
+        self._merge()
         self._buffer[0:0] = data
 
     # -- writing --------------------------------------------------------------------
@@ -316,8 +341,13 @@ class SMTPEngine(asyncio.Protocol):
     def end_session(self, reply: str) -> None:
         """From inside a command: `close_with`, and nothing the client pipelined after it runs."""
         self.close_with(reply)
-        self._buffer.clear()
-        if self._task is not None and not self._task.done():
+        self._clear()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        """End the command loop, once: an EOF and then the close (or a reply that
+        ends the session and then the close) must not cancel its clean-up too."""
+        if self._task is not None and not self._task.done() and not self._task.cancelling():
             self._task.cancel()
 
     # -- the idle timer -----------------------------------------------------------------
@@ -517,7 +547,7 @@ class SMTPEngine(asyncio.Protocol):
         await self.push("220 Ready to start TLS")
         # RFC 3207 §4.2: what the client sent before the handshake (commands
         # pipelined after STARTTLS, an injection) is discarded, never run
-        self._buffer.clear()
+        self._clear()
         assert self.transport is not None
         try:
             transport = await self.loop.start_tls(

@@ -331,7 +331,10 @@ class Spool:
             raise SpoolError(str(exc)) from exc
 
     async def abort(self, msg: Incoming) -> None:
-        await asyncio.to_thread(msg.discard)
+        """Discard a message being received. The discard runs to its end even if the
+        caller is cancelled meanwhile (a session cancelled again while it cleans up:
+        a cancelled thread call that had not started would never run)."""
+        await asyncio.shield(asyncio.to_thread(msg.discard))
 
     async def commit(self, msg: Incoming, envelope: Envelope, plain: bool = False) -> None:
         """Make message + envelope durable; returns only once they are on disk.

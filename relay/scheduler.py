@@ -218,6 +218,7 @@ class Scheduler:
         self._workers: list[asyncio.Task[None]] = []
         self._slots: dict[tuple[str, tuple[str, ...], int], asyncio.Semaphore] = {}
         self._holds: dict[tuple[tuple[str, tuple[str, ...], int], str | None], AuthHold] = {}
+        self._hold_of: dict[str, tuple[ProviderSettings, AuthHold]] = {}  # by provider name
         self._in_flight: set[asyncio.Task[None]] = set()
         # (queue id, provider) taken by a worker and not yet finished: at most one
         # attempt per message and provider, whatever stray heap entries exist.
@@ -339,9 +340,7 @@ class Scheduler:
                 return
             async with slot:
                 sent: asyncio.Future[None] = loop.create_future()
-                task = asyncio.create_task(
-                    self.attempt(msg, provider, sent), name=f"attempt-{provider}-{msg.queue_id}"
-                )
+                task = loop.create_task(self.attempt(msg, provider, sent))
                 self._in_flight.add(task)
                 task.add_done_callback(functools.partial(self._attempt_done, msg.queue_id))
                 task.add_done_callback(functools.partial(_resolve, sent))  # never started
@@ -362,9 +361,13 @@ class Scheduler:
         """The AUTH hold of the account `provider` logs in with (shared, like slots;
         recipient verification probes respect it too)."""
         cfg = self.provider_settings(provider)
+        known = self._hold_of.get(provider)
+        if known is not None and known[0] is cfg:  # several lookups an attempt
+            return known[1]
         key = (cfg.destination, cfg.username)
         if key not in self._holds:
             self._holds[key] = AuthHold(cfg)
+        self._hold_of[provider] = (cfg, self._holds[key])
         return self._holds[key]
 
     def _attempt_done(self, queue_id: str, task: asyncio.Task[None]) -> None:

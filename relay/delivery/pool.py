@@ -53,6 +53,7 @@ class Agent:
         self.max_age = max_age
         self.hosts = hosts or Hosts(Resolver(DnsSettings()))
         self._cache: dict[_Key, list[Session]] = {}
+        self._keys: dict[tuple[int, str], tuple[ProviderSettings, _Key]] = {}
 
     async def send(
         self,
@@ -97,7 +98,12 @@ class Agent:
         exchange: Callable[[Session, Attempt], Awaitable[Outcome]],
     ) -> Attempt:
         """`exchange` on a cached session, else on a new one to each host in turn."""
-        key: _Key = (cfg.destination, cfg.tls, cfg.username, helo)
+        known = self._keys.get((id(cfg), helo))
+        if known is not None and known[0] is cfg:
+            key = known[1]
+        else:  # `destination` builds its tuples anew at each use
+            key = (cfg.destination, cfg.tls, cfg.username, helo)
+            self._keys[(id(cfg), helo)] = (cfg, key)
         session = self._take(key)
         if session is not None:
             attempt = Attempt({}, tls=session.tls)

@@ -154,10 +154,12 @@ class Ingress:
         self.limits = SessionLimits.of(self.settings)
         self.tls = tls_context(self.settings)
         self.servers: list[asyncio.Server] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by `start`
         self.sock = sock
 
     def _factory(self) -> RelaySMTP:
         s = self.settings
+        assert self.loop is not None
         return RelaySMTP(
             self.handler,
             self.limits,
@@ -165,13 +167,13 @@ class Ingress:
             ident="ESMTP relay",
             tls_context=self.tls,
             timeout=s.limits.idle_timeout,
-            loop=asyncio.get_running_loop(),
+            loop=self.loop,
         )
 
     async def start(self, reuse_port: bool = False) -> int:
         """Listen on every `listen.host` address; `reuse_port`: worker processes share
         the port (SO_REUSEPORT). Returns the port."""
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()  # for each session (one getpid less)
         listen = self.settings.listen
         socks = [self.sock] if self.sock is not None else (
             listening_sockets(listen.hosts, listen.port, reuse_port)

@@ -99,6 +99,7 @@ class Relay:
         with starting(f"delivery log {s.log}"):
             self.log = DeliveryLog.for_settings(s)
         self.spool = Spool(s.spool)
+        self.spool.before_batch = self.log.flush_batch
         self.pilots = PilotList(cfg)
         resolver = Resolver(s.dns)  # one cache for MX and authentication lookups
         self.archive = ArchiveWriter(s, self.log.node) if s.archive.enabled else None

@@ -320,42 +320,6 @@ async def test_the_attempt_that_finishes_a_message_writes_no_state_line(
     assert not env.relay.scheduler.messages
 
 
-async def test_the_last_delivery_removes_a_message_another_attempt_still_records(
-    make_env: Factory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Dual delivery: the attempt that makes the second delivery final submits the
-    removal even while the first attempt still waits for its own state line (its
-    record is queued ahead of the removal): no state line of the second's, no
-    spool round trip before the files go."""
-    from relay.spool import Spool
-
-    recorded: list[str] = []
-    removed = asyncio.Event()
-    real_record, real_remove = Spool.record, Spool.remove
-
-    async def record(self: Spool, queue_id: str, states: list[Any]) -> None:
-        recorded.append(queue_id)
-        await real_record(self, queue_id, states)
-        if len(recorded) == 1:  # the first attempt stays busy until the removal
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(removed.wait(), 5)
-
-    async def remove(self: Spool, queue_id: str) -> None:
-        await real_remove(self, queue_id)
-        removed.set()
-
-    monkeypatch.setattr(Spool, "record", record)
-    monkeypatch.setattr(Spool, "remove", remove)
-    env = await make_env()
-    sent = await env.send(["alice@example.com"])  # both providers
-    await env.wait_events(2, outcome="delivered")
-    await env.idle()
-    await until(lambda: not env.queue_files(), what="spool empty")
-    assert recorded == [sent.queue_id], recorded  # the second attempt recorded nothing
-    assert removed.is_set()
-    assert not env.relay.scheduler.messages
-
-
 async def test_one_transaction_per_message_and_provider(make_env: Factory) -> None:
     env = await make_env()
     rcpts = ["alice@example.com", "zed@example.com", "Ann@Dev.Example.com", "bob@example.com"]

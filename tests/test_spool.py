@@ -376,3 +376,42 @@ def test_write_all_finishes_short_writes_in_order(
     with open(tmp_path / "f", "wb") as fh:
         write_all(fh.fileno(), parts)
     assert (tmp_path / "f").read_bytes() == b"".join(parts)
+
+
+async def test_log_lines_of_a_pass_are_on_file_before_its_jobs_reach_the_thread(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """The delivery log writes a pass's lines at its end; a state change submitted in
+    the same pass goes to the writing thread only after them (`before_batch`), so a
+    change on disk never precedes the event logged before it was submitted."""
+    from relay.log import DeliveryLog
+
+    path = tmp_path / "deliveries.jsonl"
+    log = DeliveryLog(path, "node")
+    spool.before_batch = log.flush_batch
+    qid = await enqueue(spool, b"x\r\n")
+    committer = spool._committer
+    assert committer is not None
+    seen: list[bool] = []
+
+    class Handover:  # the thread's queue, noting what the log holds at each hand-over
+        def __init__(self, jobs: Any) -> None:
+            self.jobs = jobs
+
+        def put(self, item: Any) -> None:
+            seen.append(b'"deleted"' in path.read_bytes())
+            self.jobs.put(item)
+
+        def get(self) -> Any:
+            return self.jobs.get()
+
+        def get_nowait(self) -> Any:
+            return self.jobs.get_nowait()
+
+    committer.jobs = Handover(committer.jobs)  # type: ignore[assignment]
+    recording = asyncio.ensure_future(spool.record(qid, [StateLine(0, "deleted", 1)]))
+    await asyncio.sleep(0)  # the job is put first: the hand-over is due before the log's
+    log.emit("deleted", queue_id=qid, rcpt="a@example.com", provider="legacy")
+    await recording
+    assert seen == [True]
+    log.close()

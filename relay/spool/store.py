@@ -180,6 +180,8 @@ class _Committer(threading.Thread):
 
     def hand_over(self) -> None:
         if self.gathered:
+            if self.spool.before_batch is not None:
+                self.spool.before_batch()
             self.jobs.put(self.gathered)
             self.gathered = []
 
@@ -236,6 +238,11 @@ class Spool:
         self._stopping = False
         # other directories whose disk must keep `min_free_space` too (the archive)
         self.also_on_disk: tuple[Path, ...] = ()
+        # called on the loop before jobs go to the writing thread: the relay writes
+        # the delivery log's lines of this pass first, so an event emitted before a
+        # state change was submitted is on file before the change (a message whose
+        # files are gone has its delivery events written)
+        self.before_batch: Callable[[], None] | None = None
         # test seam: called with the path after each fdatasync/fsync returns
         self.on_sync: Callable[[str | Path], None] | None = None
         self._dir = str(self.queue)  # hot-path file names are built as strings, not Paths

@@ -650,6 +650,8 @@ class Scheduler:
                 tls=result.tls, remote_id=result.remote_id if reply.ok else None,
                 **({"by": reply.by} if reply.by else {}),
             )  # fmt: skip
+        if last:  # its files are gone already: its events are not left for the pass's end
+            self.log.flush_batch()
 
     # -- administration ------------------------------------------------------------------
 

@@ -320,6 +320,34 @@ async def test_the_attempt_that_finishes_a_message_writes_no_state_line(
     assert not env.relay.scheduler.messages
 
 
+async def test_a_message_leaves_the_queue_with_its_events_on_file(make_env: Factory) -> None:
+    """The attempt that finishes a message removes its files first, then logs: its
+    events are written then and there, not at the end of the loop's pass (the log
+    batches lines per pass), so a message gone from the queue has them on file."""
+    env = await make_env()
+    missing: list[str] = []
+    log_path = env.relay.log.file.path
+
+    class Queue(dict):  # type: ignore[type-arg]
+        """The scheduler's queue, checking the log file as each message leaves it."""
+
+        def pop(self, key: Any, *default: Any) -> Any:
+            if key in self:
+                written = [json.loads(x) for x in log_path.read_text().splitlines()]
+                if not any(
+                    e.get("event") == "delivery" and e.get("queue_id") == key for e in written
+                ):
+                    missing.append(key)
+            return super().pop(key, *default)
+
+    env.relay.scheduler.messages = Queue(env.relay.scheduler.messages)
+    sent = await env.send(["zed@example.com"])  # legacy only: one attempt finishes it
+    await env.wait_events(1, outcome="delivered")
+    await until(lambda: not env.relay.scheduler.messages, what="queue empty")
+    assert missing == [], missing
+    assert env.events(queue_id=sent.queue_id, outcome="delivered")
+
+
 async def test_one_transaction_per_message_and_provider(make_env: Factory) -> None:
     env = await make_env()
     rcpts = ["alice@example.com", "zed@example.com", "Ann@Dev.Example.com", "bob@example.com"]

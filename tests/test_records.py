@@ -113,6 +113,9 @@ async def test_v1_spool_is_recovered_and_delivered(make_env: Factory, tmp_path: 
     await env.legacy.wait_for_messages(len(legacy_owed))
     await env.bounce.wait_for_messages(2)
     await until(lambda: env.queue_files() == [], what="spool emptied")
+    # each outcome is recorded, then logged: the attempt that finishes a message
+    # writes its event just after the files go (README "delivery-log writes")
+    await env.wait_events(8, outcome="delivered")
 
     got = {m.data: m for m in env.legacy.messages}
     for qid, rcpts in legacy_owed.items():

@@ -427,7 +427,7 @@ class SMTPEngine(asyncio.Protocol):
                 except TLSSetupException as error:  # no reply: the client gave up on TLS
                     await self.handle_exception(error)
                     self._close()
-                except (ConnectionError, asyncio.CancelledError):
+                except ConnectionError:  # (a cancellation is no Exception: it goes on too)
                     raise
                 except Exception as error:
                     try:

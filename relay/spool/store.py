@@ -445,10 +445,8 @@ class Spool:
                     failed[id(job)] = exc
         if len(failed) < len(messages):
             try:
-                if self._queue_fd is None:
-                    fsync_dir(self.queue)
-                else:
-                    os.fsync(self._queue_fd)
+                assert self._queue_fd is not None, "spool not started"  # the thread runs after
+                os.fsync(self._queue_fd)
                 self._synced(self.queue)
             except OSError as exc:  # a failed directory sync fails every message in it
                 failed.update((id(job), exc) for job in messages)

@@ -279,7 +279,11 @@ async def test_password_never_in_logs_errors_or_queue_show(
         )  # fmt: skip
         outputs = []
         for args in (["list"], ["show", qid]):
-            r = subprocess.run(
+            # in a thread: the providers serve on this loop, and a CLI run blocking
+            # it made the relay's next attempt time out at connect (its last reply
+            # then no longer the 535)
+            r = await asyncio.to_thread(
+                subprocess.run,
                 [sys.executable, "-m", "relay", "queue", *args, "-c", str(cfg)],
                 cwd=ROOT, capture_output=True, timeout=20, env=dict(os.environ),
             )  # fmt: skip

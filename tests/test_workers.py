@@ -162,7 +162,9 @@ async def test_queues_move_between_one_and_two_workers(tmp_path: Path) -> None:
             await asyncio.gather(*second._tasks)
             await wait_for(lambda: all(spool_msgs(spool)[w] for w in ("w0", "w1")))
             before = spool_msgs(spool)
-            listed = relay_cli("queue", "list", "-c", str(relay.config_path), "--json")
+            listed = await asyncio.to_thread(
+                relay_cli, "queue", "list", "-c", str(relay.config_path), "--json"
+            )
             after = spool_msgs(spool)  # copies only for `new` may have gone meanwhile
             assert listed.returncode == 0, listed.stderr
             ids = {v["queue_id"] for v in json.loads(listed.stdout)}
@@ -170,11 +172,17 @@ async def test_queues_move_between_one_and_two_workers(tmp_path: Path) -> None:
                 stayed = set(before[w]) & set(after[w])
                 assert stayed and stayed <= ids, (w, stayed, ids)
             w1_id = sorted(set(before["w1"]) & set(after["w1"]))[0]
-            shown = relay_cli("queue", "show", "-c", str(relay.config_path), w1_id)
+            shown = await asyncio.to_thread(
+                relay_cli, "queue", "show", "-c", str(relay.config_path), w1_id
+            )
             assert shown.returncode == 0 and json.loads(shown.stdout)["queue_id"] == w1_id
-            retried = relay_cli("queue", "retry", "-c", str(relay.config_path))
+            retried = await asyncio.to_thread(
+                relay_cli, "queue", "retry", "-c", str(relay.config_path)
+            )
             assert retried.returncode == 0, retried.stderr
-            deleted = relay_cli("queue", "delete", "-c", str(relay.config_path), w1_id)
+            deleted = await asyncio.to_thread(
+                relay_cli, "queue", "delete", "-c", str(relay.config_path), w1_id
+            )
             assert deleted.returncode == 0 and "deleted" in deleted.stdout, deleted.stderr
             await wait_for(lambda: w1_id not in spool_msgs(spool)["w1"])
             code, _ = await relay.terminate(timeout=15)

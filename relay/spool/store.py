@@ -49,8 +49,10 @@ from relay.records import (
 FOOTER = struct.Struct(">4sQIII")  # magic, content length, envelope length, crcs
 MAGIC = b"RLY1"
 WRITE_THRESHOLD = 1 << 20  # bytes buffered in memory before a threaded write
-# A batch with this many state appends (a backlog draining) answers its messages first
+# A batch with this many state appends or removals (a backlog draining) answers its
+# messages first, then commits them CHANGES_PER_PART at a time (new messages between)
 APPENDS_APART = 16
+CHANGES_PER_PART = 256
 # Contents of recently committed small messages kept in memory for their first
 # deliveries, so that neither provider's copy opens the file (two opens, footer
 # reads and preads per message); bounded, oldest dropped first.
@@ -191,28 +193,45 @@ class _Committer(threading.Thread):
         self.join()
 
     def run(self) -> None:
+        messages: list[_Job] = []
+        changes: collections.deque[_Job] = collections.deque()  # appends and removals
         last = False
-        while not last:
-            batch: list[_Job] = []
-            item = self.jobs.get()
-            while True:
-                if item is None:
-                    last = True
-                else:
-                    batch.extend(item)
+        while True:
+            if not messages and not changes:
+                if last:
+                    return
+                last |= self._take(messages, changes, self.jobs.get())
+            while True:  # everything queued meanwhile
                 try:
                     item = self.jobs.get_nowait()
                 except queue.Empty:
                     break
-            # with many state appends (a backlog draining), messages first, answered
-            # as soon as they are durable: the appends never hold a 250 back
-            messages = [j for j in batch if j.kind == "msg"]
-            parts = [batch]
-            if messages and len(batch) - len(messages) >= APPENDS_APART:
-                parts = [messages, [j for j in batch if j.kind != "msg"]]
-            for part in parts:
-                if not self._commit(part):
-                    return
+                last |= self._take(messages, changes, item)
+            # a few changes go with the messages (one batch, one answer); with a
+            # backlog's many (a drain's removals, a retry's appends), messages first,
+            # answered as soon as they are durable, and the changes CHANGES_PER_PART
+            # at a time, so a new message waits behind one part at most, never
+            # behind thousands of unlinks
+            if len(changes) < APPENDS_APART:
+                part, messages = [*messages, *changes], []
+                changes.clear()
+            elif messages:
+                part, messages = messages, []
+            else:
+                part = [changes.popleft() for _ in range(min(CHANGES_PER_PART, len(changes)))]
+            if not self._commit(part):
+                return
+
+    @staticmethod
+    def _take(
+        messages: list[_Job], changes: collections.deque[_Job], item: list[_Job] | None
+    ) -> bool:
+        """Sort a hand-over into messages and changes, in order; True for the end."""
+        if item is None:
+            return True
+        for job in item:
+            (messages if job.kind == "msg" else changes).append(job)
+        return False
 
     def _commit(self, jobs: list[_Job]) -> bool:
         try:

@@ -149,13 +149,21 @@ class Message:
     def shorten(self, now: float) -> None:
         """Drop what the spool holds (and what no attempt uses now): `busy` is 0."""
         self.envelope = None
+        self.drop_final()
         for d in self.deliveries:
             d.plan = None
-            if d.final:
-                d.last = None  # a final delivery's reply is in the log and the spool
         self.locks = _NONE
         recent = {p: ts for p, ts in self.recent.items() if ts and now - ts[-1] < LOOP_WINDOW}
         self.recent = recent or _NONE
+
+    def drop_final(self) -> None:
+        """Final deliveries leave the queue's memory (in short form): their outcome
+        is in the spool and the log, and nothing in the running relay reads one
+        again (attempts, retries, deletes and DSNs are about open deliveries; `relay
+        queue` reads the spool). A deep queue after an outage of one provider holds
+        a delivery a message, not two (bench/queue_memory.py)."""
+        if any(d.final for d in self.deliveries):
+            self.deliveries = [d for d in self.deliveries if not d.final]
 
     @property
     def done(self) -> bool:
@@ -262,9 +270,9 @@ class Scheduler:
         for q in queued:
             providers = q.outline.providers
             deliveries = [DeliveryState(i, p, None) for i, p in enumerate(providers)]
-            if self._queue(
-                Message(q.queue_id, None, deliveries, q.outline.received_epoch), q.states
-            ):
+            msg = Message(q.queue_id, None, deliveries, q.outline.received_epoch)
+            if self._queue(msg, q.states):
+                msg.drop_final()
                 count += 1
             else:
                 self.spool.remove_now(q.queue_id)

@@ -31,6 +31,8 @@ async def test_deferred_messages_are_held_in_short_form_and_sent_whole(
     assert set(held) == {s.queue_id for s in sent}
     for msg in held.values():  # nothing but the spool holds their envelopes now
         assert msg.envelope is None and all(d.plan is None for d in msg.deliveries)
+        # nor the legacy copy's final delivery: only what is still open is held
+        assert [(d.provider, d.status) for d in msg.deliveries] == [("new", "deferred")]
     env.clock.advance(100)  # past the first retry (60 s, jittered): read back, sent whole
     await env.wait_events(3, provider="new", outcome="delivered")
     for s in sent:
@@ -97,3 +99,33 @@ async def test_an_envelope_unusable_past_its_outline_goes_to_corrupt_at_its_atte
     assert (env.relay.spool.corrupt / f"{bad.queue_id}.msg").exists()
     assert test_delivery.copies(env.legacy, bad.marker) == []
     assert len(test_delivery.copies(env.legacy, good.marker)) == 1
+
+
+async def test_a_restart_holds_only_the_open_deliveries_and_resends_nothing_final(
+    make_env: Factory,
+) -> None:
+    """Recovered in short form, a pilot message whose legacy copy was delivered holds
+    its `new` delivery alone; once `new` is back it is delivered there once, legacy
+    gets no second copy, and the message leaves the spool."""
+    new = Provider("new")
+    new.add(Rule("defer", stage="mail", code=451, text="4.3.2 down"))
+    env = await make_env(new=new)
+    root = env.root
+    sent = [await env.send(["alice@example.com"]) for _ in range(3)]
+    await env.wait_events(3, provider="new", outcome="deferred")
+    await env.wait_events(3, provider="legacy", outcome="delivered")
+    await env.idle()
+    await env.relay.stop()
+    new.rules.clear()
+    env = await make_env(legacy=env.legacy, new=new, root=root, clock=env.clock)
+    held = env.relay.scheduler.messages
+    assert set(held) == {s.queue_id for s in sent}
+    for msg in held.values():
+        assert [(d.index, d.provider, d.status) for d in msg.deliveries] == [(1, "new", "deferred")]
+    env.clock.advance(100)
+    await env.wait_events(3, provider="new", outcome="delivered")
+    await until(lambda: not env.relay.scheduler.messages, 10, "the messages leave the queue")
+    for s in sent:
+        assert len(test_delivery.copies(env.new, s.marker)) == 1
+        assert len(test_delivery.copies(env.legacy, s.marker)) == 1  # the first run's, only
+    assert not list(env.relay.spool.queue_ids())

@@ -117,7 +117,7 @@ class Message:
 
     queue_id: str
     envelope: Envelope | None
-    deliveries: list[DeliveryState]
+    deliveries: tuple[DeliveryState, ...]  # a tuple: 24 bytes less than a list of two
     received: float  # the envelope's received_epoch, kept in short form too
     locks: dict[str, asyncio.Lock] = field(default_factory=lambda: _NONE)
     # attempts (and deletes) working on it: the last one out removes a finished
@@ -163,7 +163,7 @@ class Message:
         queue` reads the spool). A deep queue after an outage of one provider holds
         a delivery a message, not two (bench/queue_memory.py)."""
         if any(d.final for d in self.deliveries):
-            self.deliveries = [d for d in self.deliveries if not d.final]
+            self.deliveries = tuple(d for d in self.deliveries if not d.final)
 
     @property
     def done(self) -> bool:
@@ -247,7 +247,7 @@ class Scheduler:
 
         Returns False for a message whose deliveries are all final already.
         """
-        deliveries = [DeliveryState(i, p.provider, p) for i, p in enumerate(envelope.plan)]
+        deliveries = tuple(DeliveryState(i, p.provider, p) for i, p in enumerate(envelope.plan))
         return self._queue(Message(queue_id, envelope, deliveries, envelope.received_epoch), states)
 
     def _queue(self, msg: Message, states: Iterable[StateLine]) -> bool:
@@ -269,7 +269,7 @@ class Scheduler:
         count = 0
         for q in queued:
             providers = q.outline.providers
-            deliveries = [DeliveryState(i, p, None) for i, p in enumerate(providers)]
+            deliveries = tuple(DeliveryState(i, p, None) for i, p in enumerate(providers))
             msg = Message(q.queue_id, None, deliveries, q.outline.received_epoch)
             if self._queue(msg, q.states):
                 msg.drop_final()

@@ -117,7 +117,7 @@ class Message:
 
     queue_id: str
     envelope: Envelope | None
-    deliveries: tuple[DeliveryState, ...]  # a tuple: 24 bytes less than a list of two
+    deliveries: tuple[DeliveryState, ...]  # a tuple: 40 bytes a message less than a list
     received: float  # the envelope's received_epoch, kept in short form too
     locks: dict[str, asyncio.Lock] = field(default_factory=lambda: _NONE)
     # attempts (and deletes) working on it: the last one out removes a finished

@@ -45,6 +45,11 @@ RETRY_BATCH = 5000  # `relay queue retry` of every message: state appends per sp
 # A message none of whose deliveries is due sooner than this is held in short form
 # (Message.shorten) until its next attempt reads the envelope back.
 SHORTEN_AFTER = 5.0
+# The first of a message's two concurrent attempts to end, every delivery of it
+# final, leaves its record to the other for at most this long: one removal then
+# stands for both (no state file is made for the message at all), else it records
+# its own line as before (docs/spool.md "One record for both copies").
+SIBLING_WAIT = 0.25
 # `provider: archive` has no SMTP host: only its number of concurrent writes is used
 ARCHIVE_SLOTS = ProviderSettings(host="(archive)", max_connections=16)
 
@@ -170,6 +175,25 @@ class Message:
         return all(d.final for d in self.deliveries)
 
 
+@dataclass(slots=True)
+class _Event:
+    """A delivery's outcome as logged: with its own attempt's TLS, remote id and time."""
+
+    delivery: DeliveryState
+    reply: Reply
+    result: Attempt
+    latency_ms: int
+
+
+@dataclass(slots=True)
+class _Held:
+    """An attempt's outcome left to the message's other attempt in flight to record."""
+
+    states: list[StateLine]
+    events: list[_Event]
+    recorded: asyncio.Future[None]
+
+
 # (provider, sender, recipients, content, MAIL parameters, HELO name, RCPT parameters)
 Sender = Callable[
     [ProviderSettings, str, list[str], Content, list[str], str, dict[str, list[str]]],
@@ -228,6 +252,8 @@ class Scheduler:
         # (queue id, provider) taken by a worker and not yet finished: at most one
         # attempt per message and provider, whatever stray heap entries exist.
         self._claimed: set[tuple[str, str]] = set()
+        # outcomes waiting for the message's other attempt (`_leave_to_sibling`)
+        self._held: dict[str, _Held] = {}
         self._stopping = False
         self.clock.listeners.append(self.wake)
 
@@ -594,7 +620,9 @@ class Scheduler:
         progress = any(r.ok for r in result.replies.values())
         warn_after = self.settings.retry.delay_warning
         warn = warn_after is not None and now - msg.received >= warn_after
-        states, events = [], []
+        latency = max(0, round((now - msg.received) * 1000))
+        states: list[StateLine] = []
+        events: list[_Event] = []
         notices: dict[Action, list[tuple[DeliveryState, Reply]]] = {}
         for d in batch:
             reply = result.replies.get(d.entry.delivered_to) or Reply(
@@ -614,7 +642,7 @@ class Scheduler:
                 d.warned |= action == "delayed"
                 notices.setdefault(action, []).append((d, reply))
             states.append(d.line())
-            events.append((d, reply))
+            events.append(_Event(d, reply, result, latency))
         # The attempt that leaves every delivery final, alone on the message and
         # with no DSN to queue first: its removal stands for its state lines, which
         # are not written at all (a crash before it: the delivery is made again,
@@ -623,8 +651,23 @@ class Scheduler:
         # message whose files are gone has every delivery event logged. (Removing
         # at once, with the other's state line dropped in the same batch, was
         # measured: no gain beyond this machine's noise, 1.38-1.48 vs 1.40-1.43 ms.)
-        last = msg.done and not notices and msg.busy == 1
-        await self._apply(msg, last, states, events, result, now)
+        # The first of two concurrent attempts to end, all final, leaves its outcome
+        # to the other (`_leave_to_sibling`): the one that takes it records both.
+        held = self._held.pop(msg.queue_id, None)
+        if (
+            held is None
+            and not notices
+            and await self._leave_to_sibling(msg, provider, states, events)
+        ):
+            return
+        if held is not None:  # the other attempt's outcome first: it came first
+            states, events = held.states + states, held.events + events
+        try:
+            last = msg.done and not notices and msg.busy == (1 if held is None else 2)
+            await self._apply(msg, last, states, events)
+        finally:
+            if held is not None:
+                held.recorded.set_result(None)
         for action, items in notices.items():
             if self.on_notice is None:
                 break
@@ -634,10 +677,35 @@ class Scheduler:
                 oplog.error("bounce failed: no DSN sent", queue_id=msg.queue_id,
                             action=action, error=repr(exc), exc_info=exc)  # fmt: skip
 
+    async def _leave_to_sibling(
+        self, msg: Message, provider: Provider, states: list[StateLine], events: list[_Event]
+    ) -> bool:
+        """Leave this attempt's outcome (every delivery final) to the message's other
+        attempt in flight, for at most SIBLING_WAIT: if that one ends the message,
+        one removal stands for both and the message never gets a state file (on
+        this machine's journal-less ext4 each file made and unlinked costs an inode
+        allocation that walks the recently deleted ones). True once it recorded and
+        logged this outcome; False: record it here. A kill meanwhile repeats this
+        delivery, as one between a provider's reply and its record always did."""
+        if msg.busy < 2 or not all(e.delivery.final for e in events):
+            return False
+        others = {d.provider for d in msg.deliveries if not d.final} - {provider}
+        if not any((msg.queue_id, p) in self._claimed for p in others):
+            return False
+        held = _Held(states, events, asyncio.get_running_loop().create_future())
+        self._held[msg.queue_id] = held
+        try:
+            await asyncio.wait_for(asyncio.shield(held.recorded), SIBLING_WAIT)
+        except TimeoutError:
+            if self._held.get(msg.queue_id) is held:  # not taken: record it here
+                del self._held[msg.queue_id]
+                return False
+            await held.recorded  # taken just now: being recorded
+        return True
+
     async def _apply(
-        self, msg: Message, last: bool, states: list[StateLine],
-        events: list[tuple[DeliveryState, Reply]], result: Attempt, now: float,
-    ) -> None:  # fmt: skip
+        self, msg: Message, last: bool, states: list[StateLine], events: list[_Event]
+    ) -> None:
         """The outcome on disk (the removal, for the last attempt), then in the log."""
         try:
             if last:
@@ -649,13 +717,13 @@ class Scheduler:
             # The provider's answer is a fact whether or not it is on disk: log it.
             # After a crash the delivery is simply tried again (a duplicate at worst).
             oplog.error("delivery state not recorded", queue_id=msg.queue_id, error=str(exc))
-        latency = round((now - msg.received) * 1000)
-        for d, reply in events:
+        for e in events:
+            d, reply = e.delivery, e.reply
             self.log.emit(
                 "delivery", queue_id=msg.queue_id, **d.entry.to_dict(), outcome=d.status,
                 smtp_code=reply.code, enhanced_code=reply.enhanced,
-                smtp_response=reply.text, attempt=d.attempts, latency_ms=max(0, latency),
-                tls=result.tls, remote_id=result.remote_id if reply.ok else None,
+                smtp_response=reply.text, attempt=d.attempts, latency_ms=e.latency_ms,
+                tls=e.result.tls, remote_id=e.result.remote_id if reply.ok else None,
                 **({"by": reply.by} if reply.by else {}),
             )  # fmt: skip
         if last:  # its files are gone already: its events are not left for the pass's end

@@ -320,6 +320,110 @@ async def test_the_attempt_that_finishes_a_message_writes_no_state_line(
     assert not env.relay.scheduler.messages
 
 
+@contextlib.asynccontextmanager
+async def two_copy_scheduler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_reply: asyncio.Event
+) -> AsyncIterator[tuple[Scheduler, list[str], str]]:
+    """A scheduler on a real spool and log whose sender answers legacy at once and
+    `new` once `new_reply` is set; one pilot message (a copy for each) queued.
+    Yields the scheduler, the queue ids given state lines, the message's id."""
+    from relay.delivery.reply import Reply
+    from relay.log import DeliveryLog
+    from relay.spool import Spool
+
+    appended: list[str] = []
+    real = Spool._append_state
+
+    def watch(self: Spool, queue_id: str, lines: bytes) -> None:
+        appended.append(queue_id)
+        real(self, queue_id, lines)
+
+    monkeypatch.setattr(Spool, "_append_state", watch)
+    providers = {
+        "legacy": {"host": "127.0.0.1", "port": 1},
+        "new": {"host": "127.0.0.1", "port": 2},
+    }
+    settings = config.RelaySettings.model_validate(
+        {"domains": ["example.com"], "providers": providers}
+    )
+
+    new_sending = asyncio.Event()
+
+    async def sender(cfg: Any, mail_from: str, rcpts: list[str], *rest: Any) -> Attempt:
+        if cfg.port == 2:
+            new_sending.set()
+            await new_reply.wait()
+        else:  # legacy answers once new's transaction is under way: both in flight
+            await new_sending.wait()
+        ok = Reply(250, f"2.0.0 Ok: queued as P{cfg.port}", "after_data", "2.0.0")
+        return Attempt(dict.fromkeys(rcpts, ok), remote_id=f"P{cfg.port}")
+
+    spool = Spool(tmp_path / "spool")
+    await spool.start()
+    log = DeliveryLog(tmp_path / "deliveries.jsonl", node="t")
+    sched = Scheduler(settings, spool, log, sender=sender)
+    qid = "0000000000A000000000001"
+    plan = (
+        PlanEntry("alice@example.com", "legacy", "alice@example.com", "primary", "g", "dual", True),
+        PlanEntry("alice@example.com", "new", "alice@example-new.com", "shadow", "g", "dual", True),
+    )
+    env = Envelope(qid, "", 1.0, SENDER, ("alice@example.com",), (), "127.0.0.1", None, 10,
+                   False, plan, False)  # fmt: skip
+    incoming = spool.begin(qid)
+    await spool.write(incoming, b"Subject: x\r\n\r\nbody\r\n")
+    await spool.commit(incoming, env)
+    sched.add(qid, env)
+    sched.start()
+    try:
+        yield sched, appended, qid
+    finally:
+        new_reply.set()
+        await sched.drain(5)
+        await spool.stop()
+        log.close()
+
+
+def delivered(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    lines = (tmp_path / "deliveries.jsonl").read_text().splitlines()
+    events = [json.loads(x) for x in lines]
+    return {e["provider"]: e for e in events if e.get("outcome") == "delivered"}
+
+
+async def test_the_first_of_two_copies_leaves_its_record_to_the_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both copies in flight: the first to end (legacy) waits for the other, which
+    records both with one removal: the message never gets a state file, and each
+    event is logged with its own attempt's remote id."""
+    new_reply = asyncio.Event()
+    async with two_copy_scheduler(tmp_path, monkeypatch, new_reply) as (sched, appended, qid):
+        await until(lambda: qid in sched._held, 5, "legacy's outcome left to new")
+        assert not (tmp_path / "deliveries.jsonl").exists() or not delivered(tmp_path)
+        new_reply.set()
+        await until(lambda: not sched.messages, 5, "the message removed")
+        assert appended == []
+        assert not any(sched.spool.queue.iterdir())
+        events = delivered(tmp_path)
+        assert {p: e["remote_id"] for p, e in events.items()} == {"legacy": "P1", "new": "P2"}
+
+
+async def test_a_copy_whose_sibling_is_slow_records_its_own_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other copy not done within SIBLING_WAIT: the first records and logs its
+    own outcome (a state line), as an attempt alone does; the second then removes."""
+    from relay.scheduler import SIBLING_WAIT
+
+    new_reply = asyncio.Event()
+    async with two_copy_scheduler(tmp_path, monkeypatch, new_reply) as (sched, appended, qid):
+        await until(lambda: "legacy" in delivered(tmp_path), 5 + SIBLING_WAIT, "legacy logged")
+        assert appended == [qid] and "new" not in delivered(tmp_path)
+        assert [s.status for s in sched.spool.load(qid).states] == ["delivered"]
+        new_reply.set()
+        await until(lambda: not sched.messages, 5, "the message removed")
+        assert set(delivered(tmp_path)) == {"legacy", "new"}
+
+
 async def test_a_message_leaves_the_queue_with_its_events_on_file(make_env: Factory) -> None:
     """The attempt that finishes a message removes its files first, then logs: its
     events are written then and there, not at the end of the loop's pass (the log

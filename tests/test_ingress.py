@@ -773,7 +773,7 @@ async def test_250_only_after_data_and_directory_sync(
     assert len(set(qids)) == 24
     queue_syncs = [i for i, e in enumerate(events) if e == ("sync", "queue")]
     for qid in qids:
-        data_sync = events.index(("sync", f"{qid}.tmp"))
+        data_sync = events.index(("sync", qid))
         reply = events.index(("250", qid))
         assert any(data_sync < d < reply for d in queue_syncs), (qid, events)
     assert set(spool_messages(env.spool_queue)) <= set(qids)

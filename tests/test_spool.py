@@ -66,7 +66,7 @@ async def test_large_message_streams_through_the_file(spool: Spool) -> None:
     for _ in range(12):  # 3 MiB: flushed to disk as it comes
         await spool.write(msg, chunk)
         assert msg.buffered < WRITE_THRESHOLD
-    assert msg.path.exists() and msg.path.stat().st_size >= 2 * WRITE_THRESHOLD
+    assert os.path.getsize(msg.path) >= 2 * WRITE_THRESHOLD
     await spool.commit(msg, envelope(qid))
     fh, length = spool.open_content(qid)
     with fh:
@@ -77,7 +77,7 @@ async def test_large_message_streams_through_the_file(spool: Spool) -> None:
 async def test_abort_leaves_nothing(spool: Spool) -> None:
     msg = spool.begin(new_queue_id())
     await spool.write(msg, b"x" * (WRITE_THRESHOLD + 10))
-    assert msg.path.exists()
+    assert os.path.exists(msg.path)
     await spool.abort(msg)
     assert list(spool.queue.iterdir()) == []
 
@@ -126,7 +126,7 @@ async def test_abort_cancelled_at_once_still_discards(
 
     msg = spool.begin(new_queue_id())
     await spool.write(msg, b"x" * (WRITE_THRESHOLD + 10))
-    assert msg.path.exists()
+    assert os.path.exists(msg.path)
     done = threading.Event()
     real_discard = Incoming.discard
 
@@ -157,7 +157,7 @@ async def test_sync_order_and_group_commit(spool: Spool) -> None:
     qids = await asyncio.gather(*(one(i) for i in range(20)))
     dir_syncs = [i for i, e in enumerate(events) if e == ("sync", spool.queue.name)]
     for qid in qids:
-        data = events.index(("sync", f"{qid}.tmp"))
+        data = events.index(("sync", qid))
         done = events.index(("done", qid))
         assert any(data < d < done for d in dir_syncs), (qid, events)
     assert len(dir_syncs) < len(qids), "concurrent commits share a directory sync"
@@ -372,8 +372,8 @@ async def test_removal_unlinks_only_the_files_a_message_has(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A message committed here and never given a state line has one file: its
-    removal unlinks that one; with state lines, or recovered from an earlier run
-    (unknown), both files go."""
+    removal keeps that one as a spare (nothing unlinked); with state lines, or
+    recovered from an earlier run (unknown), both files are unlinked."""
     unlinked: list[str] = []
     real_unlink = os.unlink
 
@@ -387,8 +387,10 @@ async def test_removal_unlinks_only_the_files_a_message_has(
     await spool.record(stated, [StateLine(0, "deferred", 1)])
     await spool.remove(bare)
     await spool.remove(stated)
-    assert unlinked == [f"{bare}.msg", f"{stated}.msg", f"{stated}.state"], unlinked
+    assert unlinked == [f"{stated}.msg", f"{stated}.state"], unlinked
     assert list(spool.queue.iterdir()) == []
+    [spare] = spool.spare.iterdir()
+    assert spare.read_bytes().startswith(b"x\r\n")  # bare's file, kept to be written over
 
     older = await enqueue(spool, b"z\r\n")
     await spool.stop()
@@ -398,6 +400,56 @@ async def test_removal_unlinks_only_the_files_a_message_has(
     unlinked.clear()
     again.remove_now(older)
     assert unlinked == [f"{older}.msg", f"{older}.state"], unlinked
+    await spool.start()  # for the fixture's stop
+
+
+async def test_a_new_message_is_written_over_a_spare_once_its_removal_is_synced(
+    spool: Spool,
+) -> None:
+    """A finished message's file is reused for a later message (same inode, cut to
+    the new size), but only after a sync of queue/ has made its removal durable:
+    the message of the very next batch gets a new file."""
+    first = await enqueue(spool, b"first\r\n" * 1000)
+    inode = spool.msg_path(first).stat().st_ino
+    await spool.remove(first)
+    [spare] = spool.spare.iterdir()
+    assert spare.stat().st_ino == inode
+    second = await enqueue(spool, b"second\r\n")  # its batch syncs queue/: spare usable after
+    assert spool.msg_path(second).stat().st_ino != inode and spare.exists()
+    content = b"Subject: third\r\n\r\nshort\r\n"
+    third = await enqueue(spool, content)
+    assert spool.msg_path(third).stat().st_ino == inode
+    assert list(spool.spare.iterdir()) == []
+    stored = spool.load(third)  # footer, lengths and both checksums hold
+    assert stored.content_length == len(content) and read_content(spool, third) == content
+    env = envelope(third).to_json()
+    assert spool.msg_path(third).stat().st_size == len(content) + len(env) + FOOTER.size
+
+
+async def test_spares_are_bounded_in_number_and_size(spool: Spool) -> None:
+    """At most SPARES files wait in spare/, none over SPARE_MAX_SIZE: the rest are
+    unlinked as before (a spare holds its disk space)."""
+    from relay.spool.store import SPARE_MAX_SIZE, SPARES
+
+    big = await enqueue(spool, b"b" * (SPARE_MAX_SIZE + 1), pieces=1)
+    await spool.remove(big)
+    assert list(spool.spare.iterdir()) == [] and not spool.msg_path(big).exists()
+    qids = list(await asyncio.gather(*(enqueue(spool, b"m\r\n") for _ in range(SPARES + 5))))
+    await asyncio.gather(*(spool.remove(q) for q in qids))
+    assert len(list(spool.spare.iterdir())) == SPARES
+    assert list(spool.queue.iterdir()) == []
+
+
+async def test_spares_are_emptied_at_start(spool: Spool) -> None:
+    """A spare may hold half of a message written over it when the relay died: it
+    is never recovered, and restarting empties spare/."""
+    qid = await enqueue(spool, b"x\r\n")
+    await spool.remove(qid)
+    assert len(list(spool.spare.iterdir())) == 1
+    await spool.stop()
+    again = Spool(spool.root)
+    good, bad = again.recover()
+    assert good == [] and bad == [] and list(again.spare.iterdir()) == []
     await spool.start()  # for the fixture's stop
 
 

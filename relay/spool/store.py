@@ -293,6 +293,9 @@ class Spool:
         # their file's size: their removal skips the unlink of a file that is not
         # there, and may keep the file as a spare (writing thread only)
         self._stateless: dict[str, int] = {}
+        # those of them given a state file since: the message file may still be a
+        # spare (at 100 KiB most pilot messages get one: their copies end apart)
+        self._stated: dict[str, int] = {}
         # spares to write over (path, size), and those renamed since the last sync
         # of queue/: written over only once their removal is durable, so a power
         # loss never brings back a finished message's name on a new one's content
@@ -550,7 +553,9 @@ class Spool:
 
     def _append_state(self, queue_id: str, lines: bytes) -> None:
         path = self._file(queue_id, ".state")
-        self._stateless.pop(queue_id, None)
+        size = self._stateless.pop(queue_id, None)
+        if size is not None:
+            self._stated[queue_id] = size
         # os.open, not open(): no buffer object, isatty probe or seek per append
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -677,6 +682,7 @@ class Spool:
     def quarantine(self, queue_id: str) -> None:
         self._forget(queue_id)
         self._stateless.pop(queue_id, None)
+        self._stated.pop(queue_id, None)
         for suffix in (".msg", ".state"):
             src = self.queue / f"{queue_id}{suffix}"
             if src.exists():
@@ -685,13 +691,17 @@ class Spool:
     def remove_now(self, queue_id: str) -> None:
         """Remove a finished message's files here and now (recovery, before the
         writing thread runs; while it runs, `remove` goes through it). The file of
-        a message committed here without state lines may become a spare."""
+        a message committed here may become a spare."""
+        left: tuple[str, ...] = (".msg", ".state")  # recovered: which files it has is unknown
         size = self._stateless.pop(queue_id, None)
+        if size is not None:
+            left = ()
+        elif (size := self._stated.pop(queue_id, None)) is not None:
+            left = (".state",)
         if size is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._retire(self._file(queue_id, ".msg"), size)
-            return
-        for suffix in (".msg", ".state"):
+        for suffix in left:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._file(queue_id, suffix))
 

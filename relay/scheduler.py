@@ -681,16 +681,20 @@ class Scheduler:
         self, msg: Message, provider: Provider, states: list[StateLine], events: list[_Event]
     ) -> bool:
         """Leave this attempt's outcome (every delivery final) to the message's other
-        attempt in flight, for at most SIBLING_WAIT: if that one ends the message,
+        attempt, in flight or due now, for at most SIBLING_WAIT: if that one ends the message,
         one removal stands for both and the message never gets a state file (on
         this machine's journal-less ext4 each file made and unlinked costs an inode
         allocation that walks the recently deleted ones). True once it recorded and
         logged this outcome; False: record it here. A kill meanwhile repeats this
         delivery, as one between a provider's reply and its record always did."""
-        if msg.busy < 2 or not all(e.delivery.final for e in events):
+        if not all(e.delivery.final for e in events):
             return False
-        others = {d.provider for d in msg.deliveries if not d.final} - {provider}
-        if not any((msg.queue_id, p) in self._claimed for p in others):
+        # the other copy in flight, or due and waiting for a connection of its
+        # provider (all busy: at 100 KiB under load, 2,678 of 3,000 messages got a
+        # state file while only an attempt in flight counted; 204 now)
+        now = self.clock.now()
+        others = [d for d in msg.deliveries if not d.final and d.provider != provider]
+        if not any((msg.queue_id, d.provider) in self._claimed or d.due <= now for d in others):
             return False
         held = _Held(states, events, asyncio.get_running_loop().create_future())
         self._held[msg.queue_id] = held

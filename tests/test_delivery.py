@@ -322,10 +322,15 @@ async def test_the_attempt_that_finishes_a_message_writes_no_state_line(
 
 @contextlib.asynccontextmanager
 async def two_copy_scheduler(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_reply: asyncio.Event
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    new_reply: asyncio.Event,
+    new_free: asyncio.Event | None = None,
 ) -> AsyncIterator[tuple[Scheduler, list[str], str]]:
     """A scheduler on a real spool and log whose sender answers legacy at once and
     `new` once `new_reply` is set; one pilot message (a copy for each) queued.
+    `new_free`: new's delivery workers take nothing until it is set (as when each
+    is busy with other mail), and legacy answers without waiting for new's start.
     Yields the scheduler, the queue ids given state lines, the message's id."""
     from relay.delivery.reply import Reply
     from relay.log import DeliveryLog
@@ -353,7 +358,7 @@ async def two_copy_scheduler(
         if cfg.port == 2:
             new_sending.set()
             await new_reply.wait()
-        else:  # legacy answers once new's transaction is under way: both in flight
+        elif new_free is None:  # legacy answers once new's is under way: both in flight
             await new_sending.wait()
         ok = Reply(250, f"2.0.0 Ok: queued as P{cfg.port}", "after_data", "2.0.0")
         return Attempt(dict.fromkeys(rcpts, ok), remote_id=f"P{cfg.port}")
@@ -373,6 +378,15 @@ async def two_copy_scheduler(
     await spool.write(incoming, b"Subject: x\r\n\r\nbody\r\n")
     await spool.commit(incoming, env)
     sched.add(qid, env)
+    if new_free is not None:
+        take, free = sched._take, new_free
+
+        async def busy_take(provider: str) -> Any:
+            if provider == "new":
+                await free.wait()
+            return await take(provider)
+
+        monkeypatch.setattr(sched, "_take", busy_take)
     sched.start()
     try:
         yield sched, appended, qid
@@ -405,6 +419,29 @@ async def test_the_first_of_two_copies_leaves_its_record_to_the_second(
         assert not any(sched.spool.queue.iterdir())
         events = delivered(tmp_path)
         assert {p: e["remote_id"] for p, e in events.items()} == {"legacy": "P1", "new": "P2"}
+
+
+async def test_a_copy_waiting_for_a_connection_takes_the_first_copys_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other copy due but not yet taken when the first ends, its provider's
+    connections all busy (at 100 KiB under load most are): the first still leaves
+    its outcome to it, and once a connection is free the other records both with
+    one removal: no state file."""
+    new_reply, new_free = asyncio.Event(), asyncio.Event()
+    new_reply.set()
+    async with two_copy_scheduler(tmp_path, monkeypatch, new_reply, new_free) as (
+        sched,
+        appended,
+        qid,
+    ):
+        await until(lambda: qid in sched._held, 5, "legacy's outcome left to new")
+        assert (qid, "new") not in sched._claimed  # not taken: new's workers are busy
+        new_free.set()
+        await until(lambda: not sched.messages, 5, "the message removed")
+        assert appended == []
+        assert not any(sched.spool.queue.iterdir())
+        assert set(delivered(tmp_path)) == {"legacy", "new"}
 
 
 async def test_a_copy_whose_sibling_is_slow_records_its_own_line(

@@ -657,7 +657,7 @@ class Scheduler:
         if (
             held is None
             and not notices
-            and await self._leave_to_sibling(msg, provider, states, events)
+            and await self._leave_to_sibling(msg, provider, now, states, events)
         ):
             return
         if held is not None:  # the other attempt's outcome first: it came first
@@ -678,7 +678,12 @@ class Scheduler:
                             action=action, error=repr(exc), exc_info=exc)  # fmt: skip
 
     async def _leave_to_sibling(
-        self, msg: Message, provider: Provider, states: list[StateLine], events: list[_Event]
+        self,
+        msg: Message,
+        provider: Provider,
+        now: float,
+        states: list[StateLine],
+        events: list[_Event],
     ) -> bool:
         """Leave this attempt's outcome (every delivery final) to the message's other
         attempt, in flight or due now, for at most SIBLING_WAIT: if that one ends the message,
@@ -687,13 +692,12 @@ class Scheduler:
         allocation that walks the recently deleted ones). True once it recorded and
         logged this outcome; False: record it here. A kill meanwhile repeats this
         delivery, as one between a provider's reply and its record always did."""
-        if not all(e.delivery.final for e in events):
+        others = [d for d in msg.deliveries if not d.final and d.provider != provider]
+        if not others or not all(e.delivery.final for e in events):
             return False
         # the other copy in flight, or due and waiting for a connection of its
         # provider (all busy: at 100 KiB under load, 2,678 of 3,000 messages got a
         # state file while only an attempt in flight counted; 204 now)
-        now = self.clock.now()
-        others = [d for d in msg.deliveries if not d.final and d.provider != provider]
         if not any((msg.queue_id, d.provider) in self._claimed or d.due <= now for d in others):
             return False
         held = _Held(states, events, asyncio.get_running_loop().create_future())

@@ -692,12 +692,13 @@ class Spool:
         """Remove a finished message's files here and now (recovery, before the
         writing thread runs; while it runs, `remove` goes through it). The file of
         a message committed here may become a spare."""
-        left: tuple[str, ...] = (".msg", ".state")  # recovered: which files it has is unknown
-        size = self._stateless.pop(queue_id, None)
-        if size is not None:
+        left: tuple[str, ...]
+        if (size := self._stateless.pop(queue_id, None)) is not None:
             left = ()
         elif (size := self._stated.pop(queue_id, None)) is not None:
             left = (".state",)
+        else:  # recovered from an earlier run: which files it has is unknown
+            left = (".msg", ".state")
         if size is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._retire(self._file(queue_id, ".msg"), size)

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from relay import dsn, retry
 from relay.authhold import AuthHold
@@ -194,11 +194,25 @@ class _Held:
     recorded: asyncio.Future[None]
 
 
-# (provider, sender, recipients, content, MAIL parameters, HELO name, RCPT parameters)
-Sender = Callable[
-    [ProviderSettings, str, list[str], Content, list[str], str, dict[str, list[str]]],
-    Awaitable[Attempt],
-]
+class Sender(Protocol):
+    """One transaction (relay/delivery/pool.py `Agent.send`): provider, sender,
+    recipients, content, MAIL parameters, HELO name, RCPT parameters; `written`
+    is called once the connection may take the next transaction."""
+
+    def __call__(
+        self,
+        cfg: ProviderSettings,
+        mail_from: str,
+        rcpts: list[str],
+        content: Content,
+        options: list[str],
+        helo: str,
+        rcpt_options: dict[str, list[str]],
+        *,
+        written: Callable[[], None] | None = None,
+    ) -> Awaitable[Attempt]: ...
+
+
 # a DSN due (relay/bounce.py): the message, the deliveries it is about, its action
 Notify = Callable[["Message", list[tuple[DeliveryState, Reply]], Action], Awaitable[None]]
 # writes a message's archive copy (relay/archive/writer.py); its reply is the outcome
@@ -482,7 +496,7 @@ class Scheduler:
                 if self._looping(msg, provider):
                     self._hold(msg, batch, "attempt loop: more than LOOP_LIMIT attempts")
                     return
-                result = await self._send(msg, provider, batch)
+                result = await self._send(msg, provider, batch, sent)
                 replies = list(result.replies.values())
                 if sent is not None and not sent.done():
                     sent.set_result(None)
@@ -568,7 +582,15 @@ class Scheduler:
                 msg.busy -= 1
                 self.messages.pop(msg.queue_id, None)
 
-    async def _send(self, msg: Message, provider: Provider, batch: list[DeliveryState]) -> Attempt:
+    async def _send(
+        self,
+        msg: Message,
+        provider: Provider,
+        batch: list[DeliveryState],
+        sent: asyncio.Future[None] | None = None,
+    ) -> Attempt:
+        """The transaction; `sent` resolved as soon as the connection is free for the
+        next one (the final "." written on a pipelining provider), else after it."""
         rcpts = [d.entry.delivered_to for d in batch]
         env = msg.env
         # RFC 3461 parameters, for a provider that offers DSN: a shadow (or replayed)
@@ -600,6 +622,7 @@ class Scheduler:
                     self.provider_settings(provider), env.mail_from, rcpts, content,
                     [*env.options, *dsn.mail_options(env.ret, env.envid)],
                     self.settings.listen.hostname, rcpt_options,
+                    written=None if sent is None else functools.partial(_resolve, sent, None),
                 )  # fmt: skip
             finally:
                 content.close()

@@ -354,7 +354,7 @@ async def two_copy_scheduler(
 
     new_sending = asyncio.Event()
 
-    async def sender(cfg: Any, mail_from: str, rcpts: list[str], *rest: Any) -> Attempt:
+    async def sender(cfg: Any, mail_from: str, rcpts: list[str], *rest: Any, **kw: Any) -> Attempt:
         if cfg.port == 2:
             new_sending.set()
             await new_reply.wait()
@@ -1001,11 +1001,11 @@ async def test_internal_error_in_an_attempt_defers_and_retries(make_env: Factory
     env = await make_env()
     calls = []
 
-    async def flaky(*args: Any) -> Attempt:
+    async def flaky(*args: Any, **kw: Any) -> Attempt:
         calls.append(args[2])
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return await send_once(*args)
+        return await send_once(*args, **kw)
 
     env.relay.scheduler.sender = flaky
     sent = await env.send(["zed@example.com"])

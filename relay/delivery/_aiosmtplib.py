@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +60,8 @@ from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtoc
 from relay.mailbox import PLAIN_MAILBOX
 
 __all__ = ["SMTP", "Protocol", "quote_address"]
+
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 def quote_address(address: str) -> str:
@@ -87,12 +91,22 @@ class Protocol(SMTPProtocol):
     ) -> None:
         super().__init__(loop=loop, connection_lost_callback=connection_lost_callback)
         self.replies: collections.deque[SMTPResponse] | None = None
+        # replies to commands already written are still to come after this read:
+        # acknowledge it at once (see `_acknowledge`)
+        self.quickack = False
+        self._socket: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._socket = transport.get_extra_info("socket")
 
     def data_received(self, data: bytes) -> None:
         replies = self.replies
         if replies is None:
             super().data_received(data)
             return
+        if self.quickack:
+            self._acknowledge()
         waiter = self._response_waiter
         if waiter is None:
             return
@@ -111,6 +125,17 @@ class Protocol(SMTPProtocol):
             return
         if replies and not waiter.done():
             waiter.set_result(replies.popleft())
+
+    def _acknowledge(self) -> None:
+        """Send the ACK of what was just read now, not up to 40 ms later (Linux's
+        delayed ACK): a provider that wrote the reply to one transaction's "." and
+        then, separately, those to the next one's commands (written behind the
+        ".") holds the second write until the first is acknowledged (Nagle), and
+        we have nothing to send that would carry the ACK sooner. Measured with
+        Postfix's smtp-sink at 100 KiB: a 40 ms stall a message without it."""
+        if _TCP_QUICKACK is not None and self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
     def _read_response_from_buffer(self) -> SMTPResponse | None:
         """aiosmtplib's parser, a one-line reply (nearly every one) taken directly:

@@ -40,6 +40,9 @@ class Session:
     uses: int = 0
     dirty: bool = False  # a transaction may still be open there: RSET before the next MAIL
     idle: asyncio.TimerHandle | None = None
+    # handed over (relay/delivery/transaction.py): the final read of the transaction
+    # before, which the next one's replies wait behind; None once taken or read
+    reading: asyncio.Future[None] | None = None
 
 
 def tls_context(cfg: ProviderSettings) -> ssl.SSLContext:

@@ -39,6 +39,14 @@ class Agent:
 
     A new connection goes to the provider's hosts in turn (`Hosts`) until one
     takes the transaction.
+
+    On a provider that offers PIPELINING a session is handed over as soon as a
+    transaction's final "." is written (`send`'s `written` is called then): the
+    next transaction writes its MAIL, RCPT and DATA behind it and reads their
+    replies after that final reply, so a connection carries a message a round
+    trip instead of two. The scheduler's slot is free from that moment, and a
+    connection is still opened only when no session is cached or handed over:
+    the most connections a provider sees stays `max_connections`.
     """
 
     def __init__(
@@ -53,6 +61,9 @@ class Agent:
         self.max_age = max_age
         self.hosts = hosts or Hosts(Resolver(DnsSettings()))
         self._cache: dict[_Key, list[Session]] = {}
+        # sessions whose transaction has written its "." and waits for the reply:
+        # the next transaction may write behind it (taken after the idle ones)
+        self._handed: dict[_Key, list[Session]] = {}
         self._keys: dict[tuple[int, str], tuple[ProviderSettings, _Key]] = {}
 
     async def send(
@@ -64,6 +75,8 @@ class Agent:
         options: list[str],
         helo: str,
         rcpt_options: Mapping[str, list[str]] | None = None,
+        *,
+        written: Callable[[], None] | None = None,
     ) -> Attempt:
         """One transaction carrying `rcpts`; a reply for every one of them.
 
@@ -71,22 +84,28 @@ class Agent:
         failure becomes a `Reply` (code None when no reply came). Duplicate
         recipients are sent once and share the reply. `rcpt_options`: each
         recipient's DSN parameters (NOTIFY, ORCPT), for a provider that offers DSN.
+        `written`: called when the session is handed over to the next transaction
+        (the final "." written, its reply still to come); maybe never.
         """
         if isinstance(content, bytes):
             content = Content.from_bytes(content)
         body = content
         rcpts = list(dict.fromkeys(rcpts))
 
-        def exchange(session: Session, attempt: Attempt) -> Awaitable[Outcome]:
-            return transaction(session, mail_from, rcpts, body, options, attempt, rcpt_options)
+        def exchange(
+            session: Session, attempt: Attempt, handover: Callable[[], bool]
+        ) -> Awaitable[Outcome]:
+            return transaction(
+                session, mail_from, rcpts, body, options, attempt, rcpt_options, handover
+            )
 
-        return await self._run(cfg, helo, rcpts, exchange)
+        return await self._run(cfg, helo, rcpts, exchange, written)
 
     async def probe(self, cfg: ProviderSettings, rcpt: str, helo: str) -> Reply:
         """Whether the provider takes mail for `rcpt`: `MAIL FROM:<>`, `RCPT TO`, `RSET`
         (Postfix's verify(8) probe), over the same cached connections as `send`."""
         attempt = await self._run(
-            cfg, helo, [rcpt], lambda session, attempt: probe(session, rcpt, attempt)
+            cfg, helo, [rcpt], lambda session, attempt, _: probe(session, rcpt, attempt)
         )
         return attempt.replies[rcpt]
 
@@ -95,7 +114,8 @@ class Agent:
         cfg: ProviderSettings,
         helo: str,
         rcpts: list[str],
-        exchange: Callable[[Session, Attempt], Awaitable[Outcome]],
+        exchange: Callable[[Session, Attempt, Callable[[], bool]], Awaitable[Outcome]],
+        written: Callable[[], None] | None = None,
     ) -> Attempt:
         """`exchange` on a cached session, else on a new one to each host in turn."""
         known = self._keys.get((id(cfg), helo))
@@ -107,9 +127,8 @@ class Agent:
         session = self._take(key)
         if session is not None:
             attempt = Attempt({}, tls=session.tls)
-            outcome = await exchange(session, attempt)
+            outcome = await self._exchange(key, session, attempt, exchange, written)
             if outcome != "stale":
-                self._release(key, session, outcome == "reusable")
                 return attempt
             session.smtp.close()  # broke before the final ".": once more, at once
         try:
@@ -132,14 +151,46 @@ class Agent:
                 return attempt
             self.hosts.connected(cfg, host)
             attempt.tls = session.tls
-            outcome = await exchange(session, attempt)
-            self._release(key, session, outcome == "reusable")
+            outcome = await self._exchange(key, session, attempt, exchange, written)
             if outcome != "stale" or n == len(hosts):
                 return attempt
             # 421 before the final ".": this host is closing, the next may take it
         raise AssertionError("unreachable: the last host always returns")
 
+    async def _exchange(
+        self,
+        key: _Key,
+        session: Session,
+        attempt: Attempt,
+        exchange: Callable[[Session, Attempt, Callable[[], bool]], Awaitable[Outcome]],
+        written: Callable[[], None] | None,
+    ) -> Outcome:
+        """One transaction on `session`; the session released after it, unless it
+        was handed over and taken by the next (which releases it in turn)."""
+        handed = False
+
+        def handover() -> bool:
+            nonlocal handed
+            if not self._usable(session, session.uses + 1):
+                return False
+            session.uses += 1
+            handed = True
+            self._handed.setdefault(key, []).append(session)
+            if written is not None:
+                written()
+            return True
+
+        outcome = await exchange(session, attempt, handover)
+        if not handed:
+            session.uses += 1
+            self._release(key, session, outcome == "reusable")
+        elif session in (waiting := self._handed.get(key, [])):  # nobody took it
+            waiting.remove(session)
+            self._release(key, session, outcome == "reusable")
+        return outcome
+
     def _take(self, key: _Key) -> Session | None:
+        """An idle session, else one handed over (its transaction closes it if broken)."""
         idle = self._cache.get(key)
         while idle:
             session = idle.pop()  # the most recently used: the warmest
@@ -148,18 +199,25 @@ class Agent:
             if session.smtp.is_connected:
                 return session
             session.smtp.close()
+        handed = self._handed.get(key)
+        while handed:
+            session = handed.pop(0)  # the first handed over: its reply comes first
+            if session.smtp.is_connected:
+                return session
         return None
 
+    def _usable(self, session: Session, uses: int) -> bool:
+        """Whether a session that has carried `uses` transactions may carry another."""
+        return (
+            session.smtp.is_connected
+            and self.max_uses != 0
+            and (self.max_uses is None or uses < self.max_uses)
+            and asyncio.get_running_loop().time() - session.opened < self.max_age
+        )
+
     def _release(self, key: _Key, session: Session, reusable: bool) -> None:
-        session.uses += 1
         loop = asyncio.get_running_loop()
-        if (
-            not reusable
-            or not session.smtp.is_connected
-            or self.max_uses == 0
-            or (self.max_uses is not None and session.uses >= self.max_uses)
-            or loop.time() - session.opened >= self.max_age
-        ):
+        if not reusable or not self._usable(session, session.uses):
             if session.smtp.is_connected:
                 # QUIT after returning: the caller records the outcome a round trip
                 # sooner, which narrows the window in which a crash makes a duplicate.
@@ -179,7 +237,7 @@ class Agent:
     async def close(self) -> None:
         """Close every cached connection (QUIT written, not waited for)."""
         cache, self._cache = self._cache, {}
-        for sessions in cache.values():
+        for sessions in [*cache.values(), *self._handed.values()]:
             for session in sessions:
                 if session.idle is not None:
                     session.idle.cancel()

@@ -9,9 +9,10 @@ chunks, dot-stuffed on the way and otherwise sent exactly as stored.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import aiosmtplib
@@ -34,6 +35,7 @@ async def transaction(
     options: list[str],
     attempt: Attempt,
     rcpt_options: Mapping[str, list[str]] | None = None,
+    handover: Callable[[], bool] | None = None,
 ) -> Outcome:
     """MAIL, RCPT…, DATA and the content on an open session, filling `attempt`.
 
@@ -51,6 +53,12 @@ async def transaction(
     - "reusable": the session is in step and may carry another transaction
       (after RSET if `session.dirty`);
     - "closed": the session was closed or must be.
+
+    `handover`: called once the final "." is written, on a provider with
+    PIPELINING; True when it has made the session available to the next
+    transaction, which then writes its commands behind the "." at once (RFC 2920
+    §3.1: content may begin a group) and reads its replies once this one has
+    read its final reply. One round trip a message instead of two.
 
     Cancelled (shutdown), it closes the session before the cancellation goes on.
     """
@@ -70,7 +78,7 @@ async def transaction(
     except ValueError as exc:
         fill(attempt.replies, rcpts, dataclasses.replace(error_reply(exc, "mail"), by="relay"))
         return "reusable"
-    return await _Transaction(session, rcpts, attempt).run(mail, rcpt_commands, content)
+    return await _Transaction(session, rcpts, attempt, handover).run(mail, rcpt_commands, content)
 
 
 async def probe(session: Session, rcpt: str, attempt: Attempt) -> Outcome:
@@ -99,29 +107,49 @@ class _Transaction:
     attempt at the end, unless a reused session broke ("stale", nothing filled).
     """
 
-    def __init__(self, session: Session, rcpts: list[str], attempt: Attempt) -> None:
+    def __init__(
+        self,
+        session: Session,
+        rcpts: list[str],
+        attempt: Attempt,
+        handover: Callable[[], bool] | None = None,
+    ) -> None:
         self.session = session
         self.rcpts = rcpts
         self.attempt = attempt
+        self.handover = handover
         self.stage: Stage = "mail"
         self.replies: dict[str, Reply] = {}
         self.accepted: list[str] = []
+        # the command lock, while this transaction holds it (released at a handover)
+        self.lock: asyncio.Lock | None = None
+        # a predecessor's final read still to come before our first reply
+        self.behind: asyncio.Future[None] | None = None
+        # our own final read, while a successor may be writing behind it
+        self.reading: asyncio.Future[None] | None = None
 
     async def run(
         self, mail: bytes, rcpt_commands: list[bytes], content: Content | None
     ) -> Outcome:
         """The exchange under aiosmtplib's command lock, every failure a reply; without
         `content` a probe (RSET where DATA would be)."""
-        smtp = self.session.smtp
-        reused = self.session.uses > 0
+        session = self.session
+        smtp = session.smtp
+        reused = session.uses > 0
         try:
             proto, lock = smtp.pipeline()
-            async with lock:
+            await lock.acquire()
+            self.lock = lock
+            # the session's previous transaction may still wait for its final reply:
+            # ours come after it, in the same queue (no begin: that would drop it)
+            self.behind, session.reading = session.reading, None
+            if self.behind is None:
                 proto.begin()
-                try:
-                    final = await self._exchange(proto, mail, rcpt_commands, content)
-                finally:
-                    left = proto.end()
+            try:
+                final = await self._exchange(proto, mail, rcpt_commands, content)
+            finally:
+                self._unlock()
+                left = self._end(proto)
             if final is None:  # nothing to send: every recipient has its reply
                 return self._merge("reusable")
             done = Reply.from_smtp(final.code, final.message, "after_data")
@@ -152,6 +180,48 @@ class _Transaction:
         except BaseException:  # cancelled (shutdown): the session is out of step
             smtp.close()
             raise
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _end(self, proto: Protocol) -> int:
+        """After our last read: replies left unread (out of step), unless a successor
+        took the session over (its replies are queued behind ours: it ends it)."""
+        reading, session = self.reading, self.session
+        if reading is not None:
+            reading.set_result(None)
+            if session.reading is not reading:  # taken over
+                return 0
+            session.reading = None
+        return proto.end()
+
+    async def _reply_behind(self, proto: Protocol) -> SMTPResponse:
+        """Our first reply, once the predecessor's final one is read."""
+        if self.behind is not None:
+            proto.quickack = True  # our replies follow the one it reads
+            try:
+                await self.behind
+            finally:
+                proto.quickack = False
+            self.behind = None
+            if not self.session.smtp.is_connected:  # it ended the connection
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        return await self._reply(proto)
+
+    def _hand_over(self) -> None:
+        """The final "." is written: the next transaction may write behind it."""
+        session = self.session
+        if (
+            self.handover is None
+            or not session.smtp.supports_extension("pipelining")
+            or not self.handover()
+        ):
+            return
+        session.dirty = False  # the "." ends the transaction whatever its reply says
+        self.reading = session.reading = asyncio.get_running_loop().create_future()
+        self._unlock()
 
     async def _exchange(
         self, proto: Protocol, mail: bytes, rcpt_commands: list[bytes], content: Content | None
@@ -187,8 +257,10 @@ class _Transaction:
         # The final "." is written: from here on a break or timeout is a
         # deferral, and the provider may already have the message.
         self.stage = "after_data"
+        self._hand_over()
         final = await proto.read_response(timeout=session.cfg.data_timeout)
-        session.dirty = False
+        if self.reading is None:
+            session.dirty = False
         return final
 
     async def _pipelined(
@@ -198,8 +270,8 @@ class _Transaction:
         in order."""
         _write(proto, *([b"RSET"] if reset else []), mail, *rcpt_commands, last)
         if reset:
-            await self._reply(proto)
-        first = await self._reply(proto)
+            await self._reply_behind(proto)
+        first = await (self._reply(proto) if reset else self._reply_behind(proto))
         self.stage = "rcpt"
         rcpt_replies = [await self._reply(proto) for _ in rcpt_commands]
         self.stage = "data"
@@ -212,9 +284,9 @@ class _Transaction:
         every recipient was refused (a probe's closing RSET always goes)."""
         if reset:
             _write(proto, b"RSET")
-            await self._reply(proto)
+            await self._reply_behind(proto)
         _write(proto, mail)
-        first = await self._reply(proto)
+        first = await (self._reply(proto) if reset else self._reply_behind(proto))
         rcpt_replies: list[SMTPResponse] = []
         data: SMTPResponse | None = None
         if first.code == 250:

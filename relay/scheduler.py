@@ -373,9 +373,11 @@ class Scheduler:
     async def _worker(self, provider: Provider) -> None:
         """One connection slot: takes a due message, hands it to an attempt, repeats.
 
-        The slot is free again as soon as the provider has answered: recording the
-        outcome (a state line fsync'd in the next spool batch, then the log) goes
-        on without it, so the provider's connections are not held up by the disk.
+        The slot is free again as soon as the provider has answered, or earlier,
+        once the connection is handed to the next transaction (the final "."
+        written to a provider with PIPELINING): recording the outcome (a state line
+        fsync'd in the next spool batch, then the log) goes on without it, so the
+        provider's connections are not held up by the disk.
         """
         loop = asyncio.get_running_loop()
         slot = self._slot(provider)

@@ -31,9 +31,9 @@ class Agent:
     (smtp_connection_cache_time_limit 2 s, smtp_connection_reuse_time_limit
     300 s; like Postfix, no limit on the number of transactions unless
     `max_uses` sets one; 0 disables the cache). The scheduler runs at most
-    `max_connections` attempts per provider at a time, and a connection is
-    opened only when none is cached, so that is also the most connections a
-    provider sees. A cached connection that turns out to be broken before the
+    `max_connections` attempts per provider at a time before their final "."
+    (below), and a connection is opened only when none is cached or handed
+    over, so that is also the most connections a provider sees. A cached connection that turns out to be broken before the
     final "." of DATA (a reset, an EOF, a 421) is replaced at once by a new one
     and the transaction sent again: the provider cannot have the message.
 

@@ -33,9 +33,10 @@ class Agent:
     `max_uses` sets one; 0 disables the cache). The scheduler runs at most
     `max_connections` attempts per provider at a time before their final "."
     (below), and a connection is opened only when none is cached or handed
-    over, so that is also the most connections a provider sees. A cached connection that turns out to be broken before the
-    final "." of DATA (a reset, an EOF, a 421) is replaced at once by a new one
-    and the transaction sent again: the provider cannot have the message.
+    over, so that is also the most connections a provider sees. A cached
+    connection that turns out to be broken before the final "." of DATA (a
+    reset, an EOF, a 421) is replaced at once by a new one and the transaction
+    sent again: the provider cannot have the message.
 
     A new connection goes to the provider's hosts in turn (`Hosts`) until one
     takes the transaction.

@@ -25,8 +25,8 @@ OUTAGE = 20
 
 async def outage(env: RelayEnv) -> tuple[str, list[str]]:
     """OUTAGE pilot messages while new refuses connections past max_age: all expired there."""
-    # the outage starts now: anything received before it (kept to the microsecond,
-    # unlike the log's millisecond `ts`, which can round below the archive's epoch)
+    # the window opens now, after every earlier message, to the microsecond: the
+    # log's millisecond `ts` can round below that message's archive epoch
     since = datetime.now(UTC).isoformat()
     env.new.add(Rule("defer", stage="mail"))
     ids = [await env.send(["alice@example.com"], message(n)) for n in range(OUTAGE)]

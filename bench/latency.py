@@ -213,10 +213,9 @@ def measure(system: System, rate: float | None, seconds: float, size: int, sessi
     try:
         sent = asyncio.run(paced(system.port, rate, seconds, size, sessions))
         deadline = time.monotonic() + 60  # a copy later than that shows as missing
-        while time.monotonic() < deadline:
-            at = [captured(legacy), captured(new)]
-            if all(set(sent) <= set(a) for a in at):
-                break
+        while time.monotonic() < deadline and not all(
+            set(sent) <= set(captured(out)) for out in (legacy, new)
+        ):
             time.sleep(0.2)
     finally:
         for s in sinks:
